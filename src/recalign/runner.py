@@ -1,0 +1,85 @@
+"""Run one method into a run directory, or every registered experiment (`reproduce`)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from recalign import config as cfg
+from recalign.errors import InputError
+from recalign.methods import Experiment, RunContext, all_experiments, get_method
+from recalign.runs import RunDir
+
+
+def resolve_config(method: str, config_file: str | None, sets: list[str] | None) -> dict:
+    spec = get_method(method)
+    defaults = cfg.merge_defaults(cfg.BASE_DEFAULTS, spec.defaults)
+    return cfg.resolve(defaults, config_file, sets)
+
+
+def run_method(method: str, dataset: str, out: str | Path, config_file: str | None = None,
+               sets: list[str] | None = None, resume: bool = False) -> dict:
+    """Validate everything that can be validated before anything is written, then run."""
+    spec = get_method(method)
+    config = resolve_config(method, config_file, sets)
+    run = RunDir(out, resume=resume)
+    context = RunContext(method=method, dataset_name=dataset, config=config, run=run)
+    context.dataset  # load (and validate) the dataset before creating the run directory
+    config_text = cfg.dump(config)
+    run.prepare(config_text)
+    if resume and run.finished():
+        context.log(f"{run.path} already finished; metrics.json kept")
+        return run.read_metrics()
+    context.log(f"run {method} on {dataset} -> {run.path}")
+    started = time.perf_counter()
+    result = spec.run(context)
+    metrics = {
+        "method": method,
+        "dataset": dataset,
+        "test": result.get("test", {}),
+        "valid": result.get("valid", {}),
+        "seconds": {"train": 0.0, "eval": 0.0, **result.get("seconds", {}),
+                    "total": time.perf_counter() - started},
+    }
+    metrics.update({k: v for k, v in result.items() if k not in metrics})
+    run.write_metrics(metrics)
+    from recalign.report.markdown import run_report
+
+    run.write_text("report.md", run_report(metrics, config, spec))
+    context.log(f"done in {metrics['seconds']['total']:.1f}s; metrics in {run.path / 'metrics.json'}")
+    return metrics
+
+
+def reproduce(out: str | Path, profile: str = "quick", only: list[str] | None = None,
+              resume: bool = True) -> Path:
+    """Run every registered experiment of `profile` into OUT/<experiment>/, then write the report.
+
+    Finished experiments are kept (the command can be re-run to continue after an interruption)."""
+    if profile not in ("quick", "full"):
+        raise InputError(f"--profile must be 'quick' or 'full', got {profile!r}")
+    out = Path(out)
+    experiments: list[Experiment] = [e for e in all_experiments() if profile in e.profiles]
+    if only:
+        unknown = sorted(set(only) - {e.name for e in experiments})
+        if unknown:
+            raise InputError(f"unknown experiment(s) {', '.join(unknown)}; known: "
+                             f"{', '.join(e.name for e in experiments)}")
+        experiments = [e for e in experiments if e.name in only]
+    from recalign.progress import console
+
+    results = []
+    for index, exp in enumerate(experiments, start=1):
+        overrides = exp.quick if profile == "quick" else exp.full
+        sets = [f"{k}={_yaml_value(v)}" for k, v in overrides.items()]
+        console.rule(f"[{index}/{len(experiments)}] {exp.name}: {exp.method} on {exp.dataset}")
+        metrics = run_method(exp.method, exp.dataset, out / exp.name, sets=sets, resume=resume)
+        results.append((exp, metrics))
+    from recalign.report.summary import write_reproduce_report
+
+    return write_reproduce_report(out, profile, results)
+
+
+def _yaml_value(value) -> str:
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...").strip()
