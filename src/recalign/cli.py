@@ -13,6 +13,11 @@ from typing import List, Optional
 import click
 import typer
 
+try:  # typer >= 0.20 vendors its own click
+    from typer._click import exceptions as _typer_click_exceptions
+except ImportError:  # pragma: no cover
+    _typer_click_exceptions = click.exceptions
+
 from recalign.errors import InputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -150,17 +155,17 @@ def main() -> None:
             raise
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.UsageError as exc:
+    except (click.exceptions.UsageError, _typer_click_exceptions.UsageError) as exc:
         where = f"{exc.ctx.command_path}: " if exc.ctx else ""
         print(f"error: {where}{' '.join(exc.format_message().split())}", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, _typer_click_exceptions.Abort):
         print("error: aborted", file=sys.stderr)
         sys.exit(130)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
-    except click.exceptions.Exit as exc:
+    except (click.exceptions.Exit, _typer_click_exceptions.Exit) as exc:
         sys.exit(exc.exit_code)
     except Exception as exc:  # a bug, not bad input: still one line, with a pointer to the traceback switch
         if debug:

@@ -16,6 +16,11 @@ def _quiet() -> bool:
     return os.environ.get("RECALIGN_QUIET", "") not in ("", "0")
 
 
+def log(message: str) -> None:
+    if not _quiet():
+        console.log(message)
+
+
 def track(iterable: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
     """A progress bar over `iterable` (hidden when RECALIGN_QUIET=1)."""
     if _quiet():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -22,17 +24,25 @@ def run_method(method: str, dataset: str, out: str | Path, config_file: str | No
     """Validate everything that can be validated before anything is written, then run."""
     spec = get_method(method)
     config = resolve_config(method, config_file, sets)
+    if spec.validate is not None:
+        spec.validate(config)
     run = RunDir(out, resume=resume)
     context = RunContext(method=method, dataset_name=dataset, config=config, run=run)
     context.dataset  # load (and validate) the dataset before creating the run directory
     config_text = cfg.dump(config)
+    fresh = not run.path.exists()
     run.prepare(config_text)
     if resume and run.finished():
         context.log(f"{run.path} already finished; metrics.json kept")
         return run.read_metrics()
     context.log(f"run {method} on {dataset} -> {run.path}")
     started = time.perf_counter()
-    result = spec.run(context)
+    try:
+        result = spec.run(context)
+    except InputError:
+        if fresh:  # bad input found mid-run: leave nothing half-written behind
+            shutil.rmtree(run.path, ignore_errors=True)
+        raise
     metrics = {
         "method": method,
         "dataset": dataset,
@@ -71,7 +81,8 @@ def reproduce(out: str | Path, profile: str = "quick", only: list[str] | None = 
     for index, exp in enumerate(experiments, start=1):
         overrides = exp.quick if profile == "quick" else exp.full
         sets = [f"{k}={_yaml_value(v)}" for k, v in overrides.items()]
-        console.rule(f"[{index}/{len(experiments)}] {exp.name}: {exp.method} on {exp.dataset}")
+        if not os.environ.get("RECALIGN_QUIET"):
+            console.rule(f"[{index}/{len(experiments)}] {exp.name}: {exp.method} on {exp.dataset}")
         metrics = run_method(exp.method, exp.dataset, out / exp.name, sets=sets, resume=resume)
         results.append((exp, metrics))
     from recalign.report.summary import write_reproduce_report

@@ -72,6 +72,16 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, exclude: torch.Ten
     return higher + ties / 2.0
 
 
+def check_ks(ks, where: str = "eval.ks") -> list[int]:
+    """Validate a list of cut-offs K (positive integers)."""
+    if not isinstance(ks, (list, tuple)) or not ks:
+        raise InputError(f"{where}: expected a non-empty list of positive integers, got {ks!r}")
+    for k in ks:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise InputError(f"{where}: K must be a positive integer, got {k!r}")
+    return list(ks)
+
+
 def ranking_metrics(ranks, ks=(10,)) -> dict:
     """NDCG@K, HR@K, Recall@K (= HR with one relevant item), MRR@K from 0-based ranks."""
     ranks = np.asarray(ranks.cpu() if isinstance(ranks, torch.Tensor) else ranks, dtype=np.float64)

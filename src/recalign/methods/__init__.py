@@ -28,6 +28,7 @@ class Method:
     defaults: dict
     run: Callable[["RunContext"], dict]  # returns {"test": {...}, "valid": {...}, "seconds": {...}, ...}
     report: Callable[[dict], str] | None = None  # extra Markdown for report.md
+    validate: Callable[[dict], None] | None = None  # raise InputError before anything is written
 
 
 @dataclass
@@ -89,7 +90,7 @@ class RunContext:
         return int(self.config["seed"])
 
     def log(self, message: str) -> None:
-        from recalign.progress import console
+        from recalign.progress import log
 
         self.run.log(message)
-        console.log(message)
+        log(message)

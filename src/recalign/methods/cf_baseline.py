@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from recalign.data import leave_one_out
-from recalign.eval import ranking_metrics, target_ranks
+from recalign.eval import check_ks, ranking_metrics, target_ranks
 from recalign.methods import Experiment, Method, RunContext
 
 DEFAULTS = {"eval": {"ks": [10, 20]}}
@@ -33,7 +33,7 @@ def _run_pop(ctx: RunContext) -> dict:
         rows = [row_of[u] for u in seen["user"] if u in row_of]
         cols = [i for u, i in zip(seen["user"], seen["item"]) if u in row_of]
         mask[rows, cols] = True
-        ranks = target_ranks(scores, torch.from_numpy(frame["item"].to_numpy()), mask)
+        ranks = target_ranks(scores, torch.as_tensor(frame["item"].to_numpy().copy()), mask)
         out[name] = ranking_metrics(ranks, ctx.config["eval"]["ks"])
     return {**out, "seconds": {"train": train_seconds, "eval": time.perf_counter() - started}}
 
@@ -45,5 +45,5 @@ def _concat(a, b):
 
 
 METHODS = {"pop": Method("pop", "Most popular items from the training period (non-personalised baseline).",
-                         DEFAULTS, _run_pop)}
+                         DEFAULTS, _run_pop, validate=lambda c: check_ks(c["eval"]["ks"]))}
 EXPERIMENTS = [Experiment("pop", "pop", table="CF baselines (leave-one-out, full ranking)")]

@@ -1,0 +1,79 @@
+"""The CLI end to end (in-process): run directories, resume, reproduce, report, errors."""
+
+import json
+import sys
+
+import pytest
+
+from recalign import cli
+
+
+def invoke(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["recalign", *args])
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as exc:
+        code = exc.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_run_writes_contract_files(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "pop"
+    code, stdout, _ = invoke(monkeypatch, capsys, "run", "pop", "--dataset", "ml-100k", "--out", str(out))
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == "pop" and metrics["dataset"] == "ml-100k"
+    assert set(metrics["seconds"]) >= {"train", "eval"}
+    for split in ("test", "valid"):
+        assert 0 < metrics[split]["ndcg@10"] < metrics[split]["hr@10"] <= 1
+    assert (out / "config.yaml").read_text().startswith("seed: 0")
+    assert "# pop on ml-100k" in (out / "report.md").read_text()
+    assert (out / "run.log").exists()
+    assert json.loads(stdout)["test"] == metrics["test"]
+    # same seed, same metrics
+    code, _, _ = invoke(monkeypatch, capsys, "run", "pop", "--out", str(tmp_path / "again"))
+    assert json.loads((tmp_path / "again" / "metrics.json").read_text())["test"] == metrics["test"]
+    # a finished run is kept on --resume, refused without it
+    code, _, err = invoke(monkeypatch, capsys, "run", "pop", "--out", str(out))
+    assert code == 2 and "already holds a run" in err
+    code, _, _ = invoke(monkeypatch, capsys, "run", "pop", "--out", str(out), "--resume")
+    assert code == 0
+
+
+def test_report_compares_runs(tmp_path, monkeypatch, capsys):
+    invoke(monkeypatch, capsys, "run", "pop", "--out", str(tmp_path / "a"))
+    code, stdout, _ = invoke(monkeypatch, capsys, "report", str(tmp_path / "a"), "--out", str(tmp_path / "t.md"))
+    assert code == 0 and "pop (a)" in stdout and "ndcg@10" in stdout
+    assert (tmp_path / "t.md").read_text() == stdout
+
+
+def test_reproduce_only_pop(tmp_path, monkeypatch, capsys):
+    code, stdout, _ = invoke(monkeypatch, capsys, "reproduce", "--out", str(tmp_path / "rep"), "--only", "pop")
+    assert code == 0 and "report:" in stdout
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| pop |" in md
+    html = (tmp_path / "rep" / "report.html").read_text()
+    assert "<table>" in html and "data:image/png;base64," in html
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["run", "nosuchmethod", "--out", "X"], "unknown method 'nosuchmethod'"),
+    (["run", "pop", "--set", "eval.kz=[1]", "--out", "X"], "unknown config key 'eval.kz'"),
+    (["run", "pop", "--set", "eval.ks=[-3]", "--out", "X"], "K must be a positive integer"),
+    (["run", "pop", "--dataset", "nope", "--out", "X"], "unknown dataset 'nope'"),
+    (["reproduce", "--profile", "medium", "--out", "X"], "--profile must be"),
+    (["run", "pop", "--bogus-flag"], "No such option"),
+])
+def test_bad_input_one_line_exit_2(tmp_path, monkeypatch, capsys, args, needle):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = invoke(monkeypatch, capsys, *args)
+    assert code == 2
+    assert needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "X" / "metrics.json").exists()
+
+
+def test_config_command_prints_every_key(monkeypatch, capsys):
+    code, stdout, _ = invoke(monkeypatch, capsys, "config", "pop")
+    assert code == 0 and "like_threshold: 3.0" in stdout and "ks:" in stdout
