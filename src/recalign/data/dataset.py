@@ -66,7 +66,8 @@ class Dataset:
             "items": int(self.n_items),
             "interactions": int(n),
             "positives": int(inter["label"].sum()),
-            "like_threshold": self.like_threshold,
+            "like_threshold": float(self.like_threshold),
+            "domain": self.domain,
             "density": float(n / max(1, self.n_users * self.n_items)),
             "rating_min": float(inter["rating"].min()) if n else None,
             "rating_max": float(inter["rating"].max()) if n else None,
@@ -126,36 +127,42 @@ def build_dataset(
     user_table["user_id"] = user_table["user_id"].astype(str)
     user_ids = sorted(set(inter["user_id"]), key=_natural_key)
 
-    item_index = {raw: i for i, raw in enumerate(item_ids)}
-    user_index = {raw: u for u, raw in enumerate(user_ids)}
+    item_index = pd.Series(np.arange(len(item_ids), dtype=np.int64), index=item_ids)
+    user_index = pd.Series(np.arange(len(user_ids), dtype=np.int64), index=user_ids)
 
     out = pd.DataFrame({
-        "user": inter["user_id"].map(user_index).to_numpy(np.int64),
-        "item": inter["item_id"].map(item_index).to_numpy(np.int64),
+        "user": user_index.loc[inter["user_id"].to_numpy()].to_numpy(np.int64),
+        "item": item_index.loc[inter["item_id"].to_numpy()].to_numpy(np.int64),
         "rating": inter["rating"].to_numpy(np.float64),
         "timestamp": inter["timestamp"].to_numpy(np.int64),
     })
-    out = out.sort_values(["user", "timestamp"], kind="stable").reset_index(drop=True)
+    out = _sort_user_time(out)
     out["label"] = out["rating"] > like_threshold
 
+    # first row wins for duplicated ids; reindex keeps the sorted id order
+    item_table = item_table.drop_duplicates("item_id", keep="first").set_index("item_id").reindex(item_ids)
     items_df = pd.DataFrame({"raw_id": item_ids})
-    item_table = item_table.drop_duplicates("item_id", keep="first").set_index("item_id")
-    items_df["title"] = [
-        item_table["title"].get(raw, None) if raw in item_table.index else None for raw in item_ids
-    ]
-    items_df["title"] = [t if isinstance(t, str) and t.strip() else f"item {raw}"
-                         for t, raw in zip(items_df["title"], item_ids)]
-    items_df["year"] = [float(item_table["year"].get(raw, np.nan)) if raw in item_table.index else np.nan
-                        for raw in item_ids]
-    items_df["categories"] = [list(item_table["categories"].get(raw, [])) if raw in item_table.index else []
-                              for raw in item_ids]
+    items_df["title"] = [t.strip() if isinstance(t, str) and t.strip() else f"item {raw}"
+                         for t, raw in zip(item_table["title"], item_ids)]
+    items_df["year"] = item_table["year"].to_numpy(np.float64)
+    items_df["categories"] = [list(c) if isinstance(c, (list, tuple)) else [] for c in item_table["categories"]]
+    for column in item_table.columns:  # extra metadata a reader provides (author, publisher, ...)
+        if column not in items_df:
+            items_df[column] = item_table[column].to_numpy()
 
-    user_table = user_table.drop_duplicates("user_id", keep="first").set_index("user_id")
+    user_table = user_table.drop_duplicates("user_id", keep="first").set_index("user_id").reindex(user_ids)
     users_df = pd.DataFrame({"raw_id": user_ids})
     for column in user_table.columns:
-        users_df[column] = [user_table[column].get(raw, None) for raw in user_ids]
+        values = user_table[column]
+        users_df[column] = values.to_numpy() if values.dtype != object else values.where(values.notna(), None).to_numpy()
 
     return Dataset(name, out, items_df, users_df, like_threshold, domain, source)
+
+
+def _sort_user_time(frame: pd.DataFrame) -> pd.DataFrame:
+    """Sort by (user, timestamp); np.lexsort is stable, so ties keep their input order."""
+    order = np.lexsort((frame["timestamp"].to_numpy(), frame["user"].to_numpy()))
+    return frame.iloc[order].reset_index(drop=True)
 
 
 def _normalise_items(items: pd.DataFrame | None) -> pd.DataFrame:
@@ -170,19 +177,24 @@ def _normalise_items(items: pd.DataFrame | None) -> pd.DataFrame:
     table["year"] = pd.to_numeric(table["year"], errors="coerce")
     if "categories" not in table:
         table["categories"] = [[] for _ in range(len(table))]
-    table["categories"] = [c if isinstance(c, list) else [] for c in table["categories"]]
-    return table[["item_id", "title", "year", "categories"]]
+    table["categories"] = [list(c) if isinstance(c, (list, tuple)) else [] for c in table["categories"]]
+    extra = [c for c in table.columns if c not in ("item_id", "title", "year", "categories", "raw_id")]
+    return table[["item_id", "title", "year", "categories", *extra]]
 
 
 def _natural_key(raw: str):
-    """Numeric ids sort numerically, others lexicographically after them; deterministic either way."""
-    return (0, int(raw), "") if raw.isdigit() else (1, 0, raw)
+    """Numeric ids sort numerically, others lexicographically after them; deterministic either way
+    ("007" and "7" are distinct ids: the raw string breaks the tie)."""
+    return (0, int(raw), raw) if raw.isascii() and raw.isdigit() else (1, 0, raw)
 
 
 def k_core(ds: Dataset, k_user: int = 0, k_item: int = 0) -> Dataset:
     """Iteratively drop users with < k_user and items with < k_item interactions.
 
     Ids are remapped densely again (sorted by the old dense id, so the order is stable)."""
+    for key, value in (("k_core_users", k_user), ("k_core_items", k_item)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise InputError(f"{key} must be an integer >= 0, got {value!r}")
     if k_user <= 1 and k_item <= 1:
         return ds
     inter = ds.interactions
@@ -202,7 +214,7 @@ def k_core(ds: Dataset, k_user: int = 0, k_item: int = 0) -> Dataset:
     out = inter.copy()
     out["user"] = user_map.loc[out["user"]].to_numpy()
     out["item"] = item_map.loc[out["item"]].to_numpy()
-    out = out.sort_values(["user", "timestamp"], kind="stable").reset_index(drop=True)
+    out = _sort_user_time(out)
     return Dataset(ds.name, out, ds.items.loc[items].reset_index(drop=True),
                    ds.users.loc[users].reset_index(drop=True), ds.like_threshold, ds.domain, ds.source,
                    {"k_core": [k_user, k_item]})

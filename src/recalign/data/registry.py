@@ -2,40 +2,75 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from recalign import assets
 from recalign.data.dataset import Dataset, k_core
 from recalign.data.readers import READERS
+from recalign.data.readers._common import first_line_of
 from recalign.errors import InputError
 
 EMBEDDED = {"ml-100k": ("ml-100k", "ml-100k", "movie")}  # name -> (asset, file prefix, domain)
+
+# file names that identify a format (checked in this order, in a directory or as the path itself)
+_MARKERS = [("u.data", "ml-100k-raw"), ("ratings.dat", "ml-1m"), ("BX-Book-Ratings.csv", "book-crossing")]
+_JSON_SUFFIXES = (".json", ".json.gz", ".jsonl", ".jsonl.gz")
+
+
+def detect_format(path: Path) -> str:
+    """Guess the reader from file names: *.inter -> recbole, u.data -> ml-100k-raw, ratings.dat -> ml-1m,
+    BX-Book-Ratings.csv -> book-crossing, JSON lines -> amazon ('{"') or steam ("{'")."""
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    names = {p.name for p in files}
+    if any(name.endswith(".inter") for name in names) or Path(f"{path}.inter").is_file():
+        return "recbole"
+    for marker, fmt in _MARKERS:
+        if marker in names:
+            return fmt
+    for candidate in files:
+        if candidate.name.endswith(_JSON_SUFFIXES + (".txt", ".txt.gz")) and not candidate.name.startswith("meta_"):
+            head = first_line_of(candidate).lstrip()
+            if head.startswith("{'"):
+                return "steam"
+            if head.startswith('{"'):
+                return "amazon"
+    raise InputError(f"{path}: cannot tell the dataset format; pass --format (data.format) with one of "
+                     f"{', '.join(READERS)}")
 
 
 def load_dataset(
     name_or_path: str,
     fmt: str | None = None,
-    like_threshold: float = 3.0,
+    like_threshold: float | None = 3.0,
     k_core_users: int = 0,
     k_core_items: int = 0,
     domain: str | None = None,
 ) -> Dataset:
     """Load a dataset by embedded name (`ml-100k`) or by path with a reader `fmt`.
 
-    A path without `fmt` is read as RecBole atomic files."""
-    if name_or_path in EMBEDDED and fmt is None:
+    A path without `fmt` has its format detected from its file names (`detect_format`).
+    `like_threshold=None` uses the format's own default (Book-Crossing: 5 on its 1-10 scale, else 3)."""
+    if fmt is not None and fmt not in READERS:
+        raise InputError(f"unknown dataset format '{fmt}'; known formats: {', '.join(READERS)}")
+    if like_threshold is not None and (isinstance(like_threshold, bool) or not isinstance(like_threshold, (int, float))
+                                       or not math.isfinite(like_threshold)):
+        raise InputError(f"like_threshold must be a number, got {like_threshold!r}")
+    for key, value in (("k_core_users", k_core_users), ("k_core_items", k_core_items)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InputError(f"{key} must be an integer >= 0, got {value!r}")
+    path = Path(name_or_path)
+    # the bare name always means the embedded asset; write ./ml-100k for a local folder of that name
+    if name_or_path in EMBEDDED and fmt in (None, "recbole"):
         asset, prefix, default_domain = EMBEDDED[name_or_path]
         directory = assets.fetch(asset)
         ds = READERS["recbole"](directory / prefix, name=name_or_path, like_threshold=like_threshold,
                                 domain=domain or default_domain)
     else:
-        path = Path(name_or_path)
-        if not path.exists():
+        if not path.exists() and not Path(f"{path}.inter").is_file():
             known = ", ".join(sorted(EMBEDDED))
             raise InputError(f"unknown dataset '{name_or_path}': not an embedded name ({known}) and no such path")
-        fmt = fmt or "recbole"
-        if fmt not in READERS:
-            raise InputError(f"unknown dataset format '{fmt}'; known formats: {', '.join(sorted(READERS))}")
+        fmt = fmt or detect_format(path)
         kwargs = {"like_threshold": like_threshold}
         if domain:
             kwargs["domain"] = domain

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import gzip
+import re
+import zlib
 from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
 
 from recalign.errors import InputError
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_TITLE_YEAR = re.compile(r"^(?P<title>.*?)\s*\((?P<year>\d{4})\)\s*(?P<rest>\([^()]*\))?\s*$")
 
 
 def require_file(path: Path, what: str) -> Path:
@@ -16,24 +26,76 @@ def require_file(path: Path, what: str) -> Path:
     return path
 
 
-def read_lines(path: Path, encoding: str = "utf-8") -> list[str]:
+def _open_binary(path: Path):
+    with open(path, "rb") as handle:
+        magic = handle.read(2)
+    return gzip.open(path, "rb") if magic == _GZIP_MAGIC else open(path, "rb")
+
+
+def _raw_lines(path: Path) -> Iterator[bytes]:
+    """Byte lines of a plain or gzip file (streamed, so large files need not fit in memory)."""
     try:
-        text = Path(path).read_text(encoding=encoding)
+        with _open_binary(path) as handle:
+            yield from handle
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise InputError(f"{path}: truncated or corrupt gzip file ({exc})") from None
+
+
+def iter_lines(path: Path, encoding: str = "utf-8") -> Iterator[tuple[int, str]]:
+    """(line number, text) for every non-blank line; gzip is detected by its magic bytes.
+
+    A line that does not decode is reported with its line number."""
+    any_data = False
+    for line_no, raw in enumerate(_raw_lines(path), start=1):
+        try:
+            line = raw.decode(encoding).rstrip("\r\n")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{path}:{line_no}: not valid {encoding} text (byte {exc.start} of the line)") from None
+        if line.strip():
+            any_data = True
+            yield line_no, line
+    if not any_data:
+        raise InputError(f"{path}: file has no data")
+
+
+def read_lines(path: Path, encoding: str = "utf-8") -> list[str]:
+    """All lines (blank ones included, so list index + 1 is the line number)."""
+    data = b"".join(_raw_lines(path))
+    try:
+        text = data.decode(encoding)
     except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: not valid {encoding} text (byte {exc.start})") from None
+        line_no = data.count(b"\n", 0, exc.start) + 1
+        raise InputError(f"{path}:{line_no}: not valid {encoding} text") from None
     lines = text.splitlines()
     if not any(line.strip() for line in lines):
         raise InputError(f"{path}: file has no data")
     return lines
 
 
+def read_delimited(path: Path, sep: str, expected: int, encoding: str = "utf-8",
+                   what: str = "") -> tuple[list[list[str]], np.ndarray]:
+    """Split every non-blank line on `sep`; each must have exactly `expected` fields.
+
+    Returns the rows and their line numbers."""
+    rows, line_nos = [], []
+    for line_no, line in iter_lines(require_file(path, what or "data"), encoding):
+        fields = line.split(sep)
+        if len(fields) != expected:
+            raise InputError(
+                f"{path}:{line_no}: expected {expected} fields separated by {sep!r}, found {len(fields)}"
+            )
+        rows.append(fields)
+        line_nos.append(line_no)
+    return rows, np.asarray(line_nos, dtype=np.int64)
+
+
 def to_float(value: str, path: Path, line_no: int, column: str) -> float:
     try:
         out = float(value)
-    except ValueError:
+    except (TypeError, ValueError):
         raise InputError(f"{path}:{line_no}: column '{column}' is not a number: {value!r}") from None
-    if out != out:  # NaN
-        raise InputError(f"{path}:{line_no}: column '{column}' is NaN")
+    if not np.isfinite(out):
+        raise InputError(f"{path}:{line_no}: column '{column}' is not a finite number: {value!r}")
     return out
 
 
@@ -51,16 +113,47 @@ def split_fields(line: str, sep: str, expected: int, path: Path, line_no: int) -
     return fields
 
 
-def numeric_column(table, column: str, path: Path, first_line: int = 2):
-    """Parse a whole string column as float; the first bad cell is reported as file:line."""
-    import numpy as np
-    import pandas as pd
+def numeric_column(values, column: str, path: Path, line_nos=None, first_line: int = 2) -> np.ndarray:
+    """Parse a column of strings as float; the first bad cell is reported as file:line.
 
-    values = pd.to_numeric(table[column], errors="coerce").to_numpy(np.float64)
-    bad = np.isnan(values)
+    `values` is a sequence or a DataFrame (then `column` selects it); `line_nos` gives each row's line
+    number (default: consecutive lines from `first_line`)."""
+    if isinstance(values, pd.DataFrame):
+        values = values[column]
+    series = pd.Series(values, dtype=object).reset_index(drop=True)
+    out = pd.to_numeric(series, errors="coerce").to_numpy(np.float64)
+    bad = ~np.isfinite(out)
     if bad.any():
         row = int(np.argmax(bad))
-        raise InputError(
-            f"{path}:{row + first_line}: column '{column}' is not a number: {table[column].iloc[row]!r}"
-        )
-    return values
+        line_no = int(line_nos[row]) if line_nos is not None else row + first_line
+        raise InputError(f"{path}:{line_no}: column '{column}' is not a number: {series.iloc[row]!r}")
+    return out
+
+
+def split_title_year(title: str) -> tuple[str, float]:
+    """"Toy Story (1995)" -> ("Toy Story", 1995.0); "X (1995) (V)" -> ("X (V)", 1995.0); else (title, NaN)."""
+    title = str(title).strip()
+    match = _TITLE_YEAR.match(title)
+    if not match or not match.group("title"):
+        return title, float("nan")
+    rest = match.group("rest")
+    clean = match.group("title") + (f" {rest}" if rest else "")
+    return clean, float(match.group("year"))
+
+
+def only_interacted(items: pd.DataFrame | None, interactions: pd.DataFrame) -> pd.DataFrame | None:
+    """The catalogue is the set of items with at least one interaction: drop metadata of the others."""
+    if items is None:
+        return None
+    return items[items["item_id"].isin(set(interactions["item_id"]))].reset_index(drop=True)
+
+
+def first_line_of(path: Path) -> str:
+    """The first non-blank line as text (for format sniffing); '' when unreadable."""
+    try:
+        for raw in _raw_lines(path):
+            if raw.strip():
+                return raw.decode("utf-8", "replace").strip()
+    except (OSError, InputError):
+        return ""
+    return ""

@@ -9,81 +9,118 @@ import numpy as np
 import pandas as pd
 
 from recalign.data.dataset import Dataset, build_dataset
-from recalign.data.readers._common import numeric_column, read_lines, require_file
+from recalign.data.readers._common import numeric_column, only_interacted, read_lines, require_file, split_title_year
 from recalign.errors import InputError
 
 _TYPES = {"token", "token_seq", "float", "float_seq"}
+IMPLICIT_RATING = 5.0  # an .inter file without a rating column: every interaction is a positive
 
 
-def _read_atomic(path: Path, required: list[str]) -> pd.DataFrame:
+def _read_atomic(path: Path, required: list[str]) -> tuple[pd.DataFrame, np.ndarray]:
+    """The table (all strings) and each row's line number."""
     lines = read_lines(require_file(path, "RecBole atomic"))
-    header = lines[0].split("\t")
+    header_line = next(i for i, line in enumerate(lines) if line.strip())
+    header = lines[header_line].split("\t")
     names = []
     for position, field in enumerate(header, start=1):
-        name, _, kind = field.partition(":")
+        name, _, kind = field.strip().partition(":")
         if not name or kind not in _TYPES:
             raise InputError(
-                f"{path}:1: header field {position} {field!r} is not 'name:type' with type in {sorted(_TYPES)}"
+                f"{path}:{header_line + 1}: header field {position} {field!r} is not 'name:type' with type in "
+                f"{sorted(_TYPES)} (is the file tab-separated?)"
             )
         if name in names:
-            raise InputError(f"{path}:1: duplicate column '{name}' in header")
+            raise InputError(f"{path}:{header_line + 1}: duplicate column '{name}' in header")
         names.append(name)
     missing = [c for c in required if c not in names]
     if missing:
-        raise InputError(f"{path}:1: missing column(s) {', '.join(missing)} (header has {', '.join(names)})")
-    rows = []
-    for line_no, line in enumerate(lines[1:], start=2):
+        raise InputError(f"{path}:{header_line + 1}: missing column(s) {', '.join(missing)} "
+                         f"(header has {', '.join(names)})")
+    rows, line_nos = [], []
+    for line_no, line in enumerate(lines[header_line + 1:], start=header_line + 2):
         if not line.strip():
             continue
+        if line == lines[header_line]:
+            raise InputError(f"{path}:{line_no}: header line repeated inside the data")
         fields = line.split("\t")
         if len(fields) != len(names):
             raise InputError(f"{path}:{line_no}: expected {len(names)} tab-separated fields, found {len(fields)}")
         rows.append(fields)
+        line_nos.append(line_no)
     if not rows:
         raise InputError(f"{path}: header only, no rows")
-    return pd.DataFrame(rows, columns=names)
+    return pd.DataFrame(rows, columns=names), np.asarray(line_nos)
 
 
-def read_recbole(prefix: str | Path, name: str | None = None, like_threshold: float = 3.0,
-                 domain: str = "movie") -> Dataset:
-    """Read `PREFIX.inter` (+ optional `.item`, `.user`). PREFIX may be a directory `DIR` holding
-    `DIR/<basename>.inter`."""
-    prefix = Path(prefix)
-    if prefix.is_dir():
-        candidates = sorted(prefix.glob("*.inter"))
+def _resolve_prefix(path: Path) -> Path:
+    """DIR (holding one NAME.inter, or DIR/<DIR name>.inter), DIR/NAME.inter, or the prefix DIR/NAME."""
+    if path.is_dir():
+        candidates = sorted(path.glob("*.inter"))
         if not candidates:
-            raise InputError(f"{prefix}: no .inter file in this directory")
-        prefix = candidates[0].with_suffix("")
-    inter_path = prefix.with_suffix(".inter")
-    raw = _read_atomic(inter_path, ["user_id", "item_id"])
-    has_rating = "rating" in raw
-    has_time = "timestamp" in raw
-    empty = (raw["user_id"].str.strip() == "") | (raw["item_id"].str.strip() == "")
+            raise InputError(f"{path}: no .inter file in this directory")
+        own = path / f"{path.name}.inter"
+        if own in candidates:
+            chosen = own
+        elif len(candidates) == 1:
+            chosen = candidates[0]
+        else:
+            raise InputError(f"{path}: several .inter files ({', '.join(c.name for c in candidates)}); "
+                             f"pass the one to read")
+        return chosen.parent / chosen.name[: -len(".inter")]
+    if path.name.endswith(".inter"):
+        return path.parent / path.name[: -len(".inter")]
+    return path
+
+
+def read_recbole(prefix: str | Path, name: str | None = None, like_threshold: float | None = None,
+                 domain: str = "movie") -> Dataset:
+    """RecBole atomic files NAME.inter (+ optional NAME.item, NAME.user), tab-separated, typed header.
+
+    `prefix` is DIR (holding NAME.inter), DIR/NAME.inter or DIR/NAME. Columns used: user_id, item_id,
+    rating (optional: 5.0 when absent), timestamp (optional: file order when absent); item title from
+    movie_title/title/book_title/name, year from release_year/year/publication_year, categories from
+    class/genre/categories/category (space-separated token_seq); every user column is a feature."""
+    prefix = _resolve_prefix(Path(prefix))
+    like_threshold = 3.0 if like_threshold is None else like_threshold
+    sibling = lambda suffix: prefix.parent / f"{prefix.name}{suffix}"  # noqa: E731  (names may hold dots)
+    inter_path = sibling(".inter")
+    raw, line_nos = _read_atomic(inter_path, ["user_id", "item_id"])
+    empty = ((raw["user_id"].str.strip() == "") | (raw["item_id"].str.strip() == "")).to_numpy()
     if empty.any():
-        raise InputError(f"{inter_path}:{int(np.argmax(empty.to_numpy())) + 2}: empty user_id or item_id")
-    ratings = numeric_column(raw, "rating", inter_path) if "rating" in raw else np.full(len(raw), 5.0)
-    stamps = (numeric_column(raw, "timestamp", inter_path).astype(np.int64) if "timestamp" in raw
-              else np.arange(len(raw), dtype=np.int64))
-    user_col, item_col = raw["user_id"].to_numpy(), raw["item_id"].to_numpy()
-    interactions = pd.DataFrame({"user_id": user_col, "item_id": item_col, "rating": ratings, "timestamp": stamps})
+        raise InputError(f"{inter_path}:{line_nos[int(np.argmax(empty))]}: empty user_id or item_id")
+    ratings = (numeric_column(raw["rating"], "rating", inter_path, line_nos) if "rating" in raw
+               else np.full(len(raw), IMPLICIT_RATING))
+    stamps = (numeric_column(raw["timestamp"], "timestamp", inter_path, line_nos).astype(np.int64)
+              if "timestamp" in raw else np.arange(len(raw), dtype=np.int64))
+    interactions = pd.DataFrame({"user_id": raw["user_id"].str.strip().to_numpy(),
+                                 "item_id": raw["item_id"].str.strip().to_numpy(),
+                                 "rating": ratings, "timestamp": stamps})
 
     items = None
-    item_path = prefix.with_suffix(".item")
+    item_path = sibling(".item")
     if item_path.exists():
-        table = _read_atomic(item_path, ["item_id"])
+        table, _ = _read_atomic(item_path, ["item_id"])
         title_col = next((c for c in ("movie_title", "title", "book_title", "name") if c in table), None)
         year_col = next((c for c in ("release_year", "year", "publication_year") if c in table), None)
         cat_col = next((c for c in ("class", "genre", "categories", "category") if c in table), None)
-        items = pd.DataFrame({"item_id": table["item_id"]})
-        items["title"] = table[title_col] if title_col else None
-        items["year"] = pd.to_numeric(table[year_col], errors="coerce") if year_col else np.nan
+        items = pd.DataFrame({"item_id": table["item_id"].str.strip()})
+        titles = table[title_col].tolist() if title_col else [None] * len(table)
+        years = (pd.to_numeric(table[year_col], errors="coerce").to_numpy(np.float64, copy=True) if year_col
+                 else np.full(len(table), np.nan))
+        # a title that still carries "(YYYY)" while the year cell is unusable (ML-100K item 1412: year "V")
+        for i, title in enumerate(titles):
+            if isinstance(title, str) and np.isnan(years[i]):
+                titles[i], years[i] = split_title_year(title)
+        items["title"] = titles
+        items["year"] = years
         items["categories"] = [v.split() for v in table[cat_col]] if cat_col else [[] for _ in range(len(table))]
+        items = only_interacted(items, interactions)
 
     users = None
-    user_path = prefix.with_suffix(".user")
+    user_path = sibling(".user")
     if user_path.exists():
-        table = _read_atomic(user_path, ["user_id"])
-        users = table.copy()
+        users, _ = _read_atomic(user_path, ["user_id"])
+        users["user_id"] = users["user_id"].str.strip()
         if "age" in users:
             users["age"] = pd.to_numeric(users["age"], errors="coerce")
 

@@ -1,0 +1,138 @@
+"""Amazon reviews 2018 (Ni et al.): JSON-lines reviews + JSON-lines metadata, plain or gzip."""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from recalign.data.dataset import Dataset, build_dataset
+from recalign.data.readers._common import iter_lines, only_interacted, require_file
+from recalign.errors import InputError
+
+_SUFFIXES = (".json", ".json.gz", ".jsonl", ".jsonl.gz")
+_DATE_YEAR = re.compile(r"^[A-Z][a-z]+ \d{1,2}, (\d{4})$")  # meta "date": "September 13, 2016"
+_TAG = re.compile(r"<[^>]+>")
+REVIEW_KEYS = ("reviewerID", "asin", "overall", "unixReviewTime")
+
+
+def _is_json_file(path: Path) -> bool:
+    return path.is_file() and path.name.endswith(_SUFFIXES)
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in sorted(_SUFFIXES, key=len, reverse=True):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def locate(path: Path) -> tuple[Path, Path | None]:
+    """(reviews file, metadata file or None).
+
+    A directory must hold exactly one reviews file (`*.json[l][.gz]` not starting with `meta_`) and at
+    most one `meta_*.json[l][.gz]`. A reviews file `Books_5.json.gz` finds its metadata beside it as
+    `meta_Books_5.*` or `meta_Books.*`."""
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if _is_json_file(p))
+        reviews = [p for p in files if not p.name.startswith("meta_")]
+        metas = [p for p in files if p.name.startswith("meta_")]
+        if len(reviews) != 1:
+            found = ", ".join(p.name for p in reviews) or "none"
+            raise InputError(f"{path}: expected one Amazon reviews file (*.json, *.json.gz), found {found}")
+        if len(metas) > 1:
+            raise InputError(f"{path}: several metadata files ({', '.join(p.name for p in metas)})")
+        return reviews[0], (metas[0] if metas else None)
+    stem = _stem(path)
+    for base in dict.fromkeys([stem, stem.removesuffix("_5")]):
+        for suffix in _SUFFIXES:
+            candidate = path.parent / f"meta_{base}{suffix}"
+            if candidate.is_file():
+                return path, candidate
+    return path, None
+
+
+def _records(path: Path, required: tuple[str, ...]):
+    for line_no, line in iter_lines(require_file(path, "Amazon JSON lines"), "utf-8"):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}:{line_no}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(record, dict):
+            raise InputError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
+        missing = [key for key in required if key not in record]
+        if missing:
+            raise InputError(f"{path}:{line_no}: missing key(s) {', '.join(missing)}")
+        yield line_no, record
+
+
+def _number(record: dict, key: str, path: Path, line_no: int) -> float:
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise InputError(f"{path}:{line_no}: '{key}' is not a number: {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not math.isfinite(number):
+        raise InputError(f"{path}:{line_no}: '{key}' is not a number: {value!r}")
+    return number
+
+
+def _clean(text) -> str:
+    return " ".join(_TAG.sub(" ", html.unescape(str(text))).split())
+
+
+def read_amazon(path: str | Path, name: str | None = None, like_threshold: float | None = None,
+                domain: str = "product") -> Dataset:
+    """Amazon reviews 2018: reviews JSON lines (reviewerID, asin, overall, unixReviewTime) plus optional
+    metadata JSON lines (asin, title, category list, date), .json or .json.gz.
+
+    `path` is a directory holding `X.json[.gz]` and `meta_X.json[.gz]`, or the reviews file (metadata
+    found beside it as `meta_X.*`, with a `_5` suffix dropped). Exact duplicate reviews (same user,
+    item and time) are kept once."""
+    path = Path(path)
+    reviews_path, meta_path = locate(path)
+    like_threshold = 3.0 if like_threshold is None else like_threshold
+
+    users, items, ratings, stamps = [], [], [], []
+    for line_no, record in _records(reviews_path, REVIEW_KEYS):
+        user, item = str(record["reviewerID"]).strip(), str(record["asin"]).strip()
+        if not user or not item:
+            raise InputError(f"{reviews_path}:{line_no}: empty reviewerID or asin")
+        users.append(user)
+        items.append(item)
+        ratings.append(_number(record, "overall", reviews_path, line_no))
+        stamps.append(int(_number(record, "unixReviewTime", reviews_path, line_no)))
+    interactions = pd.DataFrame({"user_id": users, "item_id": items, "rating": ratings, "timestamp": stamps})
+    interactions = interactions.drop_duplicates(["user_id", "item_id", "timestamp"]).reset_index(drop=True)
+
+    item_table = None
+    if meta_path is not None:
+        wanted = set(interactions["item_id"])
+        records = []
+        for line_no, record in _records(meta_path, ("asin",)):
+            asin = str(record["asin"]).strip()
+            if asin not in wanted:
+                continue
+            categories = record.get("category") or []
+            if not isinstance(categories, list):
+                raise InputError(f"{meta_path}:{line_no}: 'category' must be a list, got {categories!r}")
+            year = _DATE_YEAR.match(str(record.get("date", "")).strip())
+            records.append({
+                "item_id": asin,
+                "title": _clean(record.get("title", "")),
+                "year": float(year.group(1)) if year else float("nan"),
+                "categories": list(dict.fromkeys(_clean(c) for c in categories if _clean(c))),
+                "brand": _clean(record.get("brand", "")),
+            })
+        item_table = only_interacted(pd.DataFrame(records, columns=["item_id", "title", "year", "categories",
+                                                                    "brand"]), interactions)
+
+    return build_dataset(name or _stem(reviews_path), interactions, item_table, None, like_threshold, domain,
+                         str(reviews_path))

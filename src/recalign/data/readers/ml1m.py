@@ -1,0 +1,78 @@
+"""GroupLens MovieLens-1M: `ratings.dat`, `movies.dat`, `users.dat`, all '::'-separated."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from recalign.data.dataset import Dataset, build_dataset
+from recalign.data.readers._common import (
+    iter_lines, numeric_column, only_interacted, read_delimited, require_file, split_title_year,
+)
+from recalign.errors import InputError
+
+SEP = "::"
+# users.dat occupation codes (ML-1M README)
+OCCUPATIONS = ["other", "academic/educator", "artist", "clerical/admin", "college/grad student",
+               "customer service", "doctor/health care", "executive/managerial", "farmer", "homemaker",
+               "K-12 student", "lawyer", "programmer", "retired", "sales/marketing", "scientist",
+               "self-employed", "technician/engineer", "tradesman/craftsman", "unemployed", "writer"]
+
+
+def read_ml1m(path: str | Path, name: str | None = None, like_threshold: float | None = None,
+              domain: str = "movie") -> Dataset:
+    """GroupLens ML-1M: DIR/ratings.dat (UserID::MovieID::Rating::Timestamp), optional movies.dat
+    (latin-1, MovieID::Title (Year)::Genre|Genre) and users.dat (UserID::Gender::Age::Occupation::Zip).
+
+    `path` is the directory or its ratings.dat. Age stays the README's bucket code (1, 18, 25, ...);
+    occupation codes become their names."""
+    path = Path(path)
+    directory = path.parent if path.is_file() else path
+    ratings_path = path if path.is_file() else directory / "ratings.dat"
+    like_threshold = 3.0 if like_threshold is None else like_threshold
+
+    rows, line_nos = read_delimited(ratings_path, SEP, 4, "latin-1", "ratings.dat")
+    columns = list(zip(*rows))
+    interactions = pd.DataFrame({
+        "user_id": [u.strip() for u in columns[0]],
+        "item_id": [i.strip() for i in columns[1]],
+        "rating": numeric_column(columns[2], "Rating", ratings_path, line_nos),
+        "timestamp": numeric_column(columns[3], "Timestamp", ratings_path, line_nos).astype(np.int64),
+    })
+
+    items = None
+    movies_path = directory / "movies.dat"
+    if movies_path.exists():
+        records = []
+        for line_no, line in iter_lines(require_file(movies_path, "movies.dat"), "latin-1"):
+            fields = line.split(SEP)
+            if len(fields) < 3:
+                raise InputError(f"{movies_path}:{line_no}: expected 3 fields separated by '::' "
+                                 f"(MovieID::Title::Genres), found {len(fields)}")
+            # a title containing '::' would split further: id first, genres last, the rest is the title
+            title, year = split_title_year(SEP.join(fields[1:-1]))
+            genres = [g for g in fields[-1].strip().split("|") if g and g != "(no genres listed)"]
+            records.append({"item_id": fields[0].strip(), "title": title, "year": year, "categories": genres})
+        items = only_interacted(pd.DataFrame(records), interactions)
+
+    users = None
+    users_path = directory / "users.dat"
+    if users_path.exists():
+        rows, line_nos = read_delimited(users_path, SEP, 5, "latin-1", "users.dat")
+        columns = list(zip(*rows))
+        codes = numeric_column(columns[3], "Occupation", users_path, line_nos).astype(int)
+        bad = (codes < 0) | (codes >= len(OCCUPATIONS))
+        if bad.any():
+            row = int(np.argmax(bad))
+            raise InputError(f"{users_path}:{line_nos[row]}: occupation code {codes[row]} is not in 0..20")
+        users = pd.DataFrame({
+            "user_id": [u.strip() for u in columns[0]],
+            "gender": list(columns[1]),
+            "age": numeric_column(columns[2], "Age", users_path, line_nos),
+            "occupation": [OCCUPATIONS[c] for c in codes],
+            "zip_code": list(columns[4]),
+        })
+
+    return build_dataset(name or directory.name, interactions, items, users, like_threshold, domain, str(directory))
