@@ -121,13 +121,15 @@ def temporal_split(
 
 
 def few_shot(samples: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
-    """N samples drawn without replacement with `seed` (all of them when n is None or >= len)."""
+    """N samples drawn without replacement with `seed` (all of them when n is None or >= len), kept in
+    their input order. The draw is a prefix of one seeded permutation, so with the same seed a smaller N
+    is a subset of a larger N (few-shot curves differ only by the added samples)."""
+    if n is not None and (isinstance(n, bool) or n < 1):
+        raise InputError(f"few-shot sample count must be >= 1, got {n}")
     if n is None or n >= len(samples):
         return samples.reset_index(drop=True)
-    if n < 1:
-        raise InputError(f"few-shot sample count must be >= 1, got {n}")
     rng = np.random.default_rng(seed)
-    chosen = np.sort(rng.choice(len(samples), size=n, replace=False))
+    chosen = np.sort(rng.permutation(len(samples))[:n])
     return samples.iloc[chosen].reset_index(drop=True)
 
 

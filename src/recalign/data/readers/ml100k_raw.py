@@ -62,7 +62,7 @@ def read_ml100k_raw(path: str | Path, name: str | None = None, like_threshold: f
         columns = list(zip(*rows))
         users = pd.DataFrame({
             "user_id": [u.strip() for u in columns[0]],
-            "age": numeric_column(columns[1], "age", user_path, line_nos),
+            "age": numeric_column(columns[1], "age", user_path, line_nos).astype(np.int64),
             "gender": list(columns[2]),
             "occupation": list(columns[3]),
             "zip_code": list(columns[4]),

@@ -70,7 +70,7 @@ def read_ml1m(path: str | Path, name: str | None = None, like_threshold: float |
         users = pd.DataFrame({
             "user_id": [u.strip() for u in columns[0]],
             "gender": list(columns[1]),
-            "age": numeric_column(columns[2], "Age", users_path, line_nos),
+            "age": numeric_column(columns[2], "Age", users_path, line_nos).astype(np.int64),
             "occupation": [OCCUPATIONS[c] for c in codes],
             "zip_code": list(columns[4]),
         })

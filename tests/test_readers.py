@@ -1,0 +1,322 @@
+"""Readers, one per source format, on small fixtures written in each exact format (tests/fixtures/<format>/).
+
+Every fixture holds the same 12 interactions (4 users, 5 rated items, one item and one user with a single
+interaction) in its native form, so counts agree across formats and k-core has something to remove."""
+
+import gzip
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from recalign import cli
+from recalign.data import build_dataset, load_dataset
+from recalign.data.readers import READERS, read_amazon, read_book_crossing
+from recalign.data.registry import detect_format
+from recalign.errors import InputError
+
+FIXTURES = Path(__file__).parent / "fixtures"
+FORMATS = ["recbole", "ml-100k-raw", "ml-1m", "amazon", "book-crossing", "steam"]
+# positives at each format's default like threshold (3 on 1-5 stars; 5 on Book-Crossing's 1-10; Steam all)
+POSITIVES = {"recbole": 7, "ml-100k-raw": 7, "ml-1m": 7, "amazon": 7, "book-crossing": 9, "steam": 12}
+# the canonical data in the numeric-id formats: (user, item, rating, timestamp) sorted by user, then time
+CANONICAL = [
+    (1, 1, 5, 100), (1, 2, 3, 200), (1, 3, 4, 200), (1, 4, 1, 300),
+    (2, 1, 4, 150), (2, 3, 2, 250), (2, 5, 5, 350),
+    (3, 2, 5, 120), (3, 4, 4, 220), (3, 1, 2, 320), (3, 3, 5, 420),
+    (10, 1, 3, 500),
+]
+
+
+def read(fmt, **kwargs):
+    return load_dataset(str(FIXTURES / fmt), fmt=fmt, like_threshold=kwargs.pop("like_threshold", None), **kwargs)
+
+
+def raw_rows(ds):
+    inter = ds.interactions
+    users = ds.users["raw_id"].to_numpy()[inter["user"]]
+    items = ds.items["raw_id"].to_numpy()[inter["item"]]
+    return list(zip(users, items, inter["rating"], inter["timestamp"]))
+
+
+def invoke(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["recalign", *args])
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as exc:
+        code = exc.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_every_format_is_registered():
+    assert list(READERS) == FORMATS
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_counts_order_and_labels(fmt):
+    ds = read(fmt)
+    assert (ds.n_users, ds.n_items, len(ds.interactions)) == (4, 5, 12)
+    stats = ds.stats()
+    assert stats["positives"] == POSITIVES[fmt] == int(ds.interactions["label"].sum())
+    inter = ds.interactions
+    assert list(inter.columns) == ["user", "item", "rating", "timestamp", "label"]
+    assert inter["user"].dtype == np.int64 and inter["item"].dtype == np.int64
+    assert inter["label"].dtype == bool
+    assert (inter["label"] == (inter["rating"] > ds.like_threshold)).all()
+    # sorted by user, then time; dense ids 0..n-1; every item has a title
+    keys = list(zip(inter["user"], inter["timestamp"]))
+    assert keys == sorted(keys)
+    assert sorted(inter["user"].unique()) == list(range(4)) and sorted(inter["item"].unique()) == list(range(5))
+    assert ds.items["raw_id"].is_unique and ds.users["raw_id"].is_unique
+    assert len(ds.titles()) == 5 and all(ds.titles())
+
+
+@pytest.mark.parametrize("fmt", ["recbole", "ml-100k-raw", "ml-1m"])
+def test_movielens_formats_agree_on_the_canonical_data(fmt):
+    ds = read(fmt)
+    # numeric ids sort numerically ("10" after "3"), ties in time keep file order (item 2 before item 3)
+    assert ds.users["raw_id"].tolist() == ["1", "2", "3", "10"]
+    assert ds.items["raw_id"].tolist() == ["1", "2", "3", "4", "5"]
+    assert raw_rows(ds) == [(str(u), str(i), float(r), t) for u, i, r, t in CANONICAL]
+    assert ds.items.loc[0, "title"] == "Toy Story" and ds.items.loc[0, "year"] == 1995
+    assert ds.items.loc[2, "title"] == "Café Society"  # latin-1 in the raw formats, utf-8 in RecBole
+    assert ds.titles()[0] == "Toy Story (1995)"
+    assert ds.items.loc[0, "categories"] == ["Animation", "Children's", "Comedy"]
+    assert "6" not in ds.items["raw_id"].tolist()  # metadata of a never-rated item is not in the catalogue
+
+
+def test_recbole_title_year_and_users():
+    ds = read("recbole")
+    # RecBole's ML-100K keeps "(1995)" in item 1412's title with year "V": the year is split out again
+    assert ds.items.loc[3, "title"] == "Land Before Time III: The Time of the Great Giving"
+    assert ds.items.loc[3, "year"] == 1995
+    assert math.isnan(ds.items.loc[4, "year"]) and ds.titles()[4] == "unknown"
+    assert ds.users.columns.tolist() == ["raw_id", "age", "gender", "occupation", "zip_code"]
+    assert ds.users.loc[3].tolist() == ["10", 33, "F", "artist", "10003"]
+    assert ds.domain == "movie" and ds.name == "tiny"
+
+
+def test_recbole_prefix_file_and_dotted_names(tmp_path):
+    for name in ("tiny.inter", "tiny.item", "tiny.user"):
+        shutil.copy(FIXTURES / "recbole" / name, tmp_path / name.replace("tiny", "ml.v2"))
+    for path in (tmp_path, tmp_path / "ml.v2", tmp_path / "ml.v2.inter"):
+        ds = load_dataset(str(path), fmt="recbole")
+        assert ds.name == "ml.v2" and ds.n_items == 5 and ds.users["age"].tolist() == [24, 53, 23, 33]
+    shutil.copy(tmp_path / "ml.v2.inter", tmp_path / "other.inter")
+    with pytest.raises(InputError, match="several .inter files"):
+        load_dataset(str(tmp_path), fmt="recbole")
+
+
+def test_recbole_without_rating_or_timestamp_is_implicit_in_file_order(tmp_path):
+    (tmp_path / "x.inter").write_text("user_id:token\titem_id:token\nb\tq\na\tp\nb\tp\n")
+    ds = load_dataset(str(tmp_path), fmt="recbole")
+    assert raw_rows(ds) == [("a", "p", 5.0, 1), ("b", "q", 5.0, 0), ("b", "p", 5.0, 2)]
+    assert ds.interactions["label"].all() and ds.items["title"].tolist() == ["item p", "item q"]
+
+
+def test_ml100k_raw_items_and_users():
+    ds = read("ml-100k-raw")
+    items = ds.items.set_index("raw_id")
+    # "(1995) (V)": the year leaves the title, the "(V)" stays
+    assert items.loc["4", "title"] == "Land Before Time III: The Time of the Great Giving (V)"
+    assert items.loc["4", "year"] == 1995
+    assert items.loc["5", "title"] == "Nowhere" and items.loc["5", "year"] == 1997  # from the release date
+    assert items.loc["5", "categories"] == ["unknown"]
+    assert ds.users.columns.tolist() == ["raw_id", "age", "gender", "occupation", "zip_code"]
+    assert ds.users["age"].tolist() == [24, 53, 23, 33] and ds.users["occupation"].tolist()[2] == "writer"
+
+
+def test_ml1m_items_and_users():
+    ds = read("ml-1m")
+    items = ds.items.set_index("raw_id")
+    assert items.loc["4", "title"] == "City of Lost Children, The" and items.loc["4", "categories"] == ["Adventure", "Sci-Fi"]
+    assert items.loc["5", "title"] == "Nowhere" and math.isnan(items.loc["5", "year"])
+    assert ds.titles()[4] == "Nowhere"
+    users = ds.users.set_index("raw_id")
+    assert users.loc["1"].tolist() == ["M", 25, "technician/engineer", "85711"]  # occupation code 17
+    assert users.loc["2", "occupation"] == "other" and users.loc["3", "occupation"] == "writer"
+
+
+def test_ml1m_reads_a_ratings_file_and_titles_with_double_colons(tmp_path):
+    shutil.copy(FIXTURES / "ml-1m" / "ratings.dat", tmp_path)
+    (tmp_path / "movies.dat").write_bytes(b"1::Film::Noir (1999)::Drama\n2::Two (2000)::Comedy|Drama\n")
+    ds = load_dataset(str(tmp_path / "ratings.dat"), fmt="ml-1m")
+    assert ds.items.loc[0, "title"] == "Film::Noir" and ds.items.loc[0, "year"] == 1999
+    assert ds.users.columns.tolist() == ["raw_id"]  # no users.dat: no features
+
+
+def test_amazon_directory_and_reviews_file():
+    ds = read("amazon")
+    assert ds.name == "Toys_and_Games_5" and ds.domain == "product"
+    assert ds.users["raw_id"].tolist() == ["A1B2C3", "A2XYZ", "A3QQ", "AZZ10"]
+    items = ds.items.set_index("raw_id")
+    assert items.index.tolist() == ["B0001", "B0002", "B0003", "B0004", "B0005"]
+    assert items.loc["B0001", "title"] == "Wooden Train & Tracks"  # HTML entities decoded
+    assert items.loc["B0001", "categories"] == ["Toys & Games", "Trains"]
+    assert items.loc["B0001", "year"] == 2016 and math.isnan(items.loc["B0002", "year"])
+    assert items.loc["B0004", "title"] == "Chess Set"  # first of two metadata lines
+    assert items.loc["B0005", "title"] == "item B0005"  # no metadata line
+    assert "B9999" not in items.index
+    # the reviews file alone finds meta_Toys_and_Games.json.gz beside it (the "_5" suffix dropped)
+    again = read_amazon(FIXTURES / "amazon" / "Toys_and_Games_5.json")
+    pd.testing.assert_frame_equal(again.interactions, ds.interactions)
+    assert again.items["title"].tolist() == ds.items["title"].tolist()
+
+
+def test_amazon_gzip_reviews_without_metadata(tmp_path):
+    data = (FIXTURES / "amazon" / "Toys_and_Games_5.json").read_bytes()
+    (tmp_path / "Books.json.gz").write_bytes(gzip.compress(data))
+    ds = load_dataset(str(tmp_path / "Books.json.gz"), fmt="amazon")
+    assert len(ds.interactions) == 12 and ds.titles()[0] == "item B0001"
+
+
+def test_book_crossing_ratings_books_users():
+    ds = read("book-crossing")
+    assert ds.like_threshold == 5.0 and ds.domain == "book"
+    assert ds.interactions["rating"].tolist() == [10, 6, 8, 2, 8, 4, 10, 10, 8, 4, 10, 6]  # 2 x canonical
+    # no timestamps: order is file order (the line number)
+    assert ds.interactions["timestamp"].is_unique
+    items = ds.items.set_index("raw_id")
+    assert "034545104X" in items.index  # lower-case "x" in the ratings file normalised
+    assert "9999999999" not in items.index and "0399135782" not in items.index
+    assert items.loc["0060973129", "title"] == ("DK Readers: Creating the X-Men, How It All Began "
+                                                "(Level 4: Proficient Readers)")  # trailing backslash removed
+    assert items.loc["034545104X", "title"].endswith("of 1918 & the Search")
+    assert math.isnan(items.loc["034545104X", "year"])  # year "0" = unknown
+    assert items.loc["0374157065", "author"] == "Zoë Müller" and items.loc["0195153448", "year"] == 2002
+    users = ds.users.set_index("raw_id")
+    assert math.isnan(users.loc["1", "age"]) and users.loc["2", "age"] == 18
+    assert users.loc["10", "location"] == "porto, v.n.gaia, portugal"
+
+
+def test_book_crossing_implicit_ratings_on_request():
+    ds = read_book_crossing(FIXTURES / "book-crossing", implicit=True)
+    assert len(ds.interactions) == 13 and ds.interactions["rating"].min() == 0
+
+
+def test_steam_reviews_and_games():
+    ds = read("steam")
+    assert ds.domain == "video game" and ds.interactions["label"].all()
+    assert ds.users["raw_id"].tolist() == ["Ariman1", "Chaos Syren", "The_Cpt_FROGGY", "freakfantom"]
+    items = ds.items.set_index("raw_id")
+    assert items.index.tolist() == ["35140", "35600", "328100", "631920", "725280"]
+    assert items.loc["725280", "title"] == "Lost Summoner Kitty" and items.loc["725280", "year"] == 2018
+    assert items.loc["631920", "title"] == "Real Pool 3D - Poolians"  # 'title' when 'app_name' is absent
+    assert math.isnan(items.loc["631920", "year"])  # "Soon.."
+    assert items.loc["35140", "categories"] == ["Action", "Batman"]  # tags when genres are absent
+    assert items.loc["35600", "title"] == "item 35600"
+    # user "Chaos Syren" reviewed items 2 and 3 on the same day: file order kept
+    chaos = ds.interactions[ds.interactions["user"] == 1]
+    assert ds.items["raw_id"].to_numpy()[chaos["item"]].tolist() == ["725280", "328100", "35140", "631920"]
+    assert chaos["timestamp"].iloc[0] == 1512086400  # 2017-12-01 00:00 UTC
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_ids_are_stable_across_reads_and_file_order(fmt, tmp_path):
+    first, second = read(fmt), read(fmt)
+    pd.testing.assert_frame_equal(first.interactions, second.interactions)
+    pd.testing.assert_frame_equal(first.items, second.items)
+    pd.testing.assert_frame_equal(first.users, second.users)
+    # the same lines in another order give the same raw id -> dense id mapping
+    copy = tmp_path / fmt
+    shutil.copytree(FIXTURES / fmt, copy)
+    target = {"recbole": "tiny.inter", "ml-100k-raw": "u.data", "ml-1m": "ratings.dat",
+              "amazon": "Toys_and_Games_5.json", "book-crossing": "BX-Book-Ratings.csv",
+              "steam": "steam_reviews.json"}[fmt]
+    lines = (copy / target).read_bytes().splitlines(keepends=True)
+    head = 1 if fmt in ("recbole", "book-crossing") else 0
+    (copy / target).write_bytes(b"".join(lines[:head] + lines[head:][::-1]))
+    shuffled = load_dataset(str(copy), fmt=fmt)
+    assert shuffled.users["raw_id"].tolist() == first.users["raw_id"].tolist()
+    assert shuffled.items["raw_id"].tolist() == first.items["raw_id"].tolist()
+
+
+def test_id_order_is_total_for_look_alike_ids():
+    # "007" and "7" are different ids with the same number: the raw string breaks the tie, so the
+    # mapping never depends on set iteration (hash) order
+    rows = [("7", "b"), ("007", "a"), ("x", "10"), ("10", "9")]
+    frames = []
+    for order in (rows, rows[::-1]):
+        inter = pd.DataFrame(order, columns=["user_id", "item_id"]).assign(rating=4.0, timestamp=1)
+        frames.append(build_dataset("t", inter))
+    for ds in frames:
+        assert ds.users["raw_id"].tolist() == ["007", "7", "10", "x"]
+        assert ds.items["raw_id"].tolist() == ["9", "10", "a", "b"]
+
+
+@pytest.mark.parametrize("threshold,positives", [(0, 12), (2, 9), (3, 7), (4, 4), (5, 0)])
+def test_like_threshold_labels(threshold, positives):
+    ds = read("ml-1m", like_threshold=threshold)
+    assert ds.stats()["positives"] == positives and ds.like_threshold == threshold
+    assert int(ds.with_threshold(threshold).interactions["label"].sum()) == positives
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_k_core(fmt):
+    ds = read(fmt, k_core_users=2, k_core_items=2)
+    # item 5 (one rating) goes, then user 10 (one rating); user 2 keeps 2 ratings; nothing else cascades
+    assert (ds.n_users, ds.n_items, len(ds.interactions)) == (3, 4, 10)
+    full = read(fmt)
+    kept_users = set(full.users["raw_id"]) - set(ds.users["raw_id"])
+    assert len(kept_users) == 1 and ds.meta["k_core"] == [2, 2]
+    assert sorted(ds.interactions["user"].unique()) == [0, 1, 2] and sorted(ds.interactions["item"].unique()) == [0, 1, 2, 3]
+    # dense ids still point at the right metadata, and the raw rows are a subset of the full data
+    assert set(raw_rows(ds)) <= set(raw_rows(full))
+    assert ds.items["raw_id"].tolist() == [r for r in full.items["raw_id"] if r in set(ds.items["raw_id"])]
+    assert ds.interactions.groupby("user").size().min() >= 2 and ds.interactions.groupby("item").size().min() >= 2
+
+
+def test_k_core_cascades_and_rejects_bad_thresholds():
+    ds = read("recbole", k_core_users=3)  # users 1 (4), 2 (3), 3 (4) stay, then no item filter
+    assert ds.n_users == 3 and len(ds.interactions) == 11
+    with pytest.raises(InputError, match="removed every interaction"):
+        read("recbole", k_core_users=5, k_core_items=5)
+    with pytest.raises(InputError, match="k_core_items must be an integer >= 0"):
+        read("recbole", k_core_items=-1)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_format_is_detected_from_file_names(fmt):
+    assert detect_format(FIXTURES / fmt) == fmt
+    ds = load_dataset(str(FIXTURES / fmt))
+    assert len(ds.interactions) == 12
+
+
+def test_file_paths_are_detected_too():
+    assert detect_format(FIXTURES / "ml-100k-raw" / "u.data") == "ml-100k-raw"
+    assert detect_format(FIXTURES / "amazon" / "Toys_and_Games_5.json") == "amazon"
+    assert detect_format(FIXTURES / "steam" / "steam_reviews.json") == "steam"
+    with pytest.raises(InputError, match="cannot tell the dataset format"):
+        detect_format(FIXTURES / "ml-100k-raw" / "u.genre")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_cli_data_stats_with_format(fmt, monkeypatch, capsys):
+    code, out, err = invoke(monkeypatch, capsys, "data", "stats", str(FIXTURES / fmt), "--format", fmt, "--json")
+    assert code == 0, err
+    stats = json.loads(out)
+    assert (stats["users"], stats["items"], stats["interactions"]) == (4, 5, 12)
+
+
+def test_cli_data_stats_ml100k(monkeypatch, capsys):
+    code, out, err = invoke(monkeypatch, capsys, "data", "stats", "ml-100k", "--json")
+    assert code == 0, err
+    stats = json.loads(out)
+    assert (stats["users"], stats["items"], stats["interactions"], stats["positives"]) == (943, 1682, 100000, 55375)
+    assert stats["like_threshold"] == 3.0
+
+
+def test_embedded_ml100k_metadata():
+    ds = load_dataset("ml-100k")
+    assert ds.titles()[0] == "Toy Story (1995)"
+    assert ds.titles()[1411] == "Land Before Time III: The Time of the Great Giving (1995)"
+    assert ds.items.loc[1411, "year"] == 1995
+    assert ds.users.columns.tolist() == ["raw_id", "age", "gender", "occupation", "zip_code"]
+    assert ds.items["categories"].map(len).min() >= 1
