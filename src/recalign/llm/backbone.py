@@ -251,7 +251,8 @@ class Backbone:
 
         Only the logits that the loss needs are computed (the last max-answer-length + 1 positions)."""
         enc = self.encode(prompts, answers, slot_k=self._slot_k(slots))
-        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+        # pads and each row's first real token (nothing predicts it) are never targets
+        labels = enc.input_ids.masked_fill((enc.attention_mask == 0) | (enc.position_ids == 0), -100)
         if answer_only:
             width = labels.shape[1]
             lengths = enc.answer_lengths.to(labels.device)
