@@ -59,6 +59,8 @@ def load_dataset(
     for key, value in (("k_core_users", k_core_users), ("k_core_items", k_core_items)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise InputError(f"{key} must be an integer >= 0, got {value!r}")
+    if domain is not None and (not isinstance(domain, str) or not domain.strip()):
+        raise InputError(f"domain must be a non-empty string such as 'movie' or 'book', got {domain!r}")
     path = Path(name_or_path)
     # the bare name always means the embedded asset; write ./ml-100k for a local folder of that name
     if name_or_path in EMBEDDED and fmt in (None, "recbole"):

@@ -90,8 +90,10 @@ def _clean(text) -> str:
 
 def read_amazon(path: str | Path, name: str | None = None, like_threshold: float | None = None,
                 domain: str = "product") -> Dataset:
-    """Amazon reviews 2018: reviews JSON lines (reviewerID, asin, overall, unixReviewTime) plus optional
-    metadata JSON lines (asin, title, category list, date), .json or .json.gz.
+    """Amazon reviews 2018: DIR with X.json[.gz] (+ meta_X.json[.gz]) JSON lines, or the reviews file.
+
+    Reviews: reviewerID, asin, overall, unixReviewTime. Metadata (optional): asin, title, category
+    (list), date ("September 13, 2016" gives the year), brand.
 
     `path` is a directory holding `X.json[.gz]` and `meta_X.json[.gz]`, or the reviews file (metadata
     found beside it as `meta_X.*`, with a `_5` suffix dropped). Exact duplicate reviews (same user,

@@ -63,9 +63,10 @@ def _isbn(value: str) -> str:
 
 def read_book_crossing(path: str | Path, name: str | None = None, like_threshold: float | None = None,
                        domain: str = "book", implicit: bool = False) -> Dataset:
-    """Book-Crossing CSV: DIR/BX-Book-Ratings.csv ("User-ID";"ISBN";"Book-Rating"), optional BX-Books.csv
-    (ISBN, Book-Title, Book-Author, Year-Of-Publication, Publisher, ...) and BX-Users.csv (User-ID,
-    Location, Age); ';'-separated, quoted, latin-1.
+    """Book-Crossing: DIR with BX-Book-Ratings.csv (+ BX-Books.csv, BX-Users.csv); ';'-separated, latin-1.
+
+    Ratings: "User-ID";"ISBN";"Book-Rating"; books: ISBN, Book-Title, Book-Author, Year-Of-Publication,
+    Publisher, ...; users: User-ID, Location, Age ("NULL" = unknown). Every field double-quoted.
 
     Rating 0 means "implicit" (no rating given): such rows are dropped unless `implicit=True`.
     No timestamps: `timestamp` is the row's line number, so time order = file order. With BX-Books.csv,

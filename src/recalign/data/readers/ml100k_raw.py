@@ -21,8 +21,10 @@ _RELEASE_YEAR = re.compile(r"^\d{1,2}-[A-Za-z]{3}-(\d{4})$")
 
 def read_ml100k_raw(path: str | Path, name: str | None = None, like_threshold: float | None = None,
                     domain: str = "movie") -> Dataset:
-    """GroupLens ML-100K raw: DIR/u.data (user\\titem\\trating\\ttimestamp), optional u.item (latin-1,
-    '|'-separated, title "Name (year)", 19 genre flags) and u.user (age|gender|occupation|zip).
+    """GroupLens ML-100K raw: DIR with u.data (+ u.item, u.user), as in ml-100k.zip.
+
+    u.data: user, item, rating, timestamp, tab-separated. u.item (latin-1, '|'-separated): id, "Title
+    (year)", release date, video date, URL, 19 genre flags. u.user: id|age|gender|occupation|zip.
 
     `path` is the directory or its u.data file."""
     path = Path(path)

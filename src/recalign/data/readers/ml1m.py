@@ -23,8 +23,10 @@ OCCUPATIONS = ["other", "academic/educator", "artist", "clerical/admin", "colleg
 
 def read_ml1m(path: str | Path, name: str | None = None, like_threshold: float | None = None,
               domain: str = "movie") -> Dataset:
-    """GroupLens ML-1M: DIR/ratings.dat (UserID::MovieID::Rating::Timestamp), optional movies.dat
-    (latin-1, MovieID::Title (Year)::Genre|Genre) and users.dat (UserID::Gender::Age::Occupation::Zip).
+    """GroupLens ML-1M: DIR with ratings.dat (+ movies.dat, users.dat), '::'-separated.
+
+    ratings.dat: UserID::MovieID::Rating::Timestamp; movies.dat (latin-1): MovieID::Title (Year)::A|B;
+    users.dat: UserID::Gender::Age::Occupation::Zip-code.
 
     `path` is the directory or its ratings.dat. Age stays the README's bucket code (1, 18, 25, ...);
     occupation codes become their names."""

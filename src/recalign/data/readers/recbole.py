@@ -74,7 +74,7 @@ def _resolve_prefix(path: Path) -> Path:
 
 def read_recbole(prefix: str | Path, name: str | None = None, like_threshold: float | None = None,
                  domain: str = "movie") -> Dataset:
-    """RecBole atomic files NAME.inter (+ optional NAME.item, NAME.user), tab-separated, typed header.
+    """RecBole atomic files: NAME.inter (+ NAME.item, NAME.user), tab-separated with a typed header.
 
     `prefix` is DIR (holding NAME.inter), DIR/NAME.inter or DIR/NAME. Columns used: user_id, item_id,
     rating (optional: 5.0 when absent), timestamp (optional: file order when absent); item title from

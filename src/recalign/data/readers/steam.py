@@ -65,8 +65,10 @@ def _day(value, path: Path, line_no: int) -> int:
 
 def read_steam(path: str | Path, name: str | None = None, like_threshold: float | None = None,
                domain: str = "video game") -> Dataset:
-    """UCSD Steam: reviews lines {'username', 'product_id', 'date': 'YYYY-MM-DD', ...} and optional games
-    lines {'id', 'app_name' or 'title', 'genres', 'tags', 'release_date', ...}, Python literals, plain/gzip.
+    """UCSD Steam: DIR with *review*.json[.gz] (+ *game*.json[.gz]), one Python literal per line.
+
+    Reviews: {'username', 'product_id', 'date': 'YYYY-MM-DD', ...}; games (optional): {'id', 'app_name'
+    or 'title', 'genres' (else 'tags'), 'release_date', 'developer', ...}.
 
     No ratings: every review is an implicit positive (rating 5.0). Timestamp = the review day (UTC
     midnight); reviews of one user on one day keep file order. Games lines without an 'id' are skipped."""
