@@ -3,6 +3,7 @@
 Loading
     Backbone.load(source="smollm2-135m-instruct", dtype="auto", device="auto", batch_size=8, prefix_cache=True)
     Backbone.from_config(cfg["model"])           # keys: name, dtype, device, batch_size, prefix_cache
+                                                 # (defaults: llm.MODEL_CONFIG, the shared `model:` section)
         source: embedded asset name (GGUF, dequantized once to safetensors under $RECALIGN_HOME/models/),
         "tiny-random" (2-layer hidden-64 random Llama + SmolLM2 tokenizer; tests), a local model directory or
         .gguf file, or a Hugging Face id (online only). dtype auto = float32 on CPU, bfloat16 on CUDA.
@@ -45,12 +46,12 @@ Training (llm.train)
 """
 
 from recalign.llm.backbone import Backbone, Encoded, Generation, LoraSettings
-from recalign.llm.loading import DEFAULT_MODEL, TINY_NAME, load_model, load_tokenizer, tiny_llama
+from recalign.llm.loading import DEFAULT_MODEL, MODEL_CONFIG, TINY_NAME, load_model, load_tokenizer, tiny_llama
 from recalign.llm.prompts import Wrapper, fill, fit_history, quote_titles
 from recalign.llm.train import Checkpointer, TrainConfig, TrainResult, train_lora, train_loop
 
 __all__ = [
-    "Backbone", "Checkpointer", "DEFAULT_MODEL", "Encoded", "Generation", "LoraSettings", "TINY_NAME",
+    "Backbone", "Checkpointer", "DEFAULT_MODEL", "MODEL_CONFIG", "Encoded", "Generation", "LoraSettings", "TINY_NAME",
     "TrainConfig", "TrainResult", "Wrapper", "fill", "fit_history", "load_model", "load_tokenizer",
     "quote_titles", "tiny_llama", "train_loop", "train_lora",
 ]

@@ -429,6 +429,11 @@ class Backbone:
                             target_modules=list(settings.target_modules), bias="none", task_type="CAUSAL_LM")
         self.model = get_peft_model(self.model, config)
 
+    def remove_lora(self) -> None:
+        """Drop the LoRA adapter (unmerged), leaving the frozen base model."""
+        if self.is_peft:
+            self.model = self.model.unload()
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 

@@ -27,6 +27,15 @@ TINY_NAME = "tiny-random"
 EMBEDDED = {"smollm2-135m-instruct": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
+# the `model:` config section every LLM method shares (Backbone.from_config reads it)
+MODEL_CONFIG = {
+    "name": DEFAULT_MODEL,  # embedded asset | tiny-random | local model dir | .gguf file | Hugging Face id
+    "dtype": "auto",  # auto = float32 on CPU, bfloat16 on CUDA
+    "device": "auto",  # auto | cpu | cuda | cuda:N
+    "batch_size": 8,  # prompts per forward pass when scoring / embedding / generating
+    "prefix_cache": True,  # reuse the KV cache of the token prefix all scored prompts share
+}
+
 
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":

@@ -15,10 +15,12 @@ from recalign.errors import InputError
 # method name -> module path (relative to recalign.methods unless dotted)
 REGISTRY: dict[str, str] = {
     "pop": "cf_baseline",
+    "icl": "icl",
+    "tallrec": "tallrec",
 }
 
 # modules whose EXPERIMENTS are collected by `recalign reproduce` (in this order)
-EXPERIMENT_MODULES: list[str] = ["cf_baseline"]
+EXPERIMENT_MODULES: list[str] = ["cf_baseline", "icl", "tallrec"]
 
 
 @dataclass
