@@ -17,10 +17,13 @@ REGISTRY: dict[str, str] = {
     "pop": "cf_baseline",
     "icl": "icl",
     "tallrec": "tallrec",
+    "bigrec": "bigrec",
+    "collm": "collm",
+    "softprompt": "softprompt",
 }
 
 # modules whose EXPERIMENTS are collected by `recalign reproduce` (in this order)
-EXPERIMENT_MODULES: list[str] = ["cf_baseline", "icl", "tallrec"]
+EXPERIMENT_MODULES: list[str] = ["cf_baseline", "icl", "tallrec", "bigrec"]
 
 
 @dataclass
