@@ -266,10 +266,14 @@ class CatalogueCache:
 
 
 # ------------------------------------------------------------------------------------ text matching
-def normalise_title(text: str) -> str:
-    """Generated text -> comparable title: first line, surrounding quotes/space removed, case folded."""
+def clean_generation(text: str) -> str:
+    """Generated answer -> the title it names: first line, surrounding quotes and spaces removed."""
     text = text.strip().split("\n", 1)[0].strip()
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
         text = text[1:-1]
-    text = text.strip().strip("\"").strip()
-    return " ".join(text.split()).casefold()
+    return " ".join(text.strip().strip("\"").split())
+
+
+def normalise_title(text: str) -> str:
+    """A comparable form of a title or generated answer (cleaned, case folded)."""
+    return clean_generation(text).casefold()
