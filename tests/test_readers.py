@@ -320,3 +320,18 @@ def test_embedded_ml100k_metadata():
     assert ds.items.loc[1411, "year"] == 1995
     assert ds.users.columns.tolist() == ["raw_id", "age", "gender", "occupation", "zip_code"]
     assert ds.items["categories"].map(len).min() >= 1
+
+
+@pytest.mark.parametrize("fmt,target", [("ml-100k-raw", "u.data"), ("ml-100k-raw", "u.user"),
+                                        ("ml-1m", "ratings.dat"), ("ml-1m", "users.dat"),
+                                        ("book-crossing", "BX-Book-Ratings.csv"), ("book-crossing", "BX-Books.csv")])
+def test_fast_and_line_by_line_parsers_agree(fmt, target, tmp_path):
+    # clean files go through pandas' C parser; a trailing blank line sends them through the line parser
+    copy = tmp_path / fmt
+    shutil.copytree(FIXTURES / fmt, copy)
+    with open(copy / target, "ab") as handle:
+        handle.write(b"\n\n")
+    fast, slow = read(fmt), load_dataset(str(copy), fmt=fmt, like_threshold=None)
+    pd.testing.assert_frame_equal(fast.interactions, slow.interactions)
+    pd.testing.assert_frame_equal(fast.items, slow.items)
+    pd.testing.assert_frame_equal(fast.users, slow.users)

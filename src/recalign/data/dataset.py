@@ -122,17 +122,21 @@ def build_dataset(
     inter["item_id"] = inter["item_id"].astype(str)
 
     item_table = _normalise_items(items)
-    item_ids = sorted(set(inter["item_id"]) | set(item_table["item_id"]), key=_natural_key)
+    # factorize once (hash), then rank the distinct raw ids in their sorted order
+    user_codes, user_uniques = pd.factorize(inter["user_id"].to_numpy(dtype=object))
+    item_codes, item_uniques = pd.factorize(inter["item_id"].to_numpy(dtype=object))
+    user_ids = sorted(user_uniques.tolist(), key=_natural_key)
+    item_ids = sorted(set(item_uniques.tolist()) | set(item_table["item_id"].unique().tolist()), key=_natural_key)
     user_table = users.copy() if users is not None else pd.DataFrame({"user_id": []})
     user_table["user_id"] = user_table["user_id"].astype(str)
-    user_ids = sorted(set(inter["user_id"]), key=_natural_key)
-
-    item_index = pd.Series(np.arange(len(item_ids), dtype=np.int64), index=item_ids)
-    user_index = pd.Series(np.arange(len(user_ids), dtype=np.int64), index=user_ids)
+    user_rank = {raw: k for k, raw in enumerate(user_ids)}
+    item_rank = {raw: k for k, raw in enumerate(item_ids)}
+    user_dense = np.fromiter((user_rank[raw] for raw in user_uniques), np.int64, len(user_uniques))[user_codes]
+    item_dense = np.fromiter((item_rank[raw] for raw in item_uniques), np.int64, len(item_uniques))[item_codes]
 
     out = pd.DataFrame({
-        "user": user_index.loc[inter["user_id"].to_numpy()].to_numpy(np.int64),
-        "item": item_index.loc[inter["item_id"].to_numpy()].to_numpy(np.int64),
+        "user": user_dense,
+        "item": item_dense,
         "rating": inter["rating"].to_numpy(np.float64),
         "timestamp": inter["timestamp"].to_numpy(np.int64),
     })

@@ -9,7 +9,9 @@ import numpy as np
 import pandas as pd
 
 from recalign.data.dataset import Dataset, build_dataset
-from recalign.data.readers._common import numeric_column, only_interacted, read_delimited, split_title_year
+from recalign.data.readers._common import (
+    numeric_column, only_interacted, read_columns, read_delimited, split_title_year,
+)
 from recalign.errors import InputError
 
 # the 19 genre flags of u.item, in file order (u.genre)
@@ -32,11 +34,10 @@ def read_ml100k_raw(path: str | Path, name: str | None = None, like_threshold: f
     data_path = path if path.is_file() else directory / "u.data"
     like_threshold = 3.0 if like_threshold is None else like_threshold
 
-    rows, line_nos = read_delimited(data_path, "\t", 4, "latin-1", "u.data")
-    columns = list(zip(*rows))
+    columns, line_nos = read_columns(data_path, "\t", 4, "latin-1", "u.data")
     interactions = pd.DataFrame({
-        "user_id": [u.strip() for u in columns[0]],
-        "item_id": [i.strip() for i in columns[1]],
+        "user_id": columns[0],
+        "item_id": columns[1],
         "rating": numeric_column(columns[2], "rating", data_path, line_nos),
         "timestamp": numeric_column(columns[3], "timestamp", data_path, line_nos).astype(np.int64),
     })
@@ -60,10 +61,9 @@ def read_ml100k_raw(path: str | Path, name: str | None = None, like_threshold: f
     users = None
     user_path = directory / "u.user"
     if user_path.exists():
-        rows, line_nos = read_delimited(user_path, "|", 5, "latin-1", "u.user")
-        columns = list(zip(*rows))
+        columns, line_nos = read_columns(user_path, "|", 5, "latin-1", "u.user")
         users = pd.DataFrame({
-            "user_id": [u.strip() for u in columns[0]],
+            "user_id": columns[0],
             "age": numeric_column(columns[1], "age", user_path, line_nos).astype(np.int64),
             "gender": list(columns[2]),
             "occupation": list(columns[3]),

@@ -9,7 +9,7 @@ import pandas as pd
 
 from recalign.data.dataset import Dataset, build_dataset
 from recalign.data.readers._common import (
-    iter_lines, numeric_column, only_interacted, read_delimited, require_file, split_title_year,
+    iter_lines, numeric_column, only_interacted, read_columns, require_file, split_title_year,
 )
 from recalign.errors import InputError
 
@@ -35,11 +35,10 @@ def read_ml1m(path: str | Path, name: str | None = None, like_threshold: float |
     ratings_path = path if path.is_file() else directory / "ratings.dat"
     like_threshold = 3.0 if like_threshold is None else like_threshold
 
-    rows, line_nos = read_delimited(ratings_path, SEP, 4, "latin-1", "ratings.dat")
-    columns = list(zip(*rows))
+    columns, line_nos = read_columns(ratings_path, SEP, 4, "latin-1", "ratings.dat")
     interactions = pd.DataFrame({
-        "user_id": [u.strip() for u in columns[0]],
-        "item_id": [i.strip() for i in columns[1]],
+        "user_id": columns[0],
+        "item_id": columns[1],
         "rating": numeric_column(columns[2], "Rating", ratings_path, line_nos),
         "timestamp": numeric_column(columns[3], "Timestamp", ratings_path, line_nos).astype(np.int64),
     })
@@ -62,15 +61,14 @@ def read_ml1m(path: str | Path, name: str | None = None, like_threshold: float |
     users = None
     users_path = directory / "users.dat"
     if users_path.exists():
-        rows, line_nos = read_delimited(users_path, SEP, 5, "latin-1", "users.dat")
-        columns = list(zip(*rows))
+        columns, line_nos = read_columns(users_path, SEP, 5, "latin-1", "users.dat")
         codes = numeric_column(columns[3], "Occupation", users_path, line_nos).astype(int)
         bad = (codes < 0) | (codes >= len(OCCUPATIONS))
         if bad.any():
             row = int(np.argmax(bad))
             raise InputError(f"{users_path}:{line_nos[row]}: occupation code {codes[row]} is not in 0..20")
         users = pd.DataFrame({
-            "user_id": [u.strip() for u in columns[0]],
+            "user_id": columns[0],
             "gender": list(columns[1]),
             "age": numeric_column(columns[2], "Age", users_path, line_nos).astype(np.int64),
             "occupation": [OCCUPATIONS[c] for c in codes],
