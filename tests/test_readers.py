@@ -335,3 +335,11 @@ def test_fast_and_line_by_line_parsers_agree(fmt, target, tmp_path):
     pd.testing.assert_frame_equal(fast.interactions, slow.interactions)
     pd.testing.assert_frame_equal(fast.items, slow.items)
     pd.testing.assert_frame_equal(fast.users, slow.users)
+
+
+def test_byte_order_mark_and_crlf_line_ends(tmp_path):
+    (tmp_path / "w.inter").write_bytes(b"\xef\xbb\xbfuser_id:token\titem_id:token\trating:float\r\n1\t2\t4\r\n")
+    assert raw_rows(load_dataset(str(tmp_path), fmt="recbole")) == [("1", "2", 4.0, 0)]
+    (tmp_path / "u.data").write_bytes(b"\xef\xbb\xbf1\t2\t4\t100\r\n1\t3\t2\t200\r\n")
+    ds = load_dataset(str(tmp_path / "u.data"), fmt="ml-100k-raw")
+    assert raw_rows(ds) == [("1", "2", 4.0, 100), ("1", "3", 2.0, 200)]

@@ -36,6 +36,8 @@ def _raw_lines(path: Path) -> Iterator[bytes]:
     """Byte lines of a plain or gzip file (streamed, so large files need not fit in memory)."""
     try:
         with _open_binary(path) as handle:
+            first = handle.readline()
+            yield first.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark is not data
             yield from handle
     except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise InputError(f"{path}: truncated or corrupt gzip file ({exc})") from None
