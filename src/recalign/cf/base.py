@@ -183,13 +183,27 @@ def history_mask(query: Query, n_items: int) -> torch.Tensor:
     return mask[:, :n_items]
 
 
-def history_matrix(query: Query, n_items: int) -> torch.Tensor:
-    """[B, n_items] sparse (COO) binary matrix of the histories (duplicates counted once)."""
-    rows = torch.arange(len(query)).unsqueeze(1).expand_as(query.history)
-    keep = query.history != n_items
-    idx = torch.stack([rows[keep], query.history[keep]])
-    values = torch.ones(idx.shape[1])
-    return torch.sparse_coo_tensor(idx, values, (len(query), n_items)).coalesce().sign()
+def history_csr(query: Query, n_items: int) -> sp.csr_matrix:
+    """[B, n_items] scipy CSR binary matrix of the histories (duplicates counted once)."""
+    history = query.history.numpy()
+    rows, cols = np.nonzero(history != n_items)
+    matrix = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, history[rows, cols])),
+                           shape=(len(history), n_items))
+    matrix.sum_duplicates()
+    matrix.data[:] = 1.0
+    return matrix
+
+
+def csr_tensor(matrix: sp.spmatrix) -> torch.Tensor:
+    """A scipy matrix as a torch sparse CSR tensor (float32)."""
+    import warnings
+
+    matrix = matrix.tocsr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+        return torch.sparse_csr_tensor(torch.from_numpy(matrix.indptr.astype(np.int64)),
+                                       torch.from_numpy(matrix.indices.astype(np.int64)),
+                                       torch.from_numpy(matrix.data.astype(np.float32)), size=matrix.shape)
 
 
 # --------------------------------------------------------------------------------------------- losses

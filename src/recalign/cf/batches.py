@@ -23,7 +23,7 @@ def sample_negatives(data: TrainData, users: np.ndarray, rng: np.random.Generato
     negatives = rng.integers(0, data.n_items, size=len(users))
     todo = np.arange(len(users))
     for _ in range(tries):
-        clash = _has_pair(keys, users[todo] * data.n_items + negatives[todo])
+        clash = has_pair(keys, users[todo] * data.n_items + negatives[todo])
         todo = todo[clash]
         if not len(todo):
             break
@@ -43,7 +43,7 @@ def pair_keys(data: TrainData) -> np.ndarray:
     return keys
 
 
-def _has_pair(keys: np.ndarray, query: np.ndarray) -> np.ndarray:
+def has_pair(keys: np.ndarray, query: np.ndarray) -> np.ndarray:
     j = np.searchsorted(keys, query)
     j = np.minimum(j, len(keys) - 1)
     return keys[j] == query if len(keys) else np.zeros(len(query), bool)
@@ -112,7 +112,20 @@ def build_windows(data: TrainData, max_len: int, stride: int) -> dict[str, np.nd
 
 
 def window_batches(windows: dict[str, np.ndarray], batch_size: int, rng: np.random.Generator) -> Iterator[dict]:
+    """Shuffled windows grouped so that each batch holds about `batch_size` training targets (the batch
+    size means the same for every model: positives per optimiser step)."""
     order = rng.permutation(len(windows["users"]))
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
+    for rows in _split_by_targets(order, windows["mask"].sum(1), batch_size):
         yield {k: torch.from_numpy(v[rows]) for k, v in windows.items()}
+
+
+def n_window_batches(windows: dict[str, np.ndarray], batch_size: int) -> int:
+    return max(1, -(-int(windows["mask"].sum()) // batch_size)) if len(windows["users"]) else 0
+
+
+def _split_by_targets(order: np.ndarray, targets_per_window: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    if not len(order):
+        return []
+    cumulative = np.cumsum(targets_per_window[order])
+    cuts = np.searchsorted(cumulative, np.arange(batch_size, cumulative[-1], batch_size), side="left") + 1
+    return [part for part in np.split(order, np.unique(cuts)) if len(part)]

@@ -17,14 +17,14 @@ import numpy as np
 import torch
 
 from recalign.cf.base import CFModel, TrainData
-from recalign.cf.batches import build_windows, labelled_batches, pair_batches, window_batches
+from recalign.cf.batches import build_windows, labelled_batches, n_window_batches, pair_batches, window_batches
 from recalign.cf.evaluate import EvalSet, evaluate
 from recalign.errors import InputError
 from recalign.progress import track
 
 TRAIN_DEFAULTS = {
     "epochs": 100,  # upper bound; early stopping usually ends sooner
-    "batch_size": 2048,
+    "batch_size": 2048,  # training targets (positive pairs / predicted positions) per optimiser step
     "lr": 0.001,
     "weight_decay": 0.0,
     "objective": "",  # "" = the model's default: bpr (MF, FISM, LightGCN) or ce (sequential); bce for CTR
@@ -83,7 +83,7 @@ class Trainer:
             return model
         windows = None
         if model.sequential:
-            windows = build_windows(data, model.max_len, model.window_stride)
+            windows = build_windows(data, model.max_len, model.stride)
         train_seconds = sum(r.get("train_seconds", 0.0) for r in self.history)
         epoch = state.get("epoch", 0)
         stopped = "epochs"
@@ -154,8 +154,8 @@ class Trainer:
     def _n_batches(self, data, windows, objective) -> int:
         size = self.config["batch_size"]
         if windows is not None:
-            n = len(windows["users"])
-        elif objective == "bce":
+            return n_window_batches(windows, size)
+        if objective == "bce":
             n = data.n_pairs * (1 + self.config["bce_negatives"])
         else:
             n = data.n_pairs

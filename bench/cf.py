@@ -1,0 +1,155 @@
+"""Benchmark: every CF model on ML-100K, leave-one-out by time, full ranking with the history masked.
+
+Prints a table (NDCG@10, HR@10, NDCG@20, HR@20, epochs, seconds/epoch, eval seconds) and writes
+bench/results/cf.json. `--peer` also runs RecBole 1.2.1 (from a throwaway venv outside the repo, see
+docs/benchmarks-cf.md) on the identical data file and protocol, one model at a time under a time bound.
+
+    OMP_WAIT_POLICY=PASSIVE nice -n 10 .venv/bin/python bench/cf.py [--models sasrec,mf] [--peer]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "cf.json"
+PEER_NAMES = {"pop": "Pop", "itemcf": "ItemKNN", "mf": "BPR", "lightgcn": "LightGCN", "gru4rec": "GRU4Rec",
+              "sasrec": "SASRec", "caser": "Caser", "fism": "FISM"}
+DEFAULT_PEERS = ["pop", "itemcf", "mf", "lightgcn", "gru4rec", "sasrec"]
+COLUMNS = ["ndcg@10", "hr@10", "ndcg@20", "hr@20"]
+
+
+def export_recbole(ds, directory: Path, name: str = "ml100k-loo") -> Path:
+    """Write the Dataset's log as a RecBole atomic file. Timestamps become ts * 1000 + tie index within
+    the user, so RecBole's (unstable) sort by time gives exactly recalign's (stable) order and the same
+    leave-one-out split; ids are recalign's dense ids."""
+    inter = ds.interactions
+    ties = inter.groupby(["user", "timestamp"]).cumcount().to_numpy()
+    stamps = inter["timestamp"].to_numpy(np.int64) * 1000 + ties
+    folder = directory / name
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = ["user_id:token\titem_id:token\trating:float\ttimestamp:float"]
+    lines += [f"{u}\t{i}\t{r:g}\t{t}" for u, i, r, t in zip(inter["user"], inter["item"], inter["rating"], stamps)]
+    (folder / f"{name}.inter").write_text("\n".join(lines) + "\n")
+    return directory
+
+
+def run_ours(names: list[str], seed: int, max_epochs: int | None) -> dict:
+    import torch
+
+    from recalign.cf import evaluate_ranking, leave_one_out_sets, train_cf_model
+    from recalign.data import load_dataset
+    from recalign.methods.cf_baseline import model_config
+
+    torch.set_num_threads(int(os.environ.get("RECALIGN_THREADS", "2")))
+    ds = load_dataset("ml-100k")
+    data, valid, test = leave_one_out_sets(ds.interactions, ds.n_users, ds.n_items)
+    out = {}
+    for name in names:
+        config = model_config(name)
+        if max_epochs:
+            config["train"]["epochs"] = min(config["train"]["epochs"], max_epochs)
+        started = time.perf_counter()
+        model = train_cf_model(name, data, config, valid=valid, seed=seed)
+        train_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        metrics = evaluate_ranking(model, test, ks=(10, 20))
+        eval_seconds = time.perf_counter() - started
+        summary = model.train_summary
+        out[name] = {"test": metrics, "epochs": summary["epochs"], "best_epoch": summary["best_epoch"],
+                     "seconds_per_epoch": summary["seconds_per_epoch"], "train_seconds": train_seconds,
+                     "valid_eval_seconds": summary["valid_eval_seconds"], "test_eval_seconds": eval_seconds,
+                     "stopped": summary["stopped"], "config": config}
+        print(f"ours {name}: ndcg@10 {metrics['ndcg@10']:.4f} hr@10 {metrics['hr@10']:.4f} "
+              f"epochs {summary['epochs']} s/epoch {summary['seconds_per_epoch']:.2f}", file=sys.stderr, flush=True)
+    return out
+
+
+def run_peer(names: list[str], python: str, budget: float, seed: int) -> dict:
+    from recalign.data import load_dataset
+
+    ds = load_dataset("ml-100k")
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="cf-peer-") as tmp:
+        data_dir = export_recbole(ds, Path(tmp))
+        for name in names:
+            result_file = Path(tmp) / f"{name}.json"
+            env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1", OMP_WAIT_POLICY="PASSIVE")
+            command = ["nice", "-n", "10", python, str(ROOT / "bench" / "cf_recbole.py"), "--model",
+                       PEER_NAMES[name], "--data-dir", str(data_dir), "--budget-minutes", str(budget),
+                       "--seed", str(seed), "--out", str(result_file)]
+            started = time.perf_counter()
+            proc = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tmp)
+            wall = time.perf_counter() - started
+            if proc.returncode != 0 or not result_file.exists():
+                print(f"peer {name} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+                out[name] = {"error": proc.stderr[-1000:], "wall_seconds": wall}
+                continue
+            out[name] = dict(json.loads(result_file.read_text()), wall_seconds=wall)
+            print(f"peer {name}: {proc.stdout.strip()}", file=sys.stderr, flush=True)
+    return out
+
+
+def table(results: dict) -> str:
+    ours, peer = results.get("ours", {}), results.get("peer", {})
+    head = ("| model | impl | NDCG@10 | HR@10 | NDCG@20 | HR@20 | epochs | s/epoch | eval s | note |\n"
+            "|---|---|---|---|---|---|---|---|---|---|")
+    rows = [head]
+    for name in [n for n in PEER_NAMES if n in ours or n in peer]:
+        for impl, side in (("recalign", ours.get(name)), ("RecBole 1.2.1", peer.get(name))):
+            if not side:
+                continue
+            if "error" in side:
+                rows.append(f"| {name} | {impl} | failed | | | | | | | {side['error'][-80:]!r} |")
+                continue
+            m = side["test"]
+            note = side.get("stopped") or ""
+            if side.get("bounded"):
+                note = f"bounded at {side['budget_minutes']:g} min (not converged)"
+            rows.append(f"| {name} | {impl} | " + " | ".join(f"{m[c]:.4f}" for c in COLUMNS)
+                        + f" | {side['epochs']} | {side['seconds_per_epoch']:.2f} | {side['test_eval_seconds']:.2f} | {note} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(PEER_NAMES), help="recalign models to run ('' = none)")
+    parser.add_argument("--peer", action="store_true", help="also run RecBole on the same protocol")
+    parser.add_argument("--peer-models", default=",".join(DEFAULT_PEERS))
+    parser.add_argument("--peer-python", default="/tmp/recbole-venv/bin/python")
+    parser.add_argument("--peer-budget-minutes", type=float, default=15.0)
+    parser.add_argument("--max-epochs", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args()
+
+    from recalign.runs import atomic_write_json
+
+    out_path = Path(args.out)
+    results = json.loads(out_path.read_text()) if out_path.exists() else {}
+    results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
+                          "processor": platform.processor(), "python": platform.python_version()}
+    names = [n for n in args.models.split(",") if n]
+    if names:
+        results.setdefault("ours", {}).update(run_ours(names, args.seed, args.max_epochs))
+        results["ours_date"] = time.strftime("%Y-%m-%d %H:%M")
+    if args.peer:
+        peers = [n for n in args.peer_models.split(",") if n]
+        results.setdefault("peer", {}).update(run_peer(peers, args.peer_python, args.peer_budget_minutes, args.seed))
+        results["peer_date"] = time.strftime("%Y-%m-%d %H:%M")
+    atomic_write_json(out_path, results)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
