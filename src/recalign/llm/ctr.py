@@ -159,3 +159,53 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     if arr.size == 0:
         return float("nan"), float("nan")
     return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+
+
+_DUMMY_FIELDS = {"liked": '"a"', "disliked": '"b"', "history": '"a", "b"', "target": '"c"', "noun": "movie",
+                 "n_liked": 1, "n_disliked": 1}
+
+
+def validate(config: Mapping, training: bool = False) -> None:
+    """Check the model / prompt / samples (and lora / train) sections before anything runs or is written."""
+    from recalign.llm.loading import check_source
+    from recalign.llm.prompts import WRAPPERS
+
+    check_source(config["model"]["name"])
+    prompt = config["prompt"]
+    if prompt["wrapper"] not in WRAPPERS:
+        raise InputError(f"prompt.wrapper: unknown wrapper {prompt['wrapper']!r}; use one of {', '.join(WRAPPERS)}")
+    for key in ("instruction", "input"):
+        fill(prompt[key], f"prompt.{key}", **_DUMMY_FIELDS)
+    if not prompt["yes"] or not prompt["no"] or prompt["yes"] == prompt["no"]:
+        raise InputError(f"prompt.yes / prompt.no must be two different non-empty answers, got "
+                         f"{prompt['yes']!r} / {prompt['no']!r}")
+    samples = config["samples"]
+    if samples["history_len"] < 1:
+        raise InputError(f"samples.history_len must be >= 1, got {samples['history_len']}")
+    for key in ("valid_size", "test_size"):
+        if samples[key] < 0:
+            raise InputError(f"samples.{key} must be >= 0 (0 = all), got {samples[key]}")
+    split = samples["split"]
+    if (len(split) != 3 or any(not isinstance(f, (int, float)) or f < 0 for f in split)
+            or abs(sum(split) - 1) > 1e-6):
+        raise InputError(f"samples.split must be three non-negative fractions summing to 1, got {split}")
+    if config["model"]["batch_size"] < 1:
+        raise InputError(f"model.batch_size must be >= 1, got {config['model']['batch_size']}")
+    if not training:
+        return
+    lora = config["lora"]
+    if lora["r"] < 1 or lora["alpha"] <= 0 or not 0 <= lora["dropout"] < 1:
+        raise InputError(f"lora: need r >= 1, alpha > 0, 0 <= dropout < 1; got r={lora['r']}, "
+                         f"alpha={lora['alpha']}, dropout={lora['dropout']}")
+    if not lora["target_modules"] or not all(isinstance(t, str) for t in lora["target_modules"]):
+        raise InputError(f"lora.target_modules must be a non-empty list of module names, got {lora['target_modules']}")
+    train = config["train"]
+    from recalign.llm.train import TrainConfig
+
+    TrainConfig.from_config(train)
+    if train["shots"] < 0:
+        raise InputError(f"train.shots must be >= 0 (0 = all training samples), got {train['shots']}")
+    if train["seeds"] < 1:
+        raise InputError(f"train.seeds must be >= 1, got {train['seeds']}")
+    if train["loss"] not in ("lm", "bce"):
+        raise InputError(f"train.loss must be 'lm' or 'bce', got {train['loss']!r}")

@@ -210,6 +210,28 @@ def load_model(source: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def check_source(source: str) -> None:
+    """Cheap check that a model source can be resolved (nothing is loaded)."""
+    if not isinstance(source, str) or not source:
+        raise InputError(f"model.name: expected a model source, got {source!r}")
+    if source in (TINY_NAME, *EMBEDDED):
+        return
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise InputError(f"model.name: {path} is a directory without config.json (not a transformers model)")
+        return
+    if path.exists():
+        if path.suffix != ".gguf":
+            raise InputError(f"model.name: {path} is neither a model directory nor a .gguf file")
+        return
+    if not _HUB_ID.match(source):
+        raise InputError(
+            f"model.name: {source!r} is not an embedded model ({', '.join([*EMBEDDED, TINY_NAME])}), "
+            "not an existing directory or .gguf file, and not a Hugging Face id (org/name)"
+        )
+
+
 def _from_hub(cls, source: str, **kwargs):
     if not _HUB_ID.match(source):
         raise InputError(

@@ -39,7 +39,8 @@ def _run(ctx: RunContext) -> dict:
             "samples": {**data.split.sizes(), "valid_scored": len(data.valid), "test_scored": len(data.test)}}
 
 
-METHOD = Method("icl", "Zero-shot LLM (TALLRec prompt, Yes/No logit score), no tuning.", DEFAULTS, _run)
+METHOD = Method("icl", "Zero-shot LLM (TALLRec prompt, Yes/No logit score), no tuning.", DEFAULTS, _run,
+                validate=lambda c: ctr.validate(c))
 
 EXPERIMENTS = [
     Experiment("icl", "icl", table="TALLRec: ICL vs instruction tuning (AUC)",

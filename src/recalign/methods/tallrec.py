@@ -210,7 +210,7 @@ def _report(metrics: dict) -> str:
 
 
 METHOD = Method("tallrec", "Few-shot LoRA instruction tuning with Yes/No answers (TALLRec).", DEFAULTS, _run,
-                report=_report)
+                report=_report, validate=lambda c: ctr.validate(c, training=True))
 
 _TABLE = "TALLRec: ICL vs instruction tuning (AUC)"
 EXPERIMENTS = [

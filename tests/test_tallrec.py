@@ -1,0 +1,112 @@
+"""TALLRec end to end through `recalign run` on a tiny random Llama, plus its sample/prompt construction."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pandas as pd
+import pytest
+
+from recalign import cli
+from recalign.data import build_dataset
+from recalign.llm import ctr, load_tokenizer
+
+TINY = ["--set", "model.name=tiny-random", "--set", "samples.valid_size=24", "--set", "samples.test_size=40",
+        "--set", "train.epochs=2", "--set", "train.shots=16"]
+
+
+def invoke(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["recalign", *args])
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as exc:
+        code = exc.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_tallrec_runs_end_to_end_with_seeds_and_resume(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "tallrec"
+    code, stdout, err = invoke(monkeypatch, capsys, "run", "tallrec", "--dataset", "ml-100k", "--out", str(out),
+                               *TINY, "--set", "train.seeds=2")
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    test = metrics["test"]
+    assert metrics["method"] == "tallrec" and 0 <= test["auc"] <= 1 and 0 <= test["uauc"] <= 1
+    assert test["n"] == 40 and test["n_warm"] + test["n_cold"] == 40
+    assert {"auc_std", "auc_warm", "auc_cold", "uauc_skipped_users"} <= set(test)
+    assert [r["seed"] for r in metrics["per_seed"]] == [0, 1] and metrics["shots"] == 16
+    assert all(r["steps"] == 4 for r in metrics["per_seed"])  # 16 shots / batch 8 x 2 epochs
+    assert metrics["valid"]["n"] == 24
+    for seed in (0, 1):
+        assert (out / "checkpoints" / f"adapter-seed{seed}" / "adapter_model.safetensors").is_file()
+    assert "| seed | shots |" in (out / "report.md").read_text()
+    # resume after losing metrics.json: finished seeds are read back, same numbers
+    (out / "metrics.json").unlink()
+    code, _, err = invoke(monkeypatch, capsys, "run", "tallrec", "--dataset", "ml-100k", "--out", str(out), *TINY,
+                          "--set", "train.seeds=2", "--resume")
+    assert code == 0, err
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["test"] == test
+    assert "read back from its checkpoint" in (out / "run.log").read_text()
+
+
+def test_tallrec_cross_domain_matrix(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "cross"
+    code, _, err = invoke(monkeypatch, capsys, "run", "tallrec", "--dataset", "ml-100k", "--out", str(out), *TINY,
+                          "--set", "train.epochs=1", "--set", "train.loss=bce", "--set", "samples.test_size=20",
+                          "--set", 'cross.domains=["genre:Action|Thriller", "genre:Comedy|Romance"]')
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    matrix = metrics["cross_domain"]["auc"]
+    assert len(matrix) == 2 and all(len(row) == 2 and all(0 <= v <= 1 for v in row) for row in matrix)
+    assert abs(metrics["test"]["auc"] - (matrix[0][1] + matrix[1][0]) / 2) < 1e-9
+    assert "Cross-domain AUC" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("prompt.wrapper=fancy", "prompt.wrapper"),
+    ("prompt.input=Target {nope}", "prompt.input"),
+    ("train.loss=hinge", "train.loss"),
+    ("lora.r=0", "lora"),
+    ("model.name=/does/not/exist", "model.name"),
+    ("samples.split=[0.5, 0.5]", "samples.split"),
+    ("cross.domains=[\"genre:Nope\", \"genre:Drama\"]", "cross.domains"),
+])
+def test_bad_settings_are_one_line_errors(tmp_path, monkeypatch, capsys, setting, message):
+    code, _, err = invoke(monkeypatch, capsys, "run", "tallrec", "--out", str(tmp_path / "bad"),
+                          "--set", "model.name=tiny-random", "--set", setting)
+    assert code == 2 and message in err and "Traceback" not in err
+    if "cross" not in setting:  # caught before anything is written
+        assert not (tmp_path / "bad" / "config.yaml").exists()
+
+
+def toy_dataset():
+    rows = []
+    for i in range(6):  # user a: items 0..5, liked when even
+        rows.append(("a", str(i), 5.0 if i % 2 == 0 else 1.0, 100 + i))
+    for i in range(4):  # user b: later in time
+        rows.append(("b", str(i), 4.0, 200 + i))
+    inter = pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"])
+    items = pd.DataFrame({"item_id": [str(i) for i in range(6)], "title": [f"Film {i}" for i in range(6)],
+                          "year": [1990 + i for i in range(6)]})
+    return build_dataset("toy", inter, items)
+
+
+def test_prompts_split_history_into_liked_and_disliked_and_truncate_oldest():
+    ds = toy_dataset()
+    tokenizer = load_tokenizer("tiny-random")
+    data = ctr.prepare(ds, {"history_len": 3, "split": [0.5, 0.25, 0.25], "valid_size": 0, "test_size": 0})
+    train = data.split.train
+    assert train["timestamp"].max() <= data.split.valid["timestamp"].min() <= data.test["timestamp"].min()
+    row = train[(train["user"] == 0) & (train["item"] == 4)]
+    prompt_cfg = {**ctr.TALLREC_PROMPT, "wrapper": "alpaca"}
+    (text,) = ctr.render_prompts(ds, row, prompt_cfg, tokenizer)
+    assert 'User Preference: "Film 2 (1992)"\nUser Unpreference: "Film 1 (1991)", "Film 3 (1993)"' in text
+    assert 'target movie "Film 4 (1994)"?' in text and text.endswith("### Response:\n")
+    full = len(tokenizer(text)["input_ids"])
+    (short,) = ctr.render_prompts(ds, row, {**prompt_cfg, "max_tokens": full - 3}, tokenizer)
+    assert '"Film 1 (1991)"' not in short and '"Film 2 (1992)"' in short and '"Film 4 (1994)"' in short
+    assert ctr.answers([True, False], prompt_cfg) == ["Yes.", "No."]
