@@ -70,6 +70,9 @@ def load_dataset(
                                 domain=domain or default_domain)
     else:
         if not path.exists() and not Path(f"{path}.inter").is_file():
+            if name_or_path in EMBEDDED:
+                raise InputError(f"'{name_or_path}' is an embedded dataset in RecBole format; --format {fmt} "
+                                 f"(data.format) needs a path")
             known = ", ".join(sorted(EMBEDDED))
             raise InputError(f"unknown dataset '{name_or_path}': not an embedded name ({known}) and no such path")
         fmt = fmt or detect_format(path)
