@@ -24,7 +24,8 @@ class Dataset:
     interactions: columns user, item (dense ints), rating (float), timestamp (int64), label (bool,
         rating > like_threshold); sorted by (user, timestamp), ties kept in input order.
     items: indexed by dense item id; columns raw_id (str), title (str), year (float, NaN if unknown),
-        categories (list[str]).
+        categories (list[str]), plus any extra metadata a reader provides (author, publisher, brand,
+        developer). Readers put only items with at least one interaction in the catalogue.
     users: indexed by dense user id; column raw_id plus whatever features the source has
         (e.g. age, gender, occupation).
     """
@@ -111,7 +112,7 @@ def build_dataset(
     """Remap raw string ids to dense ints and assemble a `Dataset`.
 
     interactions: columns user_id, item_id (str), rating (float), timestamp (int).
-    items (optional): column item_id plus title, year, categories (any may be missing).
+    items (optional): column item_id plus title, year, categories (any may be missing) and extra columns.
     users (optional): column user_id plus features.
     Items that appear in the item table but never in interactions stay in the catalogue.
     """
