@@ -76,4 +76,4 @@ def test_bad_input_one_line_exit_2(tmp_path, monkeypatch, capsys, args, needle):
 
 def test_config_command_prints_every_key(monkeypatch, capsys):
     code, stdout, _ = invoke(monkeypatch, capsys, "config", "pop")
-    assert code == 0 and "like_threshold: 3.0" in stdout and "ks:" in stdout
+    assert code == 0 and "like_threshold: null" in stdout and "ks:" in stdout

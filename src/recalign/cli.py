@@ -32,7 +32,7 @@ app.add_typer(assets_app, name="assets")
 def data_stats(
     dataset: str = typer.Argument(..., help="embedded name (ml-100k) or a path"),
     fmt: Optional[str] = typer.Option(None, "--format", help="reader for a path dataset"),
-    like_threshold: float = typer.Option(3.0, help="rating > threshold is a positive"),
+    like_threshold: Optional[float] = typer.Option(None, help="rating > threshold is a positive (default: the format's own, 3; Book-Crossing 5)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ):
     """Users, items, interactions, positives and more."""

@@ -147,7 +147,7 @@ def domain_datasets(ds: Dataset, specs: Sequence[str], config_data: Mapping) -> 
             out.append((spec, ds.subset_items(items, name=f"{ds.name}[{spec}]")))
         else:
             out.append((spec, load_dataset(spec, fmt=config_data.get("format"),
-                                           like_threshold=config_data.get("like_threshold", 3.0),
+                                           like_threshold=config_data.get("like_threshold"),
                                            k_core_users=config_data.get("k_core_users", 0),
                                            k_core_items=config_data.get("k_core_items", 0),
                                            domain=config_data.get("domain"))))
