@@ -33,12 +33,15 @@ def data_stats(
     dataset: str = typer.Argument(..., help="embedded name (ml-100k) or a path"),
     fmt: Optional[str] = typer.Option(None, "--format", help="reader for a path dataset"),
     like_threshold: Optional[float] = typer.Option(None, help="rating > threshold is a positive (default: the format's own, 3; Book-Crossing 5)"),
+    k_core_users: int = typer.Option(0, help="keep users with at least this many interactions (iterative)"),
+    k_core_items: int = typer.Option(0, help="keep items with at least this many interactions (iterative)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ):
     """Users, items, interactions, positives and more."""
     from recalign.data import load_dataset
 
-    stats = load_dataset(dataset, fmt=fmt, like_threshold=like_threshold).stats()
+    stats = load_dataset(dataset, fmt=fmt, like_threshold=like_threshold, k_core_users=k_core_users,
+                         k_core_items=k_core_items).stats()
     if as_json:
         print(json.dumps(stats))
     else:
