@@ -277,3 +277,23 @@ def test_real_smollm2_answers_sensibly():
     scores = model.score_yes_no([wrap('Is the sky blue? Answer "Yes" or "No".'),
                                  wrap('Is fire cold? Answer "Yes" or "No".')])
     assert torch.isfinite(scores).all()
+
+
+def test_shared_prefix_training_loss_and_gradients_match_plain_batch(tiny):
+    model = fresh(tiny)
+    model.add_lora(LoraSettings(r=4, alpha=8, dropout=0.0))
+    lora_b = [p for n, p in model.model.named_parameters() if "lora_B" in n]
+    for p in lora_b:  # LoRA B starts at zero; make the adapter active so that gradients reach every part
+        torch.nn.init.normal_(p, std=0.05)
+    texts, answers = prompts(tiny, 5), ["Yes.", "No.", "Yes.", "No.", "Yes."]
+    results = []
+    for use_prefix in (False, True):
+        model.model.zero_grad()
+        loss, n = model.lm_loss(texts, answers, prefix_cache=use_prefix)
+        loss.backward()
+        results.append((float(loss.detach()), n, [p.grad.clone() for p in model.trainable_parameters()]))
+    (plain, n_plain, g_plain), (cached, n_cached, g_cached) = results
+    assert n_plain == n_cached == 10
+    assert abs(plain - cached) < 1e-5
+    for a, b in zip(g_plain, g_cached):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-3)

@@ -246,22 +246,48 @@ class Backbone:
         return F.binary_cross_entropy_with_logits(score, labels.to(score.device, torch.float32))
 
     def lm_loss(self, prompts: Sequence[str], answers: Sequence[str], slots: Slots | None = None,
-                answer_only: bool = True) -> tuple[torch.Tensor, int]:
+                answer_only: bool = True, prefix_cache: bool | None = None) -> tuple[torch.Tensor, int]:
         """Mean causal-LM cross-entropy over the answer tokens (or over every real token), and the token count.
 
-        Only the logits that the loss needs are computed (the last max-answer-length + 1 positions)."""
-        enc = self.encode(prompts, answers, slot_k=self._slot_k(slots))
-        # pads and each row's first real token (nothing predicts it) are never targets
-        labels = enc.input_ids.masked_fill((enc.attention_mask == 0) | (enc.position_ids == 0), -100)
+        Only the logits that the loss needs are computed (the last max-answer-length + 1 positions). With
+        answer-only loss and no slots, the token prefix shared by the batch is run once (batch of one) and its
+        KV cache expanded to the batch (`prefix_cache`, default: the backbone's setting); gradients flow
+        through it, so the loss and gradients are those of the plain batch."""
+        slot_k = self._slot_k(slots)
+        use_prefix = (self.prefix_cache if prefix_cache is None else prefix_cache) and answer_only and not slots
+        if use_prefix:
+            prompt_ids = [self.tokenize(p) for p in prompts]
+            prefix_len = _common_prefix_length(prompt_ids)
+            if prefix_len >= self.min_prefix_tokens:
+                answer_ids = [self.tokenize_piece(a) for a in answers]
+                rows = [p[prefix_len:] + a for p, a in zip(prompt_ids, answer_ids)]
+                enc = self._pad(rows, [len(a) for a in answer_ids], [{}] * len(rows), None)
+                labels = self._answer_labels(enc)
+                keep = int(enc.answer_lengths.max()) + 1
+                cache = self._prefix_cache(prompt_ids[0][:prefix_len])
+                logits = self._logits_after_prefix(cache, prefix_len, enc, keep)
+                return self._ce(logits, labels)
+        enc = self.encode(prompts, answers, slot_k=slot_k)
         if answer_only:
-            width = labels.shape[1]
-            lengths = enc.answer_lengths.to(labels.device)
-            is_answer = torch.arange(width, device=labels.device).unsqueeze(0) >= (width - lengths).unsqueeze(1)
-            labels = labels.masked_fill(~is_answer, -100)
-            keep = int(lengths.max()) + 1
+            labels = self._answer_labels(enc)
+            keep = int(enc.answer_lengths.max()) + 1
         else:
+            # pads and each row's first real token (nothing predicts it) are never targets
+            labels = enc.input_ids.masked_fill((enc.attention_mask == 0) | (enc.position_ids == 0), -100)
             keep = 0
         logits = self.logits(enc, slots, keep=keep if keep < labels.shape[1] else 0)
+        return self._ce(logits, labels)
+
+    @staticmethod
+    def _answer_labels(enc: Encoded) -> torch.Tensor:
+        width = enc.input_ids.shape[1]
+        lengths = enc.answer_lengths.to(enc.input_ids.device)
+        is_answer = torch.arange(width, device=lengths.device).unsqueeze(0) >= (width - lengths).unsqueeze(1)
+        return enc.input_ids.masked_fill(~is_answer | (enc.attention_mask == 0), -100)
+
+    @staticmethod
+    def _ce(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Shifted cross-entropy of logits for the last positions of `labels` (mean over target tokens)."""
         targets = labels[:, -logits.shape[1] + 1:] if logits.shape[1] > 1 else labels[:, :0]
         n_tokens = int((targets != -100).sum())
         if n_tokens == 0:
@@ -314,7 +340,9 @@ class Backbone:
             prefix = self._prefix_cache(ids[0][:prefix_len]) if prefix_len else None
             for batch in batches:
                 if prefix is not None:
-                    last = self._last_logits_with_prefix(prefix, prefix_len, [ids[i][prefix_len:] for i in batch])
+                    suffixes = [ids[i][prefix_len:] for i in batch]
+                    enc = self._pad(suffixes, [0] * len(batch), [{}] * len(batch), None)
+                    last = self._logits_after_prefix(prefix, prefix_len, enc)[:, -1]
                 else:
                     enc = self._pad([ids[i] for i in batch], [0] * len(batch), [positions[i] for i in batch], slot_k)
                     sub = {k: v[batch] for k, v in slots.items()} if slots else None
@@ -324,20 +352,20 @@ class Backbone:
         return out
 
     def _prefix_cache(self, prefix_ids: list[int]):
+        """KV cache of one shared prefix (batch of one); differentiable when grad is enabled."""
         ids = torch.tensor([prefix_ids], device=self.device)
         out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1)
         return getattr(out, "cache", None) or out.past_key_values
 
-    def _last_logits_with_prefix(self, prefix, prefix_len: int, suffixes: list[list[int]]) -> torch.Tensor:
-        enc = self._pad(suffixes, [0] * len(suffixes), [{}] * len(suffixes), None)
+    def _logits_after_prefix(self, prefix, prefix_len: int, enc: Encoded, keep: int = 1) -> torch.Tensor:
+        """Logits of the last `keep` positions of left-padded suffixes that follow the cached prefix."""
         batch = enc.input_ids.shape[0]
-        cache = copy.deepcopy(prefix)
-        cache.batch_repeat_interleave(batch)
+        cache = _expand_cache(prefix, batch)
         mask = torch.cat([torch.ones(batch, prefix_len, dtype=enc.attention_mask.dtype, device=self.device),
                           enc.attention_mask], dim=1)
         out = self.model(input_ids=enc.input_ids, attention_mask=mask, position_ids=enc.position_ids + prefix_len,
-                         use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
-        return out.logits[:, -1]
+                         use_cache=True, logits_to_keep=keep, **{self._cache_kw: cache})
+        return out.logits
 
     def generate(self, prompts: Sequence[str], num_beams: int = 1, logits_processor=None, max_new_tokens: int = 32,
                  num_return_sequences: int | None = None, slots: Slots | None = None,
@@ -481,6 +509,19 @@ def _common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
     while length < limit and all(r[length] == first[length] for r in rows):
         length += 1
     return max(0, length)
+
+
+def _expand_cache(cache, batch: int):
+    """A cache whose every layer repeats the batch-of-one prefix `batch` times (views, no copies)."""
+    from transformers import DynamicCache
+
+    layers = getattr(cache, "layers", None)
+    if layers is None or not all(hasattr(layer, "keys") for layer in layers):
+        cache = copy.deepcopy(cache)
+        cache.batch_repeat_interleave(batch)
+        return cache
+    return DynamicCache([(layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1))
+                         for layer in layers])
 
 
 def _strip(tokens: list[int], eos: int | None, pad: int) -> list[int]:

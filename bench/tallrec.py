@@ -1,0 +1,140 @@
+"""Benchmark: ICL vs TALLRec at N = 16 / 64 / 256 shots (mean ± std over seeds) on ML-100K with SmolLM2-135M,
+next to MF trained as a CTR model (BCE) on the same N samples and on the whole training period, all scored on
+the same test subset (temporal split by target time, warm/cold reported).
+
+Runs go through `recalign run` (run directories under --work, resumable: rerun the same command to
+continue after an interruption). Writes bench/results/tallrec.json and prints the table.
+
+    OMP_WAIT_POLICY=PASSIVE nice -n 10 .venv/bin/python bench/tallrec.py [--shots 16,64,256] [--seeds 3]
+        [--test-size 300] [--valid-size 64] [--work bench/results/tallrec-runs] [--set key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "tallrec.json"
+
+# epochs per shot count: fewer samples need more passes; early stopping on valid AUC picks the best epoch
+EPOCHS = {16: 10, 64: 6, 256: 3}
+
+
+def run(method: str, out: Path, sets: list[str]) -> dict:
+    from recalign.runner import run_method
+
+    started = time.perf_counter()
+    metrics = run_method(method, "ml-100k", out, sets=sets, resume=True)
+    metrics.setdefault("bench_wall_seconds", time.perf_counter() - started)
+    return metrics
+
+
+def mf_ctr(shots: list[int], seeds: int, test_size: int, valid_size: int) -> dict:
+    """MF (BCE) on the same N-shot samples and on all training samples, scored on the same test subset."""
+    try:
+        from recalign.cf import train_cf_model
+        from recalign.cf.evaluate import EvalSet, score_pairs
+    except ImportError:
+        return {}
+    from recalign.data import few_shot, load_dataset
+    from recalign.llm import ctr
+
+    ds = load_dataset("ml-100k")
+    data = ctr.prepare(ds, {**ctr.SAMPLE_DEFAULTS, "test_size": test_size, "valid_size": valid_size})
+    valid = EvalSet.from_samples(data.split.valid)  # the whole valid period for the CF model's early stopping
+    config = {"train": {"objective": "bce", "valid_metric": "auc"}}
+    out = {}
+    for n in [*shots, 0]:
+        aucs, started = [], time.perf_counter()
+        for seed in range(seeds if n else 1):
+            train = few_shot(data.split.train, n or None, seed)
+            model = train_cf_model("mf", train, config, catalog=ds, valid=valid, seed=seed)
+            scores = score_pairs(model, EvalSet.from_samples(data.test))
+            aucs.append(ctr.evaluate(data.test, scores))
+        out[str(n or "all")] = {"auc": [a["auc"] for a in aucs], "uauc": [a["uauc"] for a in aucs],
+                                "auc_cold": [a.get("auc_cold") for a in aucs],
+                                "auc_warm": [a.get("auc_warm") for a in aucs],
+                                "seconds": time.perf_counter() - started}
+    return out
+
+
+def fmt(values) -> str:
+    values = [v for v in values if v is not None and not np.isnan(v)]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shots", default="16,64,256")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--test-size", type=int, default=300)
+    parser.add_argument("--valid-size", type=int, default=64)
+    parser.add_argument("--work", default=str(ROOT / "bench" / "results" / "tallrec-runs"))
+    parser.add_argument("--no-cf", action="store_true")
+    parser.add_argument("--set", dest="sets", action="append", default=[], help="extra config for TALLRec runs")
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("RECALIGN_THREADS", "2")))
+    os.environ.setdefault("RECALIGN_QUIET", "1")
+    shots = [int(s) for s in args.shots.split(",") if s]
+    work = Path(args.work)
+    common = [f"samples.test_size={args.test_size}", f"samples.valid_size={args.valid_size}"]
+    started = time.perf_counter()
+    results = {"icl": run("icl", work / "icl", common)}
+    print(f"ICL: test AUC {results['icl']['test']['auc']:.4f}", flush=True)
+    for n in shots:
+        sets = common + [f"train.shots={n}", f"train.seeds={args.seeds}", f"train.epochs={EPOCHS.get(n, 3)}",
+                         *args.sets]
+        results[f"tallrec-{n}"] = run("tallrec", work / f"tallrec-{n}", sets)
+        print(f"TALLRec {n}: test AUC {results[f'tallrec-{n}']['test']['auc']:.4f}", flush=True)
+    cf = {} if args.no_cf else mf_ctr(shots, args.seeds, args.test_size, args.valid_size)
+    wall = time.perf_counter() - started
+
+    def seeds_of(name, key="auc"):
+        return [r["test"][key] for r in results[name].get("per_seed", [])] or [results[name]["test"][key]]
+
+    header = "| model | " + " | ".join(f"N = {n}" for n in shots) + " |"
+    lines = [header, "|---|" + "---|" * len(shots)]
+    icl = fmt([results["icl"]["test"]["auc"]])
+    lines.append(f"| ICL (zero-shot, no tuning) | " + " | ".join(icl for _ in shots) + " |")
+    lines.append("| TALLRec (LoRA) | " + " | ".join(fmt(seeds_of(f"tallrec-{n}")) for n in shots) + " |")
+    if cf:
+        lines.append("| MF (BCE) on the same N samples | " + " | ".join(fmt(cf[str(n)]["auc"]) for n in shots) + " |")
+        lines.append(f"| MF (BCE) on all {len(shots) and 'training'} samples | "
+                     + " | ".join(fmt(cf["all"]["auc"]) for _ in shots) + " |")
+    detail = ["| N | TALLRec UAUC | TALLRec AUC warm | TALLRec AUC cold | train s (all seeds) | eval s |",
+              "|---|---|---|---|---|---|"]
+    for n in shots:
+        r = results[f"tallrec-{n}"]
+        detail.append(f"| {n} | {fmt(seeds_of(f'tallrec-{n}', 'uauc'))} | {fmt(seeds_of(f'tallrec-{n}', 'auc_warm'))} | "
+                      f"{fmt(seeds_of(f'tallrec-{n}', 'auc_cold'))} | {r['seconds']['train']:.0f} | "
+                      f"{r['seconds']['eval']:.0f} |")
+    print("\nTest AUC (mean ± std over seeds)\n" + "\n".join(lines) + "\n\n" + "\n".join(detail))
+    print(f"\nwall time {wall / 60:.1f} min (runs finished earlier and resumed count only their reading)")
+    from recalign.runs import atomic_write_json
+
+    atomic_write_json(RESULTS, {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+        "args": vars(args), "epochs": {str(n): EPOCHS.get(n, 3) for n in shots}, "wall_seconds": wall,
+        "runs": {name: {"test": m["test"], "valid": m["valid"], "seconds": m["seconds"],
+                        "per_seed": [{k: v for k, v in row.items() if k != "history"} for row in m.get("per_seed", [])]}
+                 for name, m in results.items()},
+        "mf_ctr": cf, "table": lines, "detail": detail,
+    })
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
