@@ -53,6 +53,7 @@ class CTRData:
     test: pd.DataFrame
     valid_full: pd.DataFrame
     test_full: pd.DataFrame
+    history_len: int = 10
 
     def summary(self) -> dict:
         def part(frame):
@@ -100,7 +101,7 @@ def build_ctr_data(ds: Dataset, cfg: dict, seed: int) -> CTRData:
     valid_small = bounded(valid, cfg["max_valid"], None, cfg["max_per_user"], rng_seed)
     test_small = bounded(test, cfg["max_test_warm"], cfg["max_test_cold"], cfg["max_per_user"], rng_seed + 1)
     train = few_shot(split.train, cfg["max_train"], seed)
-    return CTRData(split.train, train, valid_small, test_small, valid, test)
+    return CTRData(split.train, train, valid_small, test_small, valid, test, cfg["history_len"])
 
 
 def bounded(frame: pd.DataFrame, max_warm: int | None, max_cold: int | None, max_per_user: int | None,

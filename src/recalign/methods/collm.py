@@ -31,8 +31,8 @@ from recalign.hybrid.recipe import (LORA_DEFAULTS, MODEL_DEFAULTS, Evaluator, Pr
 from recalign.methods import Experiment, Method, RunContext
 
 CF_MODELS = ("mf", "lightgcn", "sasrec")
-INSTRUCTION = ('Given the {nouns} a user rated highly, predict whether the user will enjoy the target {noun}. '
-               'Answer with "Yes" or "No".')
+INSTRUCTION = 'Answer with "Yes" or "No".'
+
 
 DEFAULTS = {
     "model": dict(MODEL_DEFAULTS),
@@ -40,19 +40,13 @@ DEFAULTS = {
     "prompt": {
         "wrapper": "auto",  # auto | chat | alpaca | plain
         "system": "",  # chat system message ("" = empty; null = the tokenizer's default)
-        "text": {  # step 1 (and the TALLRec / ICL baselines): no IDs
-            "instruction": INSTRUCTION,
-            "input": ("A user has given high ratings to the following {nouns}: {liked}. Using all available "
-                      'information, make a prediction about whether the user would enjoy the {noun} titled '
-                      '"{target}"?'),
-        },
-        "ids": {  # step 2: the same prompt with the two placeholders
-            "instruction": INSTRUCTION,
-            "input": ("A user has given high ratings to the following {nouns}: {liked}. Additionally, we have "
-                      "information about the user's preferences encoded in the feature <UserID>. Using all "
-                      'available information, make a prediction about whether the user would enjoy the {noun} '
-                      'titled "{target}" with the feature <TargetItemID>?'),
-        },
+        # CoLLM's prompt, made compact (every token costs CPU time): the text prompt for step 1 (and the
+        # TALLRec / ICL rows), the same prompt with the two placeholders for step 2
+        "text": {"instruction": INSTRUCTION,
+                 "input": 'A user liked these {nouns}: {liked}. Will the user enjoy the {noun} titled "{target}"?'},
+        "ids": {"instruction": INSTRUCTION,
+                "input": ('A user liked these {nouns}: {liked}. The user has the feature <UserID>. Will the user '
+                          'enjoy the {noun} titled "{target}" with the feature <TargetItemID>?')},
         "user_slot": "<UserID>",
         "item_slot": "<TargetItemID>",
         "empty_history": "none",  # rendered in place of {liked} when the user has no liked item yet
@@ -63,7 +57,7 @@ DEFAULTS = {
         "model": "mf",  # mf | lightgcn | sasrec
         "params": {},  # the CF model's hyper-parameters (e.g. {embedding_size: 64})
         "train": {"epochs": 200, "batch_size": 2048, "lr": 0.001, "weight_decay": 0.0, "objective": "",
-                  "patience": 10, "valid_metric": "auc"},  # objective "" = bce when the model has it
+                  "patience": 10, "valid_metric": "auc", "max_minutes": 0.0},  # objective "" = bce if supported
         "tune": False,  # also tune the CF model in step 2 (default: frozen)
     },
     "cie": {"tokens": 1, "hidden_mult": 10},
@@ -100,10 +94,13 @@ def train_cf(ctx: RunContext, section: dict, data, ds):
     from recalign.cf import model_class, train_cf_model
 
     name = section["model"]
+    params = dict(section["params"])
+    if model_class(name).kind == "sequential" and "max_len" not in params:
+        params["max_len"] = data.history_len  # histories never exceed L: no padding to the model's default
     train = dict(section["train"])
     if not train.get("objective"):
         train["objective"] = "bce" if "bce" in model_class(name).objectives else ""
-    return train_cf_model(name, data.train_all, {"model": dict(section["params"]), "train": train}, catalog=ds,
+    return train_cf_model(name, data.train_all, {"model": params, "train": train}, catalog=ds,
                           valid=data.valid_full, run=ctx.run, checkpoint=f"cf-{name}", seed=ctx.seed,
                           log=ctx.log)
 
@@ -253,10 +250,13 @@ METHODS = {"collm": Method("collm", "CoLLM: CF embeddings mapped by the CIE into
                                     "step 1 LoRA on text, step 2 CIE only; AUC/UAUC on all/warm/cold.",
                            DEFAULTS, run, report=report, validate=validate)}
 
-_QUICK = {"model.name": "smollm2-135m-instruct", "data_protocol.max_train": 48, "data_protocol.max_valid": 32,
-          "data_protocol.max_test_warm": 48, "data_protocol.max_test_cold": 48, "data_protocol.max_per_user": 8,
-          "step1.epochs": 1, "step2.epochs": 1, "cf.train.epochs": 30}
-_FULL = {"data_protocol.max_train": 600, "data_protocol.max_valid": 150, "data_protocol.max_test_warm": 300,
-         "data_protocol.max_test_cold": 300, "data_protocol.max_per_user": 20, "eval.icl": True, "eval.zero_cf": True}
-EXPERIMENTS = [Experiment("collm-mf", "collm", table="CoLLM: warm/cold AUC and UAUC (ML-100K, CTR protocol)",
-                          quick=_QUICK, full=_FULL)]
+_TABLE = "CoLLM: AUC / UAUC on all, warm and cold test cases (ML-100K, CoLLM's CTR protocol)"
+_QUICK = {"data_protocol.max_train": 32, "data_protocol.max_valid": 16, "data_protocol.max_test_warm": 24,
+          "data_protocol.max_test_cold": 24, "data_protocol.max_per_user": 6, "cf.train.epochs": 30}
+_FULL = {"data_protocol.max_train": 300, "data_protocol.max_valid": 64, "data_protocol.max_test_warm": 200,
+         "data_protocol.max_test_cold": 200, "data_protocol.max_per_user": 20, "step1.lr": 1e-3}
+EXPERIMENTS = [
+    Experiment("collm-mf", "collm", table=_TABLE, quick=_QUICK, full={**_FULL, "eval.icl": True, "eval.zero_cf": True}),
+    *[Experiment(f"collm-{cf}", "collm", table=_TABLE, full={**_FULL, "cf.model": cf}, profiles=("full",))
+      for cf in ("lightgcn", "sasrec")],
+]

@@ -28,12 +28,9 @@ DEFAULTS = {
     "prompt": {
         "wrapper": "auto",
         "system": "",
-        "template": {
-            "instruction": ('<SoftPrompt> Given the {nouns} a user rated highly, predict whether the user will '
-                            'enjoy the target {noun}. Answer with "Yes" or "No".'),
-            "input": ("A user has given high ratings to the following {nouns}: {liked}. Using all available "
-                      'information, make a prediction about whether the user would enjoy the {noun} titled '
-                      '"{target}"?'),
+        "template": {  # CoLLM's text prompt with the placeholder in front
+            "instruction": '<SoftPrompt> Answer with "Yes" or "No".',
+            "input": 'A user liked these {nouns}: {liked}. Will the user enjoy the {noun} titled "{target}"?',
         },
         "slot": "<SoftPrompt>",
         "empty_history": "none",
@@ -128,9 +125,10 @@ METHODS = {"softprompt": Method("softprompt", "Soft-Prompt: learned prompt vecto
                                               "CoLLM's CTR protocol, AUC/UAUC on all/warm/cold.",
                                 DEFAULTS, run, validate=validate)}
 
-_QUICK = {"data_protocol.max_train": 48, "data_protocol.max_valid": 32, "data_protocol.max_test_warm": 48,
-          "data_protocol.max_test_cold": 48, "data_protocol.max_per_user": 8}
-_FULL = {"data_protocol.max_train": 600, "data_protocol.max_valid": 150, "data_protocol.max_test_warm": 300,
-         "data_protocol.max_test_cold": 300, "data_protocol.max_per_user": 20}
-EXPERIMENTS = [Experiment("softprompt", "softprompt", table="CoLLM: warm/cold AUC and UAUC (ML-100K, CTR protocol)",
+_QUICK = {"data_protocol.max_train": 32, "data_protocol.max_valid": 16, "data_protocol.max_test_warm": 24,
+          "data_protocol.max_test_cold": 24, "data_protocol.max_per_user": 6}
+_FULL = {"data_protocol.max_train": 300, "data_protocol.max_valid": 64, "data_protocol.max_test_warm": 200,
+         "data_protocol.max_test_cold": 200, "data_protocol.max_per_user": 20}
+EXPERIMENTS = [Experiment("softprompt", "softprompt",
+                          table="CoLLM: AUC / UAUC on all, warm and cold test cases (ML-100K, CoLLM's CTR protocol)",
                           quick=_QUICK, full=_FULL)]
