@@ -23,7 +23,7 @@ REGISTRY: dict[str, str] = {
 }
 
 # modules whose EXPERIMENTS are collected by `recalign reproduce` (in this order)
-EXPERIMENT_MODULES: list[str] = ["cf_baseline", "icl", "tallrec", "bigrec"]
+EXPERIMENT_MODULES: list[str] = ["cf_baseline", "icl", "tallrec", "bigrec", "collm", "softprompt"]
 
 
 @dataclass
