@@ -292,7 +292,7 @@ class CFModel(nn.Module):
     # ----- persistence
     def checkpoint(self) -> dict:
         return {"name": self.name, "n_users": self.n_users, "n_items": self.n_items, "params": self.params,
-                "state": {k: v.detach().clone() for k, v in self.state_dict().items()}}
+                "state": {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in self.state_dict().items()}}
 
     def save(self, path) -> None:
         import io

@@ -79,6 +79,8 @@ def build_windows(data: TrainData, max_len: int, stride: int) -> dict[str, np.nd
     `target_from`, so every target is trained exactly once per epoch, with at least max_len - stride
     items of context where the sequence has them. stride=1 gives one window per target (Caser);
     stride=max_len//2 is the cheap all-positions training of causal models (SASRec, GRU4Rec)."""
+    # no wider than the longest sequence needs (sample sets have short histories)
+    max_len = max(1, min(max_len, max((len(seq) - 1 for seq in data.seq_items), default=1)))
     stride = max(1, min(stride, max_len))
     rows_in, rows_tg, rows_lab, rows_mask, rows_user = [], [], [], [], []
     pad = data.n_items

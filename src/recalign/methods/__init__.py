@@ -15,6 +15,14 @@ from recalign.errors import InputError
 # method name -> module path (relative to recalign.methods unless dotted)
 REGISTRY: dict[str, str] = {
     "pop": "cf_baseline",
+    "usercf": "cf_baseline",
+    "itemcf": "cf_baseline",
+    "mf": "cf_baseline",
+    "fism": "cf_baseline",
+    "lightgcn": "cf_baseline",
+    "gru4rec": "cf_baseline",
+    "caser": "cf_baseline",
+    "sasrec": "cf_baseline",
     "icl": "icl",
     "tallrec": "tallrec",
     "bigrec": "bigrec",

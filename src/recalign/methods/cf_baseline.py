@@ -1,49 +1,167 @@
-"""Collaborative-filtering baselines run as methods (leave-one-out by time, full ranking, history masked).
+"""Collaborative-filtering models run as methods: `recalign run sasrec --dataset ml-100k --out DIR`.
 
-Placeholder holding Pop until the CF package (issue 3) registers every model here."""
+Two protocols (`protocol` key):
+- loo (default): leave-one-out by time (last interaction = test, second to last = valid), the whole
+  catalogue ranked with the user's earlier interactions masked; NDCG/HR/Recall/MRR@K.
+- ctr: TALLRec/CoLLM-style samples (history of `ctr.history_len` items -> target, label = liked), split by
+  the target's global time 80/10/10; the model scores each (user/history, target) pair; AUC and UAUC on
+  all, warm and cold test samples (warm = user and item seen in training). Trainable models default to
+  point-wise BCE on the labels here (`train.objective` overrides).
+"""
 
 from __future__ import annotations
 
+import copy
 import time
 
 import numpy as np
-import torch
 
-from recalign.data import leave_one_out
-from recalign.eval import check_ks, ranking_metrics, target_ranks
+from recalign.errors import InputError
 from recalign.methods import Experiment, Method, RunContext
 
-DEFAULTS = {"eval": {"ks": [10, 20]}}
+DESCRIPTIONS = {
+    "pop": "Pop: items ranked by their number of training interactions (non-personalised).",
+    "usercf": "UserCF: cosine similarity between users, k nearest neighbours vote (scipy sparse).",
+    "itemcf": "ItemCF: cosine item-item similarity, k nearest neighbours of each item (scipy sparse).",
+    "mf": "MF: matrix factorisation with BPR (or point-wise BCE on explicit labels).",
+    "fism": "FISM: factored item similarity; a user is the normalised sum of their items' embeddings.",
+    "lightgcn": "LightGCN: embeddings smoothed over the user-item graph (sparse normalised adjacency).",
+    "gru4rec": "GRU4Rec: GRU over the item sequence, next-item cross-entropy over all items.",
+    "caser": "Caser: horizontal and vertical convolutions over the last L items plus a user embedding.",
+    "sasrec": "SASRec: causal self-attention over the item sequence, next-item cross-entropy over all items.",
+}
+
+# per-model trainer settings (chosen on the validation split; see docs/benchmarks-cf.md)
+TRAIN_OVERRIDES = {
+    "mf": {"epochs": 300, "patience": 30},
+    "fism": {"epochs": 200, "patience": 15},
+    "lightgcn": {"epochs": 300, "patience": 30},
+    "gru4rec": {"epochs": 200, "patience": 10},
+    "caser": {"epochs": 200, "patience": 10},
+    "sasrec": {"epochs": 200, "patience": 10},
+}
+
+PROTOCOL_DEFAULTS = {
+    "protocol": "loo",  # loo | ctr
+    "eval": {"ks": [10, 20], "batch_size": 1024},
+    "ctr": {"history_len": 10, "liked_history_only": False, "split": [0.8, 0.1, 0.1]},
+}
 
 
-def _run_pop(ctx: RunContext) -> dict:
-    ds = ctx.dataset
-    split = leave_one_out(ds)
+def model_config(name: str) -> dict:
+    """{"model": the model's hyper-parameters, "train": trainer settings} as `train_cf_model` takes them."""
+    from recalign.cf import TRAIN_DEFAULTS, model_class
+
+    cls = model_class(name)
+    return {"model": copy.deepcopy(cls.defaults), "train": {**TRAIN_DEFAULTS, **TRAIN_OVERRIDES.get(name, {})}}
+
+
+def _defaults(name: str) -> dict:
+    from recalign.cf import model_class
+
+    config = model_config(name)
+    if not config["model"]:
+        config.pop("model")
+    if model_class(name).kind == "memory":  # nothing to train
+        config.pop("train")
+    return {**config, **copy.deepcopy(PROTOCOL_DEFAULTS)}
+
+
+def _validate(name: str):
+    def validate(config: dict) -> None:
+        from recalign.cf import model_class
+        from recalign.eval import check_ks
+
+        check_ks(config["eval"]["ks"])
+        if config["protocol"] not in ("loo", "ctr"):
+            raise InputError(f"protocol: expected 'loo' or 'ctr', got {config['protocol']!r}")
+        cls = model_class(name)
+        train = config.get("train")
+        if train is not None:
+            objective = train["objective"]
+            if objective and objective not in cls.objectives:
+                raise InputError(f"train.objective: {name} supports {', '.join(cls.objectives)}, got {objective!r}")
+            for key in ("epochs", "batch_size"):
+                if train[key] < 1:
+                    raise InputError(f"train.{key}: must be >= 1, got {train[key]}")
+            if train["lr"] <= 0:
+                raise InputError(f"train.lr: must be > 0, got {train['lr']}")
+        split = config["ctr"]["split"]
+        if len(split) != 3 or abs(sum(split) - 1) > 1e-6 or min(split) < 0:
+            raise InputError(f"ctr.split: three non-negative fractions summing to 1, got {split}")
+        if config["ctr"]["history_len"] < 1:
+            raise InputError(f"ctr.history_len: must be >= 1, got {config['ctr']['history_len']}")
+        model = config.get("model", {})
+        if "max_len" in model and model["max_len"] < 1:
+            raise InputError(f"model.max_len: must be >= 1, got {model['max_len']}")
+        if "k" in model and model["k"] < 1:
+            raise InputError(f"model.k: must be >= 1, got {model['k']}")
+    return validate
+
+
+def _run(ctx: RunContext) -> dict:
+    from recalign.cf import EvalSet, evaluate_ctr, evaluate_ranking, leave_one_out_sets, train_cf_model
+
+    cfg, ds, name = ctx.config, ctx.dataset, ctx.method
+    train_cfg = dict(cfg.get("train", {}))
+    if cfg["protocol"] == "ctr":
+        from recalign.data import history_samples, mark_warm_cold, temporal_split
+
+        samples = history_samples(ds, cfg["ctr"]["history_len"], liked_history_only=cfg["ctr"]["liked_history_only"])
+        split = temporal_split(samples, tuple(cfg["ctr"]["split"]))
+        data, valid, test = split.train, EvalSet.from_samples(split.valid), EvalSet.from_samples(split.test)
+        if train_cfg:
+            train_cfg["objective"] = train_cfg["objective"] or "bce"
+            train_cfg["valid_metric"] = "auc"
+        ctx.log(f"ctr samples: train {len(split.train)}, valid {len(split.valid)}, test {len(split.test)}")
+    else:
+        data, valid, test = leave_one_out_sets(ds.interactions, ds.n_users, ds.n_items)
+        ctx.log(f"leave-one-out: {data.n_pairs} training interactions, {len(valid)} valid, {len(test)} test users")
     started = time.perf_counter()
-    counts = np.bincount(split.train["item"].to_numpy(), minlength=ds.n_items).astype(np.float32)
+    model = train_cf_model(name, data, {"model": cfg.get("model", {}), "train": train_cfg}, catalog=ds,
+                           valid=valid, run=ctx.run, checkpoint="train", seed=ctx.seed, log=ctx.log)
     train_seconds = time.perf_counter() - started
+    ctx.run.save_checkpoint("model", model.checkpoint())
     started = time.perf_counter()
     out = {}
-    for name, frame, seen in (("valid", split.valid, split.train),
-                              ("test", split.test, _concat(split.train, split.valid))):
-        users = frame["user"].to_numpy()
-        scores = torch.from_numpy(np.tile(counts, (len(users), 1)))
-        mask = torch.zeros(len(users), ds.n_items, dtype=torch.bool)
-        row_of = {u: r for r, u in enumerate(users)}
-        rows = [row_of[u] for u in seen["user"] if u in row_of]
-        cols = [i for u, i in zip(seen["user"], seen["item"]) if u in row_of]
-        mask[rows, cols] = True
-        ranks = target_ranks(scores, torch.as_tensor(frame["item"].to_numpy().copy()), mask)
-        out[name] = ranking_metrics(ranks, ctx.config["eval"]["ks"])
-    return {**out, "seconds": {"train": train_seconds, "eval": time.perf_counter() - started}}
+    if cfg["protocol"] == "ctr":
+        out["valid"] = evaluate_ctr(model, valid)
+        out["test"] = evaluate_ctr(model, test)
+        marked = mark_warm_cold(split.test, split.train)
+        for part, rows in (("_warm", marked["warm"].to_numpy()), ("_cold", ~marked["warm"].to_numpy())):
+            if rows.any():
+                subset = EvalSet(test.users[rows], [h for h, r in zip(test.histories, rows) if r],
+                                 test.targets[rows], test.labels[rows])
+                metrics = evaluate_ctr(model, subset)
+                out["test"].update({f"{k}{part}": v for k, v in metrics.items()})
+        out["test"]["warm_fraction"] = float(marked["warm"].mean())
+    else:
+        ks = tuple(cfg["eval"]["ks"])
+        out["valid"] = evaluate_ranking(model, valid, ks, cfg["eval"]["batch_size"])
+        out["test"] = evaluate_ranking(model, test, ks, cfg["eval"]["batch_size"])
+    summary = model.train_summary
+    return {**out, "seconds": {"train": train_seconds, "eval": time.perf_counter() - started},
+            "training": {k: summary[k] for k in ("epochs", "best_epoch", "seconds_per_epoch", "stopped")},
+            "epoch_history": summary["history"]}
 
 
-def _concat(a, b):
-    import pandas as pd
-
-    return pd.concat([a, b], ignore_index=True)
+def _make(name: str) -> Method:
+    return Method(name, DESCRIPTIONS[name], _defaults(name), _run, validate=_validate(name))
 
 
-METHODS = {"pop": Method("pop", "Most popular items from the training period (non-personalised baseline).",
-                         DEFAULTS, _run_pop, validate=lambda c: check_ks(c["eval"]["ks"]))}
-EXPERIMENTS = [Experiment("pop", "pop", table="CF baselines (leave-one-out, full ranking)")]
+METHODS = {name: _make(name) for name in DESCRIPTIONS}
+
+_TABLE = "CF baselines (leave-one-out, full ranking)"
+EXPERIMENTS = [
+    Experiment("pop", "pop", table=_TABLE),
+    Experiment("itemcf", "itemcf", table=_TABLE),
+    Experiment("mf", "mf", table=_TABLE, quick={"train.epochs": 40}),
+    Experiment("sasrec", "sasrec", table=_TABLE, quick={"train.epochs": 6}),
+    Experiment("usercf", "usercf", table=_TABLE, profiles=("full",)),
+    Experiment("fism", "fism", table=_TABLE, profiles=("full",)),
+    Experiment("lightgcn", "lightgcn", table=_TABLE, profiles=("full",)),
+    Experiment("gru4rec", "gru4rec", table=_TABLE, profiles=("full",)),
+    Experiment("caser", "caser", table=_TABLE, profiles=("full",)),
+    Experiment("mf-ctr", "mf", table="CF baselines as CTR models (AUC/UAUC)",
+               quick={"protocol": "ctr", "train.epochs": 20}, full={"protocol": "ctr"}),
+]
