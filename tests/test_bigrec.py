@@ -77,8 +77,10 @@ def test_prompts_and_answers_from_templates(ds, built):
     assert "### Instruction:\nGiven a list of movies the user has watched before" in first
     assert "The user has watched the following movies before: " + ", ".join(
         f'"{titles[i]}"' for i in test["history"][0]) in first
-    answers = bigrec.render_answers(ds, test, prompt_cfg)
-    assert answers[0] == f'"{titles[test["item"][0]]}"'
+    answers = bigrec.render_answers(ds, test, prompt_cfg, tokenizer.eos_token)
+    assert answers[0] == f'"{titles[test["item"][0]]}"' + tokenizer.eos_token
+    assert tokenizer(answers[0], add_special_tokens=False)["input_ids"][-1] == tokenizer.eos_token_id
+    assert bigrec.render_answers(ds, test, {**prompt_cfg, "append_eos": False}, "</s>")[0].endswith('"')
     # a token budget drops the oldest history items, never the instruction
     short = bigrec.render_prompts(ds, test, {**prompt_cfg, "max_tokens": 120}, tokenizer,
                                   lambda t: len(tokenizer(t)["input_ids"]), "movie")

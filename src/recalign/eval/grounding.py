@@ -2,9 +2,10 @@
 
 - `l2_topk`: exact L2 top-K of queries against a catalogue by batched matrix products, chunked over the
   catalogue with a running top-K, so a 1M-item catalogue never materialises a [queries, items] matrix.
-  Candidates come from the expansion ||c||^2 - 2 q.c (float32 GEMM); the final K are re-scored directly
-  as ||q - c|| in float64, so the returned distances are exact and rounding in the expansion can only
-  matter for items within float32 noise of the K-th distance (a safety margin of extra candidates covers it).
+  Candidates (K + margin) come from the expansion ||c||^2 - 2 q.c (float32 GEMM, where cancellation can
+  cost precision when norms are large relative to distances); they are re-scored directly as ||q - c||
+  (no cancellation) and sorted by (distance, index), so the result matches a float64 brute force unless
+  two distances agree to float32 precision, or an item's expansion error exceeds the margin's gap.
 - `l2_distances`: the full [queries, items] distance matrix, chunked (what evaluation on a modest
   catalogue needs: ranks of the target, min-max normalisation per sample).
 - `CatalogueCache`: catalogue-title embeddings stored atomically on disk, keyed by the model's identity and
@@ -57,13 +58,18 @@ def _blocks(n_queries: int, n_items: int, chunk_size: int | None, query_block: i
     return q_block, chunk
 
 
+def sq_norms(catalogue: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+    """||c||^2 per row, chunked (no temporary the size of a large catalogue)."""
+    return torch.cat([catalogue[c0:c0 + chunk].pow(2).sum(1) for c0 in range(0, catalogue.shape[0], chunk)])
+
+
 @torch.no_grad()
 def l2_topk(queries, catalogue, k: int, chunk_size: int | None = None, margin: int = 8,
             catalogue_sq_norms: torch.Tensor | None = None, query_block: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact K nearest catalogue rows of every query by L2 distance.
 
     Returns (distances [Q, k] float32, ascending; indices [Q, k] int64). Ties in distance keep the lower
-    index first. `catalogue_sq_norms` may pass precomputed ||c||^2 (e.g. from a cache)."""
+    index first. `catalogue_sq_norms` may pass precomputed ||c||^2 (`sq_norms`, e.g. reused across calls)."""
     queries, catalogue = _as_float(queries), _as_float(catalogue)
     _check_pair(queries, catalogue)
     n_queries, n_items = queries.shape[0], catalogue.shape[0]
@@ -71,7 +77,7 @@ def l2_topk(queries, catalogue, k: int, chunk_size: int | None = None, margin: i
         raise InputError(f"grounding: K must be >= 1, got {k}")
     k = min(k, n_items)
     keep = min(n_items, k + margin)
-    sq = catalogue_sq_norms if catalogue_sq_norms is not None else (catalogue * catalogue).sum(1)
+    sq = catalogue_sq_norms if catalogue_sq_norms is not None else sq_norms(catalogue)
     q_block, chunk = _blocks(n_queries, n_items, chunk_size, query_block)
     out_d = torch.empty(n_queries, k)
     out_i = torch.empty(n_queries, k, dtype=torch.long)
@@ -89,11 +95,11 @@ def l2_topk(queries, catalogue, k: int, chunk_size: int | None = None, margin: i
                 v, pos = torch.topk(v, min(keep, v.shape[1]), dim=1, largest=False, sorted=False)
                 i = i.gather(1, pos)
             best_v, best_i = v, i
-        # exact re-scoring of the candidates in float64, then a stable sort (distance, index)
-        exact = (q.double().unsqueeze(1) - catalogue[best_i].double()).pow(2).sum(-1).sqrt()
+        # re-score the candidates directly as ||q - c|| (no cancellation), then a stable sort (distance, index)
+        exact = (q.unsqueeze(1) - catalogue[best_i]).pow_(2).sum(-1).sqrt_()
         order = np.lexsort((best_i.numpy(), exact.numpy()), axis=1)[:, :k]
         order = torch.from_numpy(order)
-        out_d[q0:q0 + q_block] = exact.gather(1, order).float()
+        out_d[q0:q0 + q_block] = exact.gather(1, order)
         out_i[q0:q0 + q_block] = best_i.gather(1, order)
     return out_d, out_i
 

@@ -49,6 +49,7 @@ PROMPT = {
                     "user likes to the user."),
     "input": "The user has watched the following {noun}s before: {history}",
     "output": '"{title}"',  # the trained answer; the generated answer's quotes are stripped before grounding
+    "append_eos": True,  # train the answer followed by the tokenizer's end token, so generation learns to stop
     "max_tokens": 512,  # longer prompts drop their oldest history items
 }
 
@@ -171,11 +172,13 @@ def render_prompts(ds, frame: pd.DataFrame, prompt_cfg: dict, tokenizer, count_t
     return out
 
 
-def render_answers(ds, frame: pd.DataFrame, prompt_cfg: dict) -> list[str]:
+def render_answers(ds, frame: pd.DataFrame, prompt_cfg: dict, eos: str | None = None) -> list[str]:
+    """The trained answer per case (`prompt.output` with {title}), plus `eos` when `prompt.append_eos`."""
     from recalign.llm import fill
 
     titles = ds.titles()
-    return [fill(prompt_cfg["output"], "prompt.output", title=titles[i]) for i in frame["item"]]
+    end = (eos or "") if prompt_cfg.get("append_eos") else ""
+    return [fill(prompt_cfg["output"], "prompt.output", title=titles[i]) + end for i in frame["item"]]
 
 
 # ------------------------------------------------------------------------------------------- steps
@@ -352,9 +355,10 @@ def _run(ctx: RunContext) -> dict:
     p = cfg["prompt"]
     prompts = {name: render_prompts(ds, frame, p, backbone.tokenizer, backbone.count_tokens, noun)
                for name, frame in (("train", shots), ("valid", valid), ("test", test))}
-    examples = list(zip(prompts["train"], render_answers(ds, shots, p)))
+    eos = backbone.tokenizer.eos_token
+    examples = list(zip(prompts["train"], render_answers(ds, shots, p, eos)))
     n_loss = int(cfg["train"]["valid_loss_size"])
-    valid_examples = list(zip(prompts["valid"], render_answers(ds, valid, p)))[:n_loss] if n_loss else []
+    valid_examples = list(zip(prompts["valid"], render_answers(ds, valid, p, eos)))[:n_loss] if n_loss else []
 
     started = time.perf_counter()
     train_summary = train_step(ctx, backbone, examples, valid_examples)
