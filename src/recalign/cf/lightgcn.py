@@ -59,6 +59,8 @@ class LightGCN(CFModel):
         """(user [U, d], item [I, d]) after L layers, averaged; cached while in eval mode."""
         if not self.training and self._cache is not None:
             return self._cache
+        if self.adjacency is None:
+            raise RuntimeError("LightGCN has no graph yet: call prepare(train_data) (the trainer does) first")
         e = torch.cat([self.user.weight, self.item.weight])
         total = e
         for _ in range(self.params["n_layers"]):

@@ -1,0 +1,99 @@
+"""The CF trainer: early stopping keeps the best epoch, checkpoints every epoch, resume continues (not
+restarts) and ends exactly where an uninterrupted run ends; the CF methods run end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from recalign.cf import Trainer, create_model, evaluate_ranking, leave_one_out_sets, train_cf_model
+from recalign.errors import InputError
+from recalign.runs import RunDir
+
+from test_cf import cycle_log
+
+CONFIG = {"model": {"embedding_size": 16, "dropout": 0.2, "max_len": 8, "inner_size": 32},
+          "train": {"epochs": 6, "batch_size": 128, "lr": 0.01, "patience": 0}}
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def cycles():
+    frame, n_users, n_items = cycle_log(n_users=40, n_items=60, length=10)
+    return leave_one_out_sets(frame, n_users, n_items)
+
+
+def _params(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
+
+
+def test_resume_continues_and_matches_uninterrupted_run(cycles, tmp_path):
+    data, valid, _ = cycles
+    full = train_cf_model("sasrec", data, CONFIG, valid=valid, run=tmp_path / "full", seed=3)
+
+    def stop_after_three(epoch, record):
+        if epoch == 3:
+            raise Interrupt()
+
+    with pytest.raises(Interrupt):
+        train_cf_model("sasrec", data, CONFIG, valid=valid, run=tmp_path / "cut", seed=3, on_epoch_end=stop_after_three)
+    saved = RunDir(tmp_path / "cut").load_checkpoint("sasrec")
+    assert saved["state"]["epoch"] == 3 and not saved["state"]["done"]
+
+    seen = []
+    resumed = train_cf_model("sasrec", data, CONFIG, valid=valid, run=tmp_path / "cut", seed=3,
+                             on_epoch_end=lambda epoch, record: seen.append(epoch))
+    assert seen == [4, 5, 6]  # continued, did not restart
+    assert [r["epoch"] for r in resumed.train_summary["history"]] == [1, 2, 3, 4, 5, 6]
+    a, b = _params(full), _params(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.train_summary["history"][-1]["valid"] == full.train_summary["history"][-1]["valid"]
+
+    # a finished run is loaded, not retrained
+    again = []
+    train_cf_model("sasrec", data, CONFIG, valid=valid, run=tmp_path / "cut", seed=3,
+                   on_epoch_end=lambda epoch, record: again.append(epoch))
+    assert again == []
+
+
+def test_early_stopping_keeps_best_epoch(cycles):
+    data, valid, _ = cycles
+    config = {"model": {"embedding_size": 8}, "train": {"epochs": 40, "lr": 0.05, "patience": 2, "batch_size": 64}}
+    model = train_cf_model("mf", data, config, valid=valid, seed=0)
+    history = model.train_summary["history"]
+    best = max(history, key=lambda r: r["valid"])
+    assert model.train_summary["best_epoch"] == best["epoch"]
+    assert len(history) == best["epoch"] + 2 or len(history) == 40
+    assert evaluate_ranking(model, valid, ks=(10,))["ndcg@10"] == pytest.approx(best["valid"])
+
+
+def test_checkpoint_for_another_model_is_refused(cycles, tmp_path):
+    data, valid, _ = cycles
+    train_cf_model("mf", data, {"train": {"epochs": 1}}, run=tmp_path, checkpoint="cf")
+    with pytest.raises(InputError, match="is for mf"):
+        train_cf_model("fism", data, {"train": {"epochs": 1}}, run=tmp_path, checkpoint="cf")
+
+
+def test_methods_run_end_to_end(tmp_path):
+    from recalign.runner import run_method
+
+    metrics = run_method("itemcf", "ml-100k", tmp_path / "itemcf")
+    assert set(metrics["test"]) >= {"ndcg@10", "hr@10", "ndcg@20", "hr@20"}
+    assert metrics["test"]["hr@10"] > 0.08  # leave-one-out, full ranking of 1682 items (random ~0.006)
+    metrics = run_method("mf", "ml-100k", tmp_path / "mf-ctr", sets=["protocol=ctr", "train.epochs=2"])
+    assert {"auc", "uauc", "auc_warm", "auc_cold"} <= set(metrics["test"])
+    saved = json.loads((tmp_path / "mf-ctr" / "metrics.json").read_text())
+    assert saved["training"]["epochs"] == 2
+    from recalign.cf import load_model
+
+    model = load_model(RunDir(tmp_path / "mf-ctr").load_checkpoint("model"))
+    assert model.name == "mf"
+    with pytest.raises(InputError, match="train.objective"):
+        run_method("mf", "ml-100k", tmp_path / "bad", sets=["train.objective=ce"])
+    assert not (tmp_path / "bad").exists()
