@@ -26,6 +26,10 @@ BASE_DEFAULTS: dict[str, Any] = {
 }
 
 
+# keys whose default is null but whose value, when given, has a type: dotted key -> example value
+NULLABLE_TYPES: dict[str, Any] = {"data.like_threshold": 0.0, "data.format": "", "data.domain": ""}
+
+
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for key, value in tree.items():
@@ -131,7 +135,8 @@ def resolve(defaults: dict, file: str | Path | None = None, sets: list[str] | No
                 raise InputError(
                     f"{where}: unknown config key '{key}'; valid keys: {', '.join(sorted(valid))}"
                 )
-            _set(config, key, _check_type(key, valid[key], value, where))
+            default = valid[key] if valid[key] is not None else NULLABLE_TYPES.get(key)
+            _set(config, key, _check_type(key, default, value, where))
     return config
 
 
