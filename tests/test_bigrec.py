@@ -150,6 +150,10 @@ def test_bigrec_end_to_end_tiny_llama_and_resume(tmp_path):
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
     assert (out / "checkpoints" / "adapter" / "adapter_config.json").is_file()
     assert "bigrec+pop" in (out / "report.md").read_text()
+    cases = json.loads((out / "cases-test.json").read_text())
+    assert len(cases) == 10 and {"rank", "rank_pop", "rank_cf", "valid_title", "generated"} <= set(cases[0])
+    ranks = np.array([c["rank"] for c in cases])
+    assert math.isclose(metrics["test"]["hr@10"], float((ranks < 10).mean()))
 
     # resume after losing the final metrics: nothing is retrained or regenerated, same numbers
     (out / "metrics.json").unlink()

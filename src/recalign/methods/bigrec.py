@@ -378,10 +378,9 @@ def _run(ctx: RunContext) -> dict:
         cases[name] = EvalSet(frame["user"].to_numpy(np.int64), histories, targets[name].numpy(), None)
         masks[name] = history_masks(histories, ds.n_items) if cfg["eval"]["mask_history"] else None
         if name == "test":
-            examples_out = [{"user": int(u), "target": titles[int(t)], "generated": row[0],
-                             "nearest": titles[int(i)]}
-                            for u, t, row, i in list(zip(frame["user"], frame["item"], generated["texts"],
-                                                         top.argmin(1)))[:20]]
+            per_case = {"user": frame["user"].tolist(), "target": targets[name].tolist(),
+                        "generated": [clean_generation(row[0]) for row in generated["texts"]],
+                        "nearest": top.argmin(1).tolist()}
     ctx.log("generation: " + ", ".join(f"{n} validity {s['validity']:.3f} exact-target {s['exact_target']:.3f}"
                                        for n, s in stats.items()))
 
@@ -410,6 +409,7 @@ def _run(ctx: RunContext) -> dict:
             for metric, value in _ndcg_hr(chosen[split_name]).items():
                 result[split_name][f"{metric}_{suffix}"] = value
     eval_seconds = time.perf_counter() - started - cf_seconds
+    examples_out = write_cases(ctx, per_case, dist["test"], signals, variants, masks["test"], titles)
     return {
         "test": result["test"], "valid": result["valid"],
         "seconds": {"train": train_seconds, "eval": eval_seconds, "catalogue_embedding": embed_seconds,
@@ -422,6 +422,29 @@ def _run(ctx: RunContext) -> dict:
         "samples": {**split.sizes(), "shots": len(shots), "valid_cases": len(valid), "test_cases": len(test)},
         "catalogue": {"items": ds.n_items, "cached": cached, "model_fingerprint": base_id},
     }
+
+
+def write_cases(ctx: RunContext, per_case: dict, dist: torch.Tensor, signals: dict, variants: dict, mask,
+                titles: list[str]) -> list[dict]:
+    """cases-test.json: per test case the generated title, its nearest item, whether the generation is a
+    valid title, and the target's 0-based rank (plain, and per injection at the gamma chosen for NDCG@10)."""
+    from recalign.eval.grounding import inject
+    from recalign.eval.metrics import target_ranks
+
+    targets = torch.tensor(per_case["target"], dtype=torch.long)
+    ranks = {"rank": target_ranks(-dist, targets, mask)}
+    for suffix, signal in signals.items():
+        label = "bigrec+pop" if suffix == "pop" else f"bigrec+{ctx.config['inject']['cf_model']}"
+        gamma = variants[label]["gamma"].get("ndcg@10", 0.0)
+        ranks[f"rank_{suffix}"] = target_ranks(-inject(dist, signal["test"], gamma), targets, mask)
+    rows = []
+    for i, (user, target, text, nearest) in enumerate(zip(per_case["user"], targets.tolist(),
+                                                          per_case["generated"], per_case["nearest"])):
+        rows.append({"user": int(user), "target": titles[target], "generated": text, "nearest": titles[nearest],
+                     "valid_title": normalise_title(text) == normalise_title(titles[nearest]),
+                     **{k: float(v[i]) for k, v in ranks.items()}})
+    ctx.run.write_json("cases-test.json", rows)
+    return rows[:20]
 
 
 def _ndcg_hr(metrics: dict) -> dict:
