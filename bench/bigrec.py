@@ -212,6 +212,11 @@ def run_quality(args) -> dict:
     shots = few_shot(split.train, args.shots, args.seed)
     result = {"machine": machine(), "command": " ".join(sys.argv), "args": vars(args),
               "samples": {**split.sizes(), "shots": len(shots), "valid_cases": len(valid), "test_cases": len(test)}}
+    previous = RESULTS / "bigrec-quality.json"
+    if args.skip_cf and previous.is_file():  # keep the CF rows of an earlier run with the same cases
+        earlier = json.loads(previous.read_text())
+        if earlier.get("samples") == result["samples"] and "cf" in earlier:
+            result["cf"] = earlier["cf"]
     if not args.skip_cf:
         result["cf"] = run_cf_baselines(args, ds, split, shots, valid, test)
         _write("bigrec-quality.json", result)
@@ -228,6 +233,8 @@ def run_quality(args) -> dict:
         sets += args.set or []
         started = time.perf_counter()
         metrics = run_method("bigrec", "ml-100k", out, sets=sets, resume=out.exists())
+        if (out / "cases-test.json").is_file():
+            result["analysis"] = analyze_cases(out)
         result["bigrec"] = {"run_dir": str(out), "sets": sets, "wall_seconds": time.perf_counter() - started,
                             "variants": {k: {"test": v["test"], "valid": v["valid"], "gamma": v.get("gamma")}
                                          for k, v in metrics["variants"].items()},
@@ -238,6 +245,33 @@ def run_quality(args) -> dict:
     path = _write("bigrec-quality.json", result)
     print(f"\nwrote {path}", file=sys.stderr)
     return result
+
+
+def analyze_cases(run_dir: Path) -> dict:
+    """Where BIGRec's ranking comes from: hits split by whether the generated text is a real title, and
+    how popular the generated items are compared with the targets (from the run's cases-test.json)."""
+    from recalign.data import load_dataset
+
+    cases = json.loads((run_dir / "cases-test.json").read_text())
+    ds = load_dataset("ml-100k")
+    titles = ds.titles()
+    index = {t: i for i, t in enumerate(titles)}
+    counts = np.bincount(ds.interactions["item"].to_numpy(), minlength=ds.n_items)
+    pct = counts.argsort().argsort() / (ds.n_items - 1)  # popularity percentile of each item (whole log)
+    ranks = np.array([c["rank"] for c in cases])
+    valid = np.array([c["valid_title"] for c in cases])
+    out = {"cases": len(cases), "valid_generations": int(valid.sum()),
+           "exact_target": int(sum(c["generated"].casefold() == c["target"].casefold() for c in cases)),
+           "median_target_rank": float(np.median(ranks)),
+           "median_target_rank_pop": float(np.median([c["rank_pop"] for c in cases])) if "rank_pop" in cases[0] else None,
+           "median_target_rank_cf": float(np.median([c["rank_cf"] for c in cases])) if "rank_cf" in cases[0] else None,
+           "target_popularity_percentile": float(np.mean([pct[index[c["target"]]] for c in cases])),
+           "nearest_popularity_percentile": float(np.mean([pct[index[c["nearest"]]] for c in cases]))}
+    for name, mask in (("valid", valid), ("invalid", ~valid)):
+        if mask.any():
+            out[f"hr@10_{name}_generations"] = float((ranks[mask] < 10).mean())
+            out[f"hr@1_{name}_generations"] = float((ranks[mask] < 1).mean())
+    return out
 
 
 def quality_table(result: dict) -> str:
@@ -256,6 +290,10 @@ def quality_table(result: dict) -> str:
         lines += ["", f"Generation (test, top beam): validity {gen['validity']:.3f}, in catalogue "
                       f"{gen['in_catalogue']:.3f}, exact target {gen['exact_target']:.3f}, "
                       f"{gen['distinct_titles']} distinct titles / {gen['cases']} cases"]
+    analysis = result.get("analysis")
+    if analysis:
+        lines += ["", "Analysis (test): " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                                  for k, v in analysis.items() if v is not None)]
     return "\n".join(lines)
 
 
