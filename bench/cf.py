@@ -44,7 +44,9 @@ def export_recbole(ds, directory: Path, name: str = "ml100k-loo") -> Path:
     return directory
 
 
-def run_ours(names: list[str], seed: int, max_epochs: int | None) -> dict:
+def run_ours(names: list[str], seed: int, max_epochs: int | None, fixed_epochs: dict | None = None) -> dict:
+    """Train and test each model with its method defaults; `fixed_epochs` {name: n} trains exactly n
+    epochs instead (no early stopping) to compare with a peer that was stopped by its time bound."""
     import torch
 
     from recalign.cf import evaluate_ranking, leave_one_out_sets, train_cf_model
@@ -54,11 +56,14 @@ def run_ours(names: list[str], seed: int, max_epochs: int | None) -> dict:
     torch.set_num_threads(int(os.environ.get("RECALIGN_THREADS", "2")))
     ds = load_dataset("ml-100k")
     data, valid, test = leave_one_out_sets(ds.interactions, ds.n_users, ds.n_items)
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # the first optimiser imports torch._dynamo (~5 s)
     out = {}
     for name in names:
         config = model_config(name)
         if max_epochs:
             config["train"]["epochs"] = min(config["train"]["epochs"], max_epochs)
+        if fixed_epochs:
+            config["train"].update(epochs=fixed_epochs[name], patience=0)
         started = time.perf_counter()
         model = train_cf_model(name, data, config, valid=valid, seed=seed)
         train_seconds = time.perf_counter() - started
@@ -105,8 +110,12 @@ def table(results: dict) -> str:
     head = ("| model | impl | NDCG@10 | HR@10 | NDCG@20 | HR@20 | epochs | s/epoch | eval s | note |\n"
             "|---|---|---|---|---|---|---|---|---|---|")
     rows = [head]
+    matched = results.get("ours_at_peer_epochs", {})
     for name in [n for n in PEER_NAMES if n in ours or n in peer]:
-        for impl, side in (("recalign", ours.get(name)), ("RecBole 1.2.1", peer.get(name))):
+        sides = [("recalign", ours.get(name)), ("RecBole 1.2.1", peer.get(name))]
+        if name in matched:
+            sides.append((f"recalign, same {matched[name]['epochs']} epochs", matched[name]))
+        for impl, side in sides:
             if not side:
                 continue
             if "error" in side:
@@ -129,6 +138,9 @@ def main() -> None:
     parser.add_argument("--peer-python", default="/tmp/recbole-venv/bin/python")
     parser.add_argument("--peer-budget-minutes", type=float, default=15.0)
     parser.add_argument("--max-epochs", type=int, default=None)
+    parser.add_argument("--matched", action="store_true",
+                        help="for every peer run stopped by its time bound, also train recalign's model for the "
+                             "same number of epochs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
@@ -147,6 +159,11 @@ def main() -> None:
         peers = [n for n in args.peer_models.split(",") if n]
         results.setdefault("peer", {}).update(run_peer(peers, args.peer_python, args.peer_budget_minutes, args.seed))
         results["peer_date"] = time.strftime("%Y-%m-%d %H:%M")
+    if args.matched:
+        bounded = {n: r["epochs"] for n, r in results.get("peer", {}).items() if r.get("bounded")}
+        if bounded:
+            results.setdefault("ours_at_peer_epochs", {}).update(
+                run_ours(list(bounded), args.seed, None, fixed_epochs=bounded))
     atomic_write_json(out_path, results)
     print(table(results))
 

@@ -30,6 +30,8 @@ class FISM(CFModel):
 
     def prepare(self, data: TrainData) -> None:
         self._data = data
+        self._rows = csr_tensor(data.matrix)
+        self._counts = torch.from_numpy(np.diff(data.matrix.indptr).astype(np.float32))
 
     def _aggregate(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """counts^-alpha * (sparse rows @ P); an empty history gives the zero vector."""
@@ -38,9 +40,9 @@ class FISM(CFModel):
 
     def loss(self, batch: dict, objective: str) -> torch.Tensor:
         users, items = batch["users"], batch["items"]
-        sub = self._data.matrix[users.numpy()]
-        counts = torch.from_numpy(np.diff(sub.indptr).astype(np.float32))
-        summed = torch.sparse.mm(csr_tensor(sub), self.history_item.weight)
+        # every user's item sum once per batch (cheaper than the batch's rows: users repeat in a batch)
+        summed = torch.sparse.mm(self._rows, self.history_item.weight)[users]
+        counts = self._counts[users]
         q = self.item(items)
         # leave the target out of its own history
         keys = users.numpy() * self.n_items + items.numpy()

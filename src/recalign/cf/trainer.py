@@ -71,9 +71,11 @@ class Trainer:
             raise InputError(f"{model.name}: objective '{objective}' not supported; use one of "
                              f"{', '.join(model.objectives)}")
         model.objective = objective
+        started = time.perf_counter()
         model.prepare(data)
-        if not model.trainable:
-            self.history = [{"epoch": 0, "train_seconds": 0.0}]
+        if not model.trainable:  # one pass over the data computes everything
+            self.history = [{"epoch": 1, "loss": None, "train_seconds": time.perf_counter() - started}]
+            self.stopped, self.best_epoch = "fitted", 1
             return model
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
         state = self._resume(model, optimizer)

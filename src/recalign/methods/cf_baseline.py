@@ -155,13 +155,14 @@ _TABLE = "CF baselines (leave-one-out, full ranking)"
 EXPERIMENTS = [
     Experiment("pop", "pop", table=_TABLE),
     Experiment("itemcf", "itemcf", table=_TABLE),
-    Experiment("mf", "mf", table=_TABLE, quick={"train.epochs": 40}),
-    Experiment("sasrec", "sasrec", table=_TABLE, quick={"train.epochs": 6}),
+    # quick: few epochs, and a wall-clock cap so a loaded machine cannot stretch the profile
+    Experiment("mf", "mf", table=_TABLE, quick={"train.epochs": 40, "train.max_minutes": 0.5}),
+    Experiment("sasrec", "sasrec", table=_TABLE, quick={"train.epochs": 6, "train.max_minutes": 1.5}),
     Experiment("usercf", "usercf", table=_TABLE, profiles=("full",)),
     Experiment("fism", "fism", table=_TABLE, profiles=("full",)),
     Experiment("lightgcn", "lightgcn", table=_TABLE, profiles=("full",)),
     Experiment("gru4rec", "gru4rec", table=_TABLE, profiles=("full",)),
     Experiment("caser", "caser", table=_TABLE, profiles=("full",)),
     Experiment("mf-ctr", "mf", table="CF baselines as CTR models (AUC/UAUC)",
-               quick={"protocol": "ctr", "train.epochs": 20}, full={"protocol": "ctr"}),
+               quick={"protocol": "ctr", "train.epochs": 20, "train.max_minutes": 0.5}, full={"protocol": "ctr"}),
 ]
