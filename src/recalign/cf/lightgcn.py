@@ -56,9 +56,13 @@ class LightGCN(CFModel):
             self._set_adjacency(a)
 
     def propagate(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(user [U, d], item [I, d]) after L layers, averaged; cached while in eval mode."""
-        if not self.training and self._cache is not None:
+        """(user [U, d], item [I, d]) after L layers, averaged. Cached for scoring in eval mode without
+        gradients; any call with gradients enabled (training, or tuning the model inside another
+        method) recomputes and drops the cache."""
+        cacheable = not self.training and not torch.is_grad_enabled()
+        if cacheable and self._cache is not None:
             return self._cache
+        self._cache = None
         if self.adjacency is None:
             raise RuntimeError("LightGCN has no graph yet: call prepare(train_data) (the trainer does) first")
         e = torch.cat([self.user.weight, self.item.weight])
@@ -68,8 +72,8 @@ class LightGCN(CFModel):
             total = total + e
         total = total / (self.params["n_layers"] + 1)
         out = (total[:self.n_users], total[self.n_users:])
-        if not self.training:
-            self._cache = tuple(t.detach() for t in out)
+        if cacheable:
+            self._cache = out
         return out
 
     def train(self, mode: bool = True):
