@@ -13,7 +13,7 @@ One `collm` run per seed trains MF + step 1 + step 2 and scores the MF, ICL (fir
 zeroed-CF rows; the LightGCN / SASRec runs reuse that run's step-1 adapter (`step1.init_from`). Runs go to
 OUT/seed-N/<name>/ and are resumed when the command is run again.
 
-    nice -n 10 .venv/bin/python bench/collm.py --seeds 0 [--train 300 --valid 64 --test-warm 200 --test-cold 200]
+    nice -n 10 .venv/bin/python bench/collm.py --seeds 0 [--train 256 --valid 48 --test-warm 150 --test-cold 150]
 """
 
 from __future__ import annotations
@@ -41,11 +41,11 @@ def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--train", type=int, default=300, help="few-shot training samples for the LLM steps")
-    parser.add_argument("--valid", type=int, default=64)
-    parser.add_argument("--test-warm", type=int, default=200)
-    parser.add_argument("--test-cold", type=int, default=200)
-    parser.add_argument("--per-user", type=int, default=20, help="at most this many test cases per user")
+    parser.add_argument("--train", type=int, default=256, help="few-shot training samples for the LLM steps")
+    parser.add_argument("--valid", type=int, default=48)
+    parser.add_argument("--test-warm", type=int, default=150)
+    parser.add_argument("--test-cold", type=int, default=150)
+    parser.add_argument("--per-user", type=int, default=15, help="at most this many test cases per user")
     parser.add_argument("--cf", nargs="+", default=["mf", "lightgcn", "sasrec"], choices=["mf", "lightgcn", "sasrec"])
     parser.add_argument("--no-softprompt", action="store_true")
     parser.add_argument("--step2-epochs", type=int, default=1)
@@ -71,15 +71,23 @@ def run(name: str, method: str, out: Path, sets: list[str]) -> dict:
     return metrics
 
 
-def rows_for_seed(args, seed: int, first: bool) -> dict[str, dict]:
-    """{row name: {"test": metrics, "seconds": {...}}} for one seed."""
+def rows_for_seed(args, seed: int, first: bool, publish) -> dict[str, dict]:
+    """{row name: {"test": metrics, "seconds": {...}}} for one seed; `publish(rows)` after every run."""
     out = Path(args.out) / f"seed-{seed}"
     base = protocol_sets(args) + [f"seed={seed}", f"step2.epochs={args.step2_epochs}", f"step2.lr={args.step2_lr}",
                                   *args.set]
     rows: dict[str, dict] = {}
     labels = {"mf": "MF", "lightgcn": "LightGCN", "sasrec": "SASRec"}
     step1_dir = None
-    for cf in args.cf:
+    plan = [("collm", cf) for cf in args.cf]
+    if not args.no_softprompt:
+        plan.insert(1, ("softprompt", None))  # right after the first CoLLM run (the core of the table)
+    for method, cf in plan:
+        if method == "softprompt":
+            m = run(f"seed {seed} softprompt", "softprompt", out / "softprompt", protocol_sets(args) + [f"seed={seed}"])
+            rows["Soft-Prompt"] = {"test": m["test"], "seconds": dict(m["seconds"]), "training": m.get("training")}
+            publish(rows)
+            continue
         extra = [f"cf.model={cf}"]
         if step1_dir is None:
             extra += [f"eval.icl={str(first).lower()}", "eval.zero_cf=true"]
@@ -100,10 +108,7 @@ def rows_for_seed(args, seed: int, first: bool) -> dict[str, dict]:
                 rows["ICL"] = {"test": m["baselines"]["icl"]["test"], "seconds": {"train": 0.0, "eval": None}}
             rows[f"CoLLM-{labels[cf]}, CF zeroed"] = {"test": m["ablation"]["zero_cf"]["test"],
                                                       "seconds": {"train": None, "eval": None}}
-    if not args.no_softprompt:
-        m = run(f"seed {seed} softprompt", "softprompt", out / "softprompt",
-                protocol_sets(args) + [f"seed={seed}"])
-        rows["Soft-Prompt"] = {"test": m["test"], "seconds": dict(m["seconds"]), "training": m.get("training")}
+        publish(rows)
     return rows
 
 
@@ -143,27 +148,31 @@ def markdown(table: dict[str, dict]) -> str:
                 cells.append(f"{value['mean']:.4f}")
             else:
                 cells.append(f"{value['mean']:.4f} ± {value['std']:.4f}")
-        train = entry["train_seconds"]
-        lines.append(f"| {name} | {entry['seeds']} | " + " | ".join(cells) + f" | {train:.0f} |" if train is not None
-                     else f"| {name} | {entry['seeds']} | " + " | ".join(cells) + " | – |")
+        train = "–" if entry["train_seconds"] is None else f"{entry['train_seconds']:.0f}"
+        lines.append(f"| {name} | {entry['seeds']} | " + " | ".join(cells) + f" | {train} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     args = parse()
     started = time.perf_counter()
-    per_seed = {}
-    for index, seed in enumerate(args.seeds):
-        per_seed[seed] = rows_for_seed(args, seed, first=index == 0)
+    per_seed: dict[int, dict] = {}
+
+    def publish(rows=None, seed=None) -> None:
+        if rows is not None:
+            per_seed[seed] = rows
         table = aggregate(per_seed)
         result = {"bench": "collm", "dataset": "ml-100k", "model": args.model, "args": vars(args),
-                  "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+                  "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                              "python": platform.python_version()},
                   "wall_seconds": time.perf_counter() - started, "table": table, "per_seed": per_seed}
         Path(args.results).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(Path(args.results), result)
         atomic_write_text(Path(args.results).with_suffix(".md"), markdown(table) + "\n")
-    n_warm = next(iter(per_seed.values()))["TALLRec"]["test"]["n_warm"] if "TALLRec" in next(iter(per_seed.values())) else "?"
-    print(f"CoLLM table, ML-100K, {args.model}, {args.train} training samples, test {n_warm} warm + "
+
+    for index, seed in enumerate(args.seeds):
+        rows_for_seed(args, seed, index == 0, lambda rows, seed=seed: publish(rows, seed))
+    print(f"CoLLM table, ML-100K, {args.model}, {args.train} training samples, test <= {args.test_warm} warm + "
           f"{args.test_cold} cold cases, seeds {args.seeds}, wall {time.perf_counter() - started:.0f}s")
     print(markdown(aggregate(per_seed)))
 

@@ -62,7 +62,7 @@ DEFAULTS = {
     },
     "cie": {"tokens": 1, "hidden_mult": 10},
     "lora": dict(LORA_DEFAULTS),
-    "step1": {"init_from": None, "loss": "bce", "epochs": 1, "batch_size": 4, "grad_accum": 2, "lr": 1e-4,
+    "step1": {"init_from": None, "loss": "bce", "epochs": 1, "batch_size": 4, "grad_accum": 2, "lr": 1e-3,
               "warmup_steps": 0, "schedule": "constant", "eval_every": 0, "patience": 2, "max_steps": 0},
     "step2": {"epochs": 1, "batch_size": 4, "grad_accum": 2, "lr": 1e-3, "warmup_steps": 0,
               "schedule": "constant", "eval_every": 0, "patience": 2, "max_steps": 0},
@@ -254,7 +254,7 @@ _TABLE = "CoLLM: AUC / UAUC on all, warm and cold test cases (ML-100K, CoLLM's C
 _QUICK = {"data_protocol.max_train": 32, "data_protocol.max_valid": 16, "data_protocol.max_test_warm": 24,
           "data_protocol.max_test_cold": 24, "data_protocol.max_per_user": 6, "cf.train.epochs": 30}
 _FULL = {"data_protocol.max_train": 300, "data_protocol.max_valid": 64, "data_protocol.max_test_warm": 200,
-         "data_protocol.max_test_cold": 200, "data_protocol.max_per_user": 20, "step1.lr": 1e-3}
+         "data_protocol.max_test_cold": 200, "data_protocol.max_per_user": 20}
 EXPERIMENTS = [
     Experiment("collm-mf", "collm", table=_TABLE, quick=_QUICK, full={**_FULL, "eval.icl": True, "eval.zero_cf": True}),
     *[Experiment(f"collm-{cf}", "collm", table=_TABLE, full={**_FULL, "cf.model": cf}, profiles=("full",))
