@@ -314,3 +314,26 @@ def test_bad_config_is_rejected_before_anything_is_written(tmp_path, setting, me
     with pytest.raises(InputError, match=message):
         run_method("collm", "ml-100k", tmp_path / "bad", sets=[*TINY_RUN, setting])
     assert not (tmp_path / "bad").exists()
+
+
+def test_step1_init_from_loads_a_saved_adapter_exactly(tiny, tmp_path):
+    from recalign.llm import LoraSettings
+
+    source = fresh(tiny)
+    source.add_lora(LoraSettings())
+    with torch.no_grad():
+        for name, parameter in source.model.named_parameters():
+            if "lora_B" in name:
+                parameter.add_(torch.randn_like(parameter) * 0.1)
+    run_dir = tmp_path / "previous"
+    source.save_adapter(run_dir / "step1_adapter")
+    texts = ["Answer with Yes or No. Will the user enjoy Fargo?", "Will the user enjoy Heat (1995)?"]
+    target = fresh(tiny)
+    ctx = fake_ctx(tmp_path / "new")
+    summary = text_lora_step(ctx, target, {"init_from": str(run_dir)}, DEFAULTS["lora"], [], None, [], None,
+                             Evaluator(ctx.run, target, "Yes", "No", 4, ctx.log))
+    assert summary["loaded_from"].endswith("step1_adapter")
+    assert torch.allclose(source.score_yes_no(texts), target.score_yes_no(texts), atol=1e-6)
+    with pytest.raises(InputError, match="init_from"):
+        text_lora_step(ctx, fresh(tiny), {"init_from": str(tmp_path)}, DEFAULTS["lora"], [], None, [], None,
+                       Evaluator(ctx.run, target, "Yes", "No", 4, ctx.log))
