@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
-from recalign.cf import Trainer, create_model, evaluate_ranking, leave_one_out_sets, train_cf_model
+from recalign.cf import evaluate_ranking, leave_one_out_sets, train_cf_model
 from recalign.errors import InputError
 from recalign.runs import RunDir
 
