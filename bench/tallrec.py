@@ -23,8 +23,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "tallrec.json"
 
-# epochs per shot count: fewer samples need more passes; early stopping on valid AUC picks the best epoch
-EPOCHS = {16: 10, 64: 6, 256: 3}
+# per shot count: fewer samples need more passes (learning is step-limited at lr 1e-3, batch 4); validation
+# every `eval_every` optimizer steps, early stopping after 3 validations without a better valid AUC
+SCHEDULE = {16: {"train.epochs": 12, "train.eval_every": 8},
+            64: {"train.epochs": 5, "train.eval_every": 16},
+            256: {"train.epochs": 3, "train.eval_every": 32}}
+COMMON_TRAIN = {"train.batch_size": 4, "train.lr": 1e-3, "train.patience": 3}
 
 
 def run(method: str, out: Path, sets: list[str]) -> dict:
@@ -95,8 +99,9 @@ def main() -> None:
     results = {"icl": run("icl", work / "icl", common)}
     print(f"ICL: test AUC {results['icl']['test']['auc']:.4f}", flush=True)
     for n in shots:
-        sets = common + [f"train.shots={n}", f"train.seeds={args.seeds}", f"train.epochs={EPOCHS.get(n, 3)}",
-                         *args.sets]
+        schedule = {**COMMON_TRAIN, **SCHEDULE.get(n, {"train.epochs": 3})}
+        sets = common + [f"train.shots={n}", f"train.seeds={args.seeds}"] + [f"{k}={v}" for k, v in schedule.items()]
+        sets += args.sets
         results[f"tallrec-{n}"] = run("tallrec", work / f"tallrec-{n}", sets)
         print(f"TALLRec {n}: test AUC {results[f'tallrec-{n}']['test']['auc']:.4f}", flush=True)
     cf = {} if args.no_cf else mf_ctr(shots, args.seeds, args.test_size, args.valid_size)
@@ -127,7 +132,8 @@ def main() -> None:
 
     atomic_write_json(RESULTS, {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
-        "args": vars(args), "epochs": {str(n): EPOCHS.get(n, 3) for n in shots}, "wall_seconds": wall,
+        "args": vars(args), "schedule": {str(n): {**COMMON_TRAIN, **SCHEDULE.get(n, {})} for n in shots},
+        "wall_seconds": wall,
         "runs": {name: {"test": m["test"], "valid": m["valid"], "seconds": m["seconds"],
                         "per_seed": [{k: v for k, v in row.items() if k != "history"} for row in m.get("per_seed", [])]}
                  for name, m in results.items()},

@@ -38,7 +38,7 @@ def test_tallrec_runs_end_to_end_with_seeds_and_resume(tmp_path, monkeypatch, ca
     assert test["n"] == 40 and test["n_warm"] + test["n_cold"] == 40
     assert {"auc_std", "auc_warm", "auc_cold", "uauc_skipped_users"} <= set(test)
     assert [r["seed"] for r in metrics["per_seed"]] == [0, 1] and metrics["shots"] == 16
-    assert all(r["steps"] == 4 for r in metrics["per_seed"])  # 16 shots / batch 8 x 2 epochs
+    assert all(r["steps"] == 8 for r in metrics["per_seed"])  # 16 shots / batch 4 x 2 epochs
     assert metrics["valid"]["n"] == 24
     for seed in (0, 1):
         assert (out / "checkpoints" / f"adapter-seed{seed}" / "adapter_model.safetensors").is_file()

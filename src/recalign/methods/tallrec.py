@@ -30,8 +30,8 @@ DEFAULTS = {
     "train": {
         "shots": 64,  # N training samples drawn from the training period (0 = all)
         "seeds": 1,  # number of training seeds (seed, seed+1, ...); metrics are mean (and *_std) over them
-        "epochs": 4,
-        "batch_size": 8,
+        "epochs": 3,
+        "batch_size": 4,
         "grad_accum": 1,
         "lr": 1e-3,
         "weight_decay": 0.0,
@@ -39,7 +39,7 @@ DEFAULTS = {
         "schedule": "constant",
         "max_grad_norm": 1.0,
         "eval_every": 0,  # optimizer steps between validations (0 = every epoch)
-        "patience": 2,  # validations without a better valid AUC before stopping
+        "patience": 3,  # validations without a better valid AUC before stopping
         "max_steps": 0,
         "loss": "lm",  # lm: causal-LM loss on the answer tokens | bce: BCE on logit(Yes) - logit(No)
         "answer_only": True,  # false: LM loss on every token, as the reference code does
