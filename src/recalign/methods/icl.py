@@ -44,6 +44,6 @@ METHOD = Method("icl", "Zero-shot LLM (TALLRec prompt, Yes/No logit score), no t
 
 EXPERIMENTS = [
     Experiment("icl", "icl", table="TALLRec: ICL vs instruction tuning (AUC)",
-               quick={"samples.test_size": 200, "samples.valid_size": 64},
-               full={"samples.test_size": 1000, "samples.valid_size": 256}),
+               quick={"samples.test_size": 200, "samples.valid_size": 32},
+               full={"samples.test_size": 1000, "samples.valid_size": 128}),
 ]

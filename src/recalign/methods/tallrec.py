@@ -213,15 +213,23 @@ METHOD = Method("tallrec", "Few-shot LoRA instruction tuning with Yes/No answers
                 report=_report, validate=lambda c: ctr.validate(c, training=True))
 
 _TABLE = "TALLRec: ICL vs instruction tuning (AUC)"
+# per shot count (as in bench/tallrec.py): learning is step-limited, so fewer shots get more epochs
+_SCHEDULE = {16: {"train.epochs": 12, "train.eval_every": 8},
+             64: {"train.epochs": 5, "train.eval_every": 16},
+             256: {"train.epochs": 3, "train.eval_every": 32}}
 EXPERIMENTS = [
+    # quick: one shot count, one epoch, one seed, small valid/test subsets (~4 min on an idle 2-core CPU)
     Experiment("tallrec", "tallrec", table=_TABLE, profiles=("quick",),
-               quick={"train.shots": 64, "train.seeds": 1, "samples.test_size": 200, "samples.valid_size": 64}),
+               quick={"train.shots": 256, "train.seeds": 1, "train.epochs": 1, "samples.test_size": 200,
+                      "samples.valid_size": 32}),
     *[Experiment(f"tallrec-{n}", "tallrec", table=_TABLE, profiles=("full",),
-                 full={"train.shots": n, "train.seeds": 3, "samples.test_size": 1000, "samples.valid_size": 256})
+                 full={"train.shots": n, "train.seeds": 3, "samples.test_size": 1000, "samples.valid_size": 128,
+                       **_SCHEDULE[n]})
       for n in (16, 64, 256)],
     Experiment("tallrec-cross-genre", "tallrec", table="TALLRec: cross-domain (ML-100K genre groups)",
                profiles=("full",),
                full={"cross.domains": ["genre:Action|Adventure|Sci-Fi|Thriller|War|Crime",
                                        "genre:Comedy|Romance|Children's|Musical|Animation"],
-                     "train.shots": 256, "train.seeds": 1, "samples.test_size": 500, "samples.valid_size": 128}),
+                     "train.shots": 256, "train.seeds": 1, "train.epochs": 2, "samples.test_size": 500,
+                     "samples.valid_size": 64}),
 ]
