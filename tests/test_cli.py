@@ -77,3 +77,20 @@ def test_bad_input_one_line_exit_2(tmp_path, monkeypatch, capsys, args, needle):
 def test_config_command_prints_every_key(monkeypatch, capsys):
     code, stdout, _ = invoke(monkeypatch, capsys, "config", "pop")
     assert code == 0 and "like_threshold: null" in stdout and "ks:" in stdout
+
+
+def test_unexpected_error_is_one_line_exit_1(tmp_path, monkeypatch, capsys):
+    import recalign.runner
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("something broke\ninside")
+
+    monkeypatch.setattr(recalign.runner, "run_method", boom)
+    code, _, err = invoke(monkeypatch, capsys, "run", "pop", "--out", str(tmp_path / "x"))
+    assert code == 1 and err.strip() == (
+        "internal error: RuntimeError: something broke inside (set RECALIGN_DEBUG=1 for a traceback)")
+
+
+def test_no_arguments_prints_help_and_exits_2(monkeypatch, capsys):
+    code, stdout, err = invoke(monkeypatch, capsys)
+    assert code == 2 and "Usage" in stdout + err and "error:" not in err

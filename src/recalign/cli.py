@@ -13,10 +13,23 @@ from typing import List, Optional
 import click
 import typer
 
+import typer.exceptions
+
 try:  # typer >= 0.20 vendors its own click
-    from typer._click import exceptions as _typer_click_exceptions
+    from typer._click import exceptions as _vendored
 except ImportError:  # pragma: no cover
-    _typer_click_exceptions = click.exceptions
+    _vendored = click.exceptions
+
+
+def _classes(name: str) -> tuple[type, ...]:
+    found = {getattr(module, name, None) for module in (click.exceptions, _vendored, typer.exceptions)}
+    return tuple(c for c in found if isinstance(c, type))
+
+
+_USAGE_ERRORS = _classes("UsageError")
+_NO_ARGS_HELP = _classes("NoArgsIsHelpError")
+_ABORTS = _classes("Abort")
+_EXITS = _classes("Exit")
 
 from recalign.errors import InputError
 
@@ -158,18 +171,20 @@ def main() -> None:
             raise
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except (click.exceptions.UsageError, _typer_click_exceptions.UsageError) as exc:
+    except _NO_ARGS_HELP:  # the help text has been printed
+        sys.exit(2)
+    except _USAGE_ERRORS as exc:
         where = f"{exc.ctx.command_path}: " if exc.ctx else ""
         print(f"error: {where}{' '.join(exc.format_message().split())}", file=sys.stderr)
         sys.exit(2)
-    except (click.exceptions.Abort, _typer_click_exceptions.Abort):
+    except _ABORTS:
         print("error: aborted", file=sys.stderr)
         sys.exit(130)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
-    except (click.exceptions.Exit, _typer_click_exceptions.Exit) as exc:
-        sys.exit(exc.exit_code)
+    except _EXITS as exc:
+        sys.exit(getattr(exc, "exit_code", 0))
     except Exception as exc:  # a bug, not bad input: still one line, with a pointer to the traceback switch
         if debug:
             raise
