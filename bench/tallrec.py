@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "tallrec.json"
 
 # per shot count: fewer samples need more passes (learning is step-limited at lr 1e-3, batch 4); validation
-# every `eval_every` optimizer steps, early stopping after 3 validations without a better valid AUC
+# at each epoch end and every `eval_every` optimizer steps within an epoch (16 shots: 4 steps per epoch, so
+# every epoch), early stopping after 3 validations without a better valid AUC
 SCHEDULE = {16: {"train.epochs": 12, "train.eval_every": 8},
             64: {"train.epochs": 5, "train.eval_every": 16},
             256: {"train.epochs": 3, "train.eval_every": 32}}

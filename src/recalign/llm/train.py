@@ -29,7 +29,7 @@ class TrainConfig:
     warmup_steps: int = 0
     schedule: str = "constant"  # constant | cosine (after warm-up)
     max_grad_norm: float = 1.0
-    eval_every: int = 0  # optimizer steps between evaluations; 0 = at the end of every epoch
+    eval_every: int = 0  # also evaluate every N optimizer steps within an epoch (every epoch end always evaluates)
     patience: int = 3  # evaluations without improvement before stopping; 0 = never stop early
     max_steps: int = 0  # 0 = no cap
     seed: int = 0

@@ -38,7 +38,7 @@ DEFAULTS = {
         "warmup_steps": 0,
         "schedule": "constant",
         "max_grad_norm": 1.0,
-        "eval_every": 0,  # optimizer steps between validations (0 = every epoch)
+        "eval_every": 0,  # also validate every N optimizer steps within an epoch (each epoch end always does)
         "patience": 3,  # validations without a better valid AUC before stopping
         "max_steps": 0,
         "loss": "lm",  # lm: causal-LM loss on the answer tokens | bce: BCE on logit(Yes) - logit(No)
@@ -214,6 +214,7 @@ METHOD = Method("tallrec", "Few-shot LoRA instruction tuning with Yes/No answers
 
 _TABLE = "TALLRec: ICL vs instruction tuning (AUC)"
 # per shot count (as in bench/tallrec.py): learning is step-limited, so fewer shots get more epochs
+# (16 shots = 4 steps per epoch, so eval_every 8 never fires: it validates at each epoch end)
 _SCHEDULE = {16: {"train.epochs": 12, "train.eval_every": 8},
              64: {"train.epochs": 5, "train.eval_every": 16},
              256: {"train.epochs": 3, "train.eval_every": 32}}
