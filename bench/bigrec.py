@@ -235,6 +235,7 @@ def run_quality(args) -> dict:
         metrics = run_method("bigrec", "ml-100k", out, sets=sets, resume=out.exists())
         if (out / "cases-test.json").is_file():
             result["analysis"] = analyze_cases(out)
+        result["diagnostics"] = diagnostics(out)
         result["bigrec"] = {"run_dir": str(out), "sets": sets, "wall_seconds": time.perf_counter() - started,
                             "variants": {k: {"test": v["test"], "valid": v["valid"], "gamma": v.get("gamma")}
                                          for k, v in metrics["variants"].items()},
@@ -274,6 +275,56 @@ def analyze_cases(run_dir: Path) -> dict:
     return out
 
 
+def _move_article(title: str) -> str:
+    """"Deer Hunter, The (1978)" -> "The Deer Hunter (1978)" (how people, and LLMs, usually write it)."""
+    import re
+
+    match = re.match(r"^(.*), (The|A|An) (\(\d{4}\))$", title)
+    return f"{match.group(2)} {match.group(1)} {match.group(3)}" if match else title
+
+
+def diagnostics(run_dir: Path) -> dict:
+    """From a finished run's checkpoints (no generation): (1) beam aggregation variants of the same beams;
+    (2) how well L2 grounding with the frozen base model recovers the TARGET from perturbed forms of its
+    title (no year / article moved to the front / lower case) — the grounding step on its own."""
+    import yaml
+
+    from recalign.data import load_dataset
+    from recalign.eval.grounding import CatalogueCache, aggregate_beams, l2_distances, model_fingerprint, rank_metrics
+    from recalign.llm import Backbone
+    from recalign.methods.bigrec import build_samples, full_histories, ground, history_masks
+
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    ds = load_dataset("ml-100k")
+    _, _, test = build_samples(ds, cfg["samples"])
+    backbone = Backbone.from_config(cfg["model"])
+    base_id = model_fingerprint(backbone.causal_lm, cfg["model"]["name"])
+    from recalign import assets
+
+    generated = torch.load(run_dir / "checkpoints" / "generations-test.pt", weights_only=False)
+    targets = torch.from_numpy(test["item"].to_numpy(np.int64).copy())
+    mask = history_masks(full_histories(ds, test), ds.n_items)
+    titles = ds.titles()
+    forms = {"exact title": lambda t: t, "no year": lambda t: t.rsplit(" (", 1)[0],
+             "article moved to front": _move_article, "lower case": str.lower}
+    out = {"beams": {}, "grounding_from_target_title": {}}
+    for pooling in ("last", "mean"):  # the run's pooling and the other one, on the same generations
+        g = {**cfg["grounding"], "pooling": pooling}
+        cache = CatalogueCache(g["cache_dir"] or assets.home() / "grounding")
+        catalogue, _ = cache.get(titles, lambda t: backbone.embed(t, pooling=pooling, adapter=False), base_id,
+                                 extra=f"pooling={pooling}")
+        per_beam = ground(backbone, generated["texts"], catalogue, g)
+        for mode in ("top", "min", "weighted"):
+            dist = aggregate_beams(per_beam, torch.tensor(generated["scores"]), mode)
+            out["beams"][f"{pooling} pooling, {mode}"] = {
+                k: v for k, v in rank_metrics(dist, targets, KS, mask).items() if k.startswith(("ndcg@", "hr@"))}
+        for name, form in forms.items():
+            texts = [form(titles[int(i)]) for i in targets]
+            dist = l2_distances(backbone.embed(texts, pooling=pooling, adapter=False), catalogue)
+            out["grounding_from_target_title"][f"{pooling}: {name}"] = float((dist.argmin(1) == targets).float().mean())
+    return out
+
+
 def quality_table(result: dict) -> str:
     columns = [f"ndcg@{k}" for k in KS] + [f"hr@{k}" for k in KS]
     lines = ["| model | " + " | ".join(c.upper().replace("NDCG", "NG") for c in columns) + " |",
@@ -290,6 +341,14 @@ def quality_table(result: dict) -> str:
         lines += ["", f"Generation (test, top beam): validity {gen['validity']:.3f}, in catalogue "
                       f"{gen['in_catalogue']:.3f}, exact target {gen['exact_target']:.3f}, "
                       f"{gen['distinct_titles']} distinct titles / {gen['cases']} cases"]
+    diag = result.get("diagnostics")
+    if diag:
+        lines += ["", "| beams aggregated | " + " | ".join(c.upper().replace("NDCG", "NG") for c in columns) + " |",
+                  "|---" * (len(columns) + 1) + "|"]
+        for mode, metrics in diag["beams"].items():
+            lines.append(f"| {mode} | " + " | ".join(f"{metrics[c]:.4f}" for c in columns) + " |")
+        lines += ["", "Grounding the target's own title, perturbed (share whose nearest item is the target): "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in diag["grounding_from_target_title"].items())]
     analysis = result.get("analysis")
     if analysis:
         lines += ["", "Analysis (test): " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
