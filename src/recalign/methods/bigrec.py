@@ -483,8 +483,9 @@ METHOD = Method("bigrec", "Generate the next item's title (LoRA), ground it to i
 _TABLE = "BIGRec: generation + grounding (few-shot), with injections"
 EXPERIMENTS = [
     Experiment("bigrec", "bigrec", table=_TABLE, profiles=("quick",),
-               quick={"train.shots": 64, "train.epochs": 1, "train.valid_loss_size": 0, "samples.valid_size": 20,
-                      "samples.test_size": 40, "generate.beams": 2, "generate.max_new_tokens": 24,
+               # a smoke test of the whole pipeline (~6 min on the shared 2-core CPU with 64/20/40; now smaller)
+               quick={"train.shots": 32, "train.epochs": 1, "train.valid_loss_size": 0, "samples.valid_size": 16,
+                      "samples.test_size": 32, "generate.beams": 2, "generate.max_new_tokens": 20,
                       "inject.cf_epochs": 3}),
     # the benchmark's setting (docs/benchmarks-bigrec.md): about 1.5 h on a shared 2-core CPU
     Experiment("bigrec-1024", "bigrec", table=_TABLE, profiles=("full",),
