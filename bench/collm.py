@@ -48,6 +48,9 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--per-user", type=int, default=15, help="at most this many test cases per user")
     parser.add_argument("--cf", nargs="+", default=["mf", "lightgcn", "sasrec"], choices=["mf", "lightgcn", "sasrec"])
     parser.add_argument("--no-softprompt", action="store_true")
+    parser.add_argument("--full-seeds", type=int, default=None,
+                        help="only the first K seeds run every row; later seeds run the core rows (MF, TALLRec, "
+                             "CoLLM-MF, zeroed CF) only")
     parser.add_argument("--step2-epochs", type=int, default=1)
     parser.add_argument("--step2-lr", type=float, default=1e-3)
     parser.add_argument("--set", action="append", default=[], help="extra key=value for every collm run")
@@ -63,6 +66,9 @@ def protocol_sets(args) -> list[str]:
 
 
 def run(name: str, method: str, out: Path, sets: list[str]) -> dict:
+    """Run (or resume) one method; a finished run directory is read back as it is."""
+    if (out / "metrics.json").is_file():
+        return json.loads((out / "metrics.json").read_text())
     started = time.perf_counter()
     print(f"[{time.strftime('%H:%M:%S')}] {name} ...", file=sys.stderr, flush=True)
     metrics = run_method(method, "ml-100k", out, sets=sets, resume=True)
@@ -71,7 +77,7 @@ def run(name: str, method: str, out: Path, sets: list[str]) -> dict:
     return metrics
 
 
-def rows_for_seed(args, seed: int, first: bool, publish) -> dict[str, dict]:
+def rows_for_seed(args, seed: int, first: bool, publish, core_only: bool = False) -> dict[str, dict]:
     """{row name: {"test": metrics, "seconds": {...}}} for one seed; `publish(rows)` after every run."""
     out = Path(args.out) / f"seed-{seed}"
     base = protocol_sets(args) + [f"seed={seed}", f"step2.epochs={args.step2_epochs}", f"step2.lr={args.step2_lr}",
@@ -79,8 +85,8 @@ def rows_for_seed(args, seed: int, first: bool, publish) -> dict[str, dict]:
     rows: dict[str, dict] = {}
     labels = {"mf": "MF", "lightgcn": "LightGCN", "sasrec": "SASRec"}
     step1_dir = None
-    plan = [("collm", cf) for cf in args.cf]
-    if not args.no_softprompt:
+    plan = [("collm", cf) for cf in (args.cf[:1] if core_only else args.cf)]
+    if not args.no_softprompt and not core_only:
         plan.insert(1, ("softprompt", None))  # right after the first CoLLM run (the core of the table)
     for method, cf in plan:
         if method == "softprompt":
@@ -171,7 +177,8 @@ def main() -> None:
         atomic_write_text(Path(args.results).with_suffix(".md"), markdown(table) + "\n")
 
     for index, seed in enumerate(args.seeds):
-        rows_for_seed(args, seed, index == 0, lambda rows, seed=seed: publish(rows, seed))
+        core_only = args.full_seeds is not None and index >= args.full_seeds
+        rows_for_seed(args, seed, index == 0, lambda rows, seed=seed: publish(rows, seed), core_only)
     print(f"CoLLM table, ML-100K, {args.model}, {args.train} training samples, test <= {args.test_warm} warm + "
           f"{args.test_cold} cold cases, seeds {args.seeds}, wall {time.perf_counter() - started:.0f}s")
     print(markdown(aggregate(per_seed)))

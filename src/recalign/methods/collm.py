@@ -58,6 +58,7 @@ DEFAULTS = {
         "params": {},  # the CF model's hyper-parameters (e.g. {embedding_size: 64})
         "train": {"epochs": 200, "batch_size": 2048, "lr": 0.001, "weight_decay": 0.0, "objective": "",
                   "patience": 10, "valid_metric": "auc", "max_minutes": 0.0},  # objective "" = bce if supported
+        "valid": "all",  # early-stop the CF model on the AUC of all valid samples (reference) or only the warm ones
         "tune": False,  # also tune the CF model in step 2 (default: frozen)
     },
     "cie": {"tokens": 1, "hidden_mult": 10},
@@ -73,6 +74,8 @@ DEFAULTS = {
 def validate(config: dict) -> None:
     check_protocol(config["data_protocol"])
     cf = config["cf"]
+    if cf["valid"] not in ("all", "warm"):
+        raise InputError(f"cf.valid: expected 'all' or 'warm', got {cf['valid']!r}")
     if cf["model"] not in CF_MODELS:
         raise InputError(f"cf.model: expected one of {', '.join(CF_MODELS)}, got {cf['model']!r}")
     for key in ("tokens", "hidden_mult"):
@@ -100,8 +103,9 @@ def train_cf(ctx: RunContext, section: dict, data, ds):
     train = dict(section["train"])
     if not train.get("objective"):
         train["objective"] = "bce" if "bce" in model_class(name).objectives else ""
+    valid = data.valid_full[data.valid_full["warm"]] if section["valid"] == "warm" else data.valid_full
     return train_cf_model(name, data.train_all, {"model": params, "train": train}, catalog=ds,
-                          valid=data.valid_full, run=ctx.run, checkpoint=f"cf-{name}", seed=ctx.seed,
+                          valid=valid, run=ctx.run, checkpoint=f"cf-{name}", seed=ctx.seed,
                           log=ctx.log)
 
 
