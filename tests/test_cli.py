@@ -1,22 +1,10 @@
 """The CLI end to end (in-process): run directories, resume, reproduce, report, errors."""
 
 import json
-import sys
 
 import pytest
 
-from recalign import cli
-
-
-def invoke(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["recalign", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from cli_helpers import invoke
 
 
 def test_run_writes_contract_files(tmp_path, monkeypatch, capsys):

@@ -3,23 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 
-from recalign import cli
+from cli_helpers import invoke
 from recalign.eval.metrics import auc
-
-
-def invoke(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["recalign", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_icl_scores_test_samples_and_is_deterministic(tmp_path, monkeypatch, capsys):

@@ -7,14 +7,13 @@ import gzip
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from recalign import cli
+from cli_helpers import invoke
 from recalign.data import build_dataset, load_dataset
 from recalign.data.readers import READERS, read_amazon, read_book_crossing
 from recalign.data.registry import detect_format
@@ -42,17 +41,6 @@ def raw_rows(ds):
     users = ds.users["raw_id"].to_numpy()[inter["user"]]
     items = ds.items["raw_id"].to_numpy()[inter["item"]]
     return list(zip(users, items, inter["rating"], inter["timestamp"]))
-
-
-def invoke(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["recalign", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_every_format_is_registered():

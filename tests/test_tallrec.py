@@ -3,28 +3,16 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pandas as pd
 import pytest
 
-from recalign import cli
+from cli_helpers import invoke
 from recalign.data import build_dataset
 from recalign.llm import ctr, load_tokenizer
 
 TINY = ["--set", "model.name=tiny-random", "--set", "samples.valid_size=24", "--set", "samples.test_size=40",
         "--set", "train.epochs=2", "--set", "train.shots=16"]
-
-
-def invoke(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["recalign", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_tallrec_runs_end_to_end_with_seeds_and_resume(tmp_path, monkeypatch, capsys):
