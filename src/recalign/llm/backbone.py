@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import inspect
 import re
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -444,6 +445,9 @@ class Backbone:
     def add_lora(self, settings: LoraSettings | None = None) -> None:
         """Wrap the model with fresh LoRA adapters (the base stays frozen)."""
         from peft import LoraConfig, get_peft_model
+
+        # peft 0.21 calls a transformers property that transformers 5 deprecates; nothing to act on here
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
         if self.is_peft:
             raise InputError("the backbone already carries a LoRA adapter")
