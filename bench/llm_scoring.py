@@ -52,9 +52,11 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--dtype", default="auto", help="auto = float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="the reference evaluator's default is 128")
     parser.add_argument("--train-examples", type=int, default=16)
     parser.add_argument("--threads", type=int, default=int(os.environ.get("RECALIGN_THREADS", "2")))
+    parser.add_argument("--results", default=str(RESULTS), help="where the JSON goes")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -63,7 +65,7 @@ def main() -> None:
 
     ds = load_dataset("ml-100k")
     data = ctr.prepare(ds, {**ctr.SAMPLE_DEFAULTS, "valid_size": args.samples, "test_size": args.train_examples})
-    backbone = Backbone.load(args.model, batch_size=args.batch_size)
+    backbone = Backbone.load(args.model, dtype=args.dtype, batch_size=args.batch_size)
     if args.adapter:
         backbone.load_adapter(args.adapter)
     prompt_cfg = ctr.TALLREC_PROMPT
@@ -126,16 +128,17 @@ def main() -> None:
     print("|---|---|---|")
     for row in train_rows:
         print(f"| {row['loss']} | {row['tokens_per_s']:.0f} | {row['examples_per_s']:.2f} |")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     from recalign.runs import atomic_write_json
 
-    atomic_write_json(RESULTS, {
+    atomic_write_json(Path(args.results), {
         "machine": {"cpus": os.cpu_count(), "threads": args.threads, "platform": platform.platform(),
-                    "torch": torch.__version__, "device": str(backbone.device)},
+                    "torch": torch.__version__, "device": str(backbone.device), "dtype": str(backbone.dtype),
+                    "gpu": torch.cuda.get_device_name() if backbone.device.type == "cuda" else None},
         "args": vars(args), "mean_prompt_tokens": statistics.mean(tokens), "scoring": rows, "training": train_rows,
         "generate_steps_last_round": steps[reference],
     })
-    print(f"\nwrote {RESULTS}")
+    print(f"\nwrote {args.results}")
 
 
 def _prefix(backbone, prompts) -> int:

@@ -28,7 +28,8 @@ RESULTS = ROOT / "bench" / "results" / "tallrec.json"
 # every epoch), early stopping after 3 validations without a better valid AUC
 SCHEDULE = {16: {"train.epochs": 12, "train.eval_every": 8},
             64: {"train.epochs": 5, "train.eval_every": 16},
-            256: {"train.epochs": 3, "train.eval_every": 32}}
+            256: {"train.epochs": 3, "train.eval_every": 32},
+            1024: {"train.epochs": 2, "train.eval_every": 64}}
 COMMON_TRAIN = {"train.batch_size": 4, "train.lr": 1e-3, "train.patience": 3}
 
 
@@ -87,7 +88,9 @@ def main() -> None:
     parser.add_argument("--valid-size", type=int, default=64)
     parser.add_argument("--work", default=str(ROOT / "runs" / "bench-tallrec"))  # /runs/ is git-ignored
     parser.add_argument("--no-cf", action="store_true")
-    parser.add_argument("--set", dest="sets", action="append", default=[], help="extra config for TALLRec runs")
+    parser.add_argument("--dtype", default="auto", help="model.dtype for every LLM run (auto: float32 CPU, bf16 CUDA)")
+    parser.add_argument("--set", dest="sets", action="append", default=[], help="extra config for the TALLRec runs (model.* keys: for ICL too)")
+    parser.add_argument("--results", default=str(RESULTS), help="where the JSON goes")
     args = parser.parse_args()
     import torch
 
@@ -96,13 +99,15 @@ def main() -> None:
     shots = [int(s) for s in args.shots.split(",") if s]
     work = Path(args.work)
     common = [f"samples.test_size={args.test_size}", f"samples.valid_size={args.valid_size}"]
+    common += [f"model.dtype={args.dtype}"] if args.dtype != "auto" else []
+    common += [s for s in args.sets if s.startswith("model.")]  # model settings apply to ICL too
     started = time.perf_counter()
     results = {"icl": run("icl", work / "icl", common)}
     print(f"ICL: test AUC {results['icl']['test']['auc']:.4f}", flush=True)
     for n in shots:
         schedule = {**COMMON_TRAIN, **SCHEDULE.get(n, {"train.epochs": 3})}
         sets = common + [f"train.shots={n}", f"train.seeds={args.seeds}"] + [f"{k}={v}" for k, v in schedule.items()]
-        sets += args.sets
+        sets += [s for s in args.sets if not s.startswith("model.")]
         results[f"tallrec-{n}"] = run("tallrec", work / f"tallrec-{n}", sets)
         print(f"TALLRec {n}: test AUC {results[f'tallrec-{n}']['test']['auc']:.4f}", flush=True)
     cf = {} if args.no_cf else mf_ctr(shots, args.seeds, args.test_size, args.valid_size)
@@ -131,8 +136,9 @@ def main() -> None:
     print(f"\nwall time {wall / 60:.1f} min (runs finished earlier and resumed count only their reading)")
     from recalign.runs import atomic_write_json
 
-    atomic_write_json(RESULTS, {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+    atomic_write_json(Path(args.results), {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+                    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
         "args": vars(args), "schedule": {str(n): {**COMMON_TRAIN, **SCHEDULE.get(n, {})} for n in shots},
         "wall_seconds": wall,
         "runs": {name: {"test": m["test"], "valid": m["valid"], "seconds": m["seconds"],
@@ -140,7 +146,7 @@ def main() -> None:
                  for name, m in results.items()},
         "mf_ctr": cf, "table": lines, "detail": detail,
     })
-    print(f"wrote {RESULTS}")
+    print(f"wrote {args.results}")
 
 
 if __name__ == "__main__":

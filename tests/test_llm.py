@@ -40,7 +40,7 @@ def test_score_equals_plain_full_forward(tiny):
     scores = tiny.score_yes_no(texts, prefix_cache=False)
     yes, no = tiny.yes_no_ids()
     for text, score in zip(texts, scores):
-        ids = torch.tensor([tiny.tokenize(text)])
+        ids = torch.tensor([tiny.tokenize(text)], device=tiny.device)
         with torch.no_grad():
             logits = tiny.model(input_ids=ids).logits[0, -1]
         assert abs(float(logits[yes] - logits[no]) - float(score)) < 1e-5
@@ -297,3 +297,15 @@ def test_shared_prefix_training_loss_and_gradients_match_plain_batch(tiny):
     assert abs(plain - cached) < 1e-5
     for a, b in zip(g_plain, g_cached):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-3)
+
+
+def test_prefix_cache_auto_follows_device(tiny):
+    from recalign.config import resolve
+    from recalign.methods.icl import DEFAULTS
+
+    assert Backbone(tiny.model, tiny.tokenizer).prefix_cache is (tiny.device.type == "cpu")
+    assert Backbone(tiny.model, tiny.tokenizer, prefix_cache=False).prefix_cache is False
+    assert resolve(DEFAULTS)["model"]["prefix_cache"] is None  # null = auto
+    assert resolve(DEFAULTS, sets=["model.prefix_cache=false"])["model"]["prefix_cache"] is False
+    with pytest.raises(InputError, match="prefix_cache"):
+        resolve(DEFAULTS, sets=["model.prefix_cache=sometimes"])

@@ -27,7 +27,8 @@ BASE_DEFAULTS: dict[str, Any] = {
 
 
 # keys whose default is null but whose value, when given, has a type: dotted key -> example value
-NULLABLE_TYPES: dict[str, Any] = {"data.like_threshold": 0.0, "data.format": "", "data.domain": ""}
+NULLABLE_TYPES: dict[str, Any] = {"data.like_threshold": 0.0, "data.format": "", "data.domain": "",
+                                  "model.prefix_cache": True}
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

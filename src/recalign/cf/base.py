@@ -165,7 +165,7 @@ def make_query(users, histories, n_items: int, max_len: int | None = None) -> Qu
     """Build a Query from user ids and a list of histories (sequences of item ids, oldest first).
 
     `max_len` keeps only the most recent items (None: all)."""
-    users = torch.as_tensor(np.asarray(users, dtype=np.int64))
+    users = torch.as_tensor(np.array(users, dtype=np.int64))  # a copy: the input may be read-only
     histories = [np.asarray(h, dtype=np.int64)[-max_len:] if max_len else np.asarray(h, dtype=np.int64)
                  for h in histories]
     width = max([len(h) for h in histories] + [1])

@@ -17,11 +17,10 @@ import torch
 
 from recalign.errors import InputError
 from recalign.hybrid.protocol import warm_cold_metrics
-from recalign.llm import Backbone, Checkpointer, LoraSettings, TrainConfig, Wrapper, fill, quote_titles
+from recalign.llm import MODEL_CONFIG, Backbone, Checkpointer, LoraSettings, TrainConfig, Wrapper, fill, quote_titles
 from recalign.llm import train_loop, train_lora
 
-MODEL_DEFAULTS = {"name": "smollm2-135m-instruct", "dtype": "auto", "device": "auto", "batch_size": 8,
-                  "prefix_cache": True}
+MODEL_DEFAULTS = dict(MODEL_CONFIG)
 LORA_DEFAULTS = {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
 TRAIN_KEYS = ("epochs", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "schedule",
               "max_grad_norm", "eval_every", "patience", "max_steps")

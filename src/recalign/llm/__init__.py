@@ -1,7 +1,7 @@
 """The LLM backbone shared by every LLM method (ICL, TALLRec, BIGRec, CoLLM, TransRec, RecInterpreter).
 
 Loading
-    Backbone.load(source="smollm2-135m-instruct", dtype="auto", device="auto", batch_size=8, prefix_cache=True)
+    Backbone.load(source="smollm2-135m-instruct", dtype="auto", device="auto", batch_size=8, prefix_cache=None)
     Backbone.from_config(cfg["model"])           # keys: name, dtype, device, batch_size, prefix_cache
                                                  # (defaults: llm.MODEL_CONFIG, the shared `model:` section)
         source: embedded asset name (GGUF, dequantized once to safetensors under $RECALIGN_HOME/models/),

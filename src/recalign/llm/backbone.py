@@ -62,14 +62,14 @@ class Generation:
 
 
 class Backbone:
-    def __init__(self, model, tokenizer, name: str = "", batch_size: int = 8, prefix_cache: bool = True,
+    def __init__(self, model, tokenizer, name: str = "", batch_size: int = 8, prefix_cache: bool | None = None,
                  min_prefix_tokens: int = 16):
         self.model = model
         self.tokenizer = tokenizer
         self.tokenizer.padding_side = "left"
         self.name = name
         self.batch_size = batch_size
-        self.prefix_cache = prefix_cache
+        self.prefix_cache = self.device.type == "cpu" if prefix_cache is None else prefix_cache
         self.min_prefix_tokens = min_prefix_tokens
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._token_cache: dict[str, list[int]] = {}
@@ -90,7 +90,7 @@ class Backbone:
         """From a `model:` config section (name, dtype, device, batch_size, prefix_cache)."""
         return cls.load(section.get("name", "smollm2-135m-instruct"), dtype=section.get("dtype", "auto"),
                         device=section.get("device", "auto"), batch_size=int(section.get("batch_size", 8)),
-                        prefix_cache=bool(section.get("prefix_cache", True)))
+                        prefix_cache=section.get("prefix_cache"))
 
     @property
     def is_peft(self) -> bool:
