@@ -12,7 +12,6 @@ continue after an interruption). Writes bench/results/tallrec.json and prints th
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -22,15 +21,6 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "tallrec.json"
-
-# per shot count: fewer samples need more passes (learning is step-limited at lr 1e-3, batch 4); validation
-# at each epoch end and every `eval_every` optimizer steps within an epoch (16 shots: 4 steps per epoch, so
-# every epoch), early stopping after 3 validations without a better valid AUC
-SCHEDULE = {16: {"train.epochs": 12, "train.eval_every": 8},
-            64: {"train.epochs": 5, "train.eval_every": 16},
-            256: {"train.epochs": 3, "train.eval_every": 32},
-            1024: {"train.epochs": 2, "train.eval_every": 64}}
-COMMON_TRAIN = {"train.batch_size": 4, "train.lr": 1e-3, "train.patience": 3}
 
 
 def run(method: str, out: Path, sets: list[str]) -> dict:
@@ -88,24 +78,25 @@ def main() -> None:
     parser.add_argument("--valid-size", type=int, default=64)
     parser.add_argument("--work", default=str(ROOT / "runs" / "bench-tallrec"))  # /runs/ is git-ignored
     parser.add_argument("--no-cf", action="store_true")
-    parser.add_argument("--dtype", default="auto", help="model.dtype for every LLM run (auto: float32 CPU, bf16 CUDA)")
-    parser.add_argument("--set", dest="sets", action="append", default=[], help="extra config for the TALLRec runs (model.* keys: for ICL too)")
+    parser.add_argument("--set", dest="sets", action="append", default=[], 
+                        help="extra config for the TALLRec runs (model.* keys, e.g. model.dtype: for ICL too)")
     parser.add_argument("--results", default=str(RESULTS), help="where the JSON goes")
     args = parser.parse_args()
     import torch
+
+    from recalign.methods.tallrec import SCHEDULE
 
     torch.set_num_threads(int(os.environ.get("RECALIGN_THREADS", "2")))
     os.environ.setdefault("RECALIGN_QUIET", "1")
     shots = [int(s) for s in args.shots.split(",") if s]
     work = Path(args.work)
     common = [f"samples.test_size={args.test_size}", f"samples.valid_size={args.valid_size}"]
-    common += [f"model.dtype={args.dtype}"] if args.dtype != "auto" else []
     common += [s for s in args.sets if s.startswith("model.")]  # model settings apply to ICL too
     started = time.perf_counter()
     results = {"icl": run("icl", work / "icl", common)}
     print(f"ICL: test AUC {results['icl']['test']['auc']:.4f}", flush=True)
     for n in shots:
-        schedule = {**COMMON_TRAIN, **SCHEDULE.get(n, {"train.epochs": 3})}
+        schedule = SCHEDULE.get(n, {"train.epochs": 3})  # + the method defaults: batch 4, lr 1e-3, patience 3
         sets = common + [f"train.shots={n}", f"train.seeds={args.seeds}"] + [f"{k}={v}" for k, v in schedule.items()]
         sets += [s for s in args.sets if not s.startswith("model.")]
         results[f"tallrec-{n}"] = run("tallrec", work / f"tallrec-{n}", sets)
@@ -139,7 +130,7 @@ def main() -> None:
     atomic_write_json(Path(args.results), {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                     "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
-        "args": vars(args), "schedule": {str(n): {**COMMON_TRAIN, **SCHEDULE.get(n, {})} for n in shots},
+        "args": vars(args), "schedule": {str(n): SCHEDULE.get(n, {}) for n in shots},
         "wall_seconds": wall,
         "runs": {name: {"test": m["test"], "valid": m["valid"], "seconds": m["seconds"],
                         "per_seed": [{k: v for k, v in row.items() if k != "history"} for row in m.get("per_seed", [])]}

@@ -213,11 +213,13 @@ METHOD = Method("tallrec", "Few-shot LoRA instruction tuning with Yes/No answers
                 report=_report, validate=lambda c: ctr.validate(c, training=True))
 
 _TABLE = "TALLRec: ICL vs instruction tuning (AUC)"
-# per shot count (as in bench/tallrec.py): learning is step-limited, so fewer shots get more epochs
-# (16 shots = 4 steps per epoch, so eval_every 8 never fires: it validates at each epoch end)
-_SCHEDULE = {16: {"train.epochs": 12, "train.eval_every": 8},
-             64: {"train.epochs": 5, "train.eval_every": 16},
-             256: {"train.epochs": 3, "train.eval_every": 32}}
+# per shot count (bench/tallrec.py uses it too): learning is step-limited at lr 1e-3 and batch 4, so fewer shots
+# get more epochs; validation at each epoch end and every `eval_every` optimizer steps (16 shots = 4 steps per
+# epoch, so eval_every 8 never fires: it validates at each epoch end)
+SCHEDULE = {16: {"train.epochs": 12, "train.eval_every": 8},
+            64: {"train.epochs": 5, "train.eval_every": 16},
+            256: {"train.epochs": 3, "train.eval_every": 32},
+            1024: {"train.epochs": 2, "train.eval_every": 64}}
 EXPERIMENTS = [
     # quick: one shot count, one epoch, one seed, small valid/test subsets (~4 min on an idle 2-core CPU)
     Experiment("tallrec", "tallrec", table=_TABLE, profiles=("quick",),
@@ -225,7 +227,7 @@ EXPERIMENTS = [
                       "samples.valid_size": 32}),
     *[Experiment(f"tallrec-{n}", "tallrec", table=_TABLE, profiles=("full",),
                  full={"train.shots": n, "train.seeds": 3, "samples.test_size": 1000, "samples.valid_size": 128,
-                       **_SCHEDULE[n]})
+                       **SCHEDULE[n]})
       for n in (16, 64, 256)],
     Experiment("tallrec-cross-genre", "tallrec", table="TALLRec: cross-domain (ML-100K genre groups)",
                profiles=("full",),
