@@ -64,6 +64,7 @@ def prepare(ds: Dataset, samples_cfg: Mapping, liked_history_only: bool = False)
 
 
 def subset(frame: pd.DataFrame, size: int, seed: int) -> pd.DataFrame:
+    """A random subset of `size` rows drawn with `seed`, kept in their original order (all when size <= 0)."""
     if size <= 0 or size >= len(frame):
         return frame.reset_index(drop=True)
     rng = np.random.default_rng(seed)

@@ -40,6 +40,7 @@ from recalign.eval.grounding import (
     select_gamma,
 )
 from recalign.llm import MODEL_CONFIG
+from recalign.llm.ctr import subset
 from recalign.methods import Experiment, Method, RunContext
 
 PROMPT = {
@@ -110,14 +111,6 @@ DEFAULTS = {
 
 
 # ---------------------------------------------------------------------------------------------- data
-def subset(frame: pd.DataFrame, size: int, seed: int) -> pd.DataFrame:
-    """A random subset of `size` rows drawn with `seed`, kept in their original order (all when size <= 0)."""
-    if size <= 0 or size >= len(frame):
-        return frame.reset_index(drop=True)
-    rng = np.random.default_rng(seed)
-    return frame.iloc[np.sort(rng.choice(len(frame), size=size, replace=False))].reset_index(drop=True)
-
-
 def build_samples(ds, samples_cfg: dict):
     """(split, valid cases, test cases): windows of L watched items -> next item, split by target time."""
     samples = history_samples(ds, int(samples_cfg["history_len"]))
