@@ -115,7 +115,7 @@ def cf_vectors(cf, frame, zero: bool = False) -> tuple[torch.Tensor, torch.Tenso
 
     query = make_query(frame["user"].to_numpy(), list(frame["history"]), cf.n_items, cf.max_len)
     users = cf.query_embedding(query)
-    items = cf.item_embeddings()[torch.as_tensor(frame["item"].to_numpy(np.int64))]
+    items = cf.item_embeddings()[torch.as_tensor(frame["item"].to_numpy(np.int64, copy=True))]
     if users.shape[1] != items.shape[1]:
         raise InputError(f"cf.model {cf.name}: user vectors ({users.shape[1]}) and item vectors "
                          f"({items.shape[1]}) differ in size")
