@@ -128,7 +128,7 @@ def show_config(method: str = typer.Argument(...)):
 @app.command("reproduce")
 def reproduce(
     out: Path = typer.Option(Path("runs/reproduce"), "--out", "-o"),
-    profile: str = typer.Option("quick", "--profile", "-p", help="quick (~20 min on 2 CPU cores) or full"),
+    profile: str = typer.Option("quick", "--profile", "-p", help="quick (~10 min on 2 idle CPU cores) or full (hours)"),
     only: Optional[List[str]] = typer.Option(None, "--only", help="run just these experiments"),
 ):
     """Run every registered experiment of the seed's tables in miniature and write a report."""
