@@ -51,7 +51,10 @@ def test_tallrec_cross_domain_matrix(tmp_path, monkeypatch, capsys):
     matrix = metrics["cross_domain"]["auc"]
     assert len(matrix) == 2 and all(len(row) == 2 and all(0 <= v <= 1 for v in row) for row in matrix)
     assert abs(metrics["test"]["auc"] - (matrix[0][1] + matrix[1][0]) / 2) < 1e-9
-    assert "Cross-domain AUC" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "Cross-domain AUC" in report
+    row = next(line for line in report.splitlines() if line.startswith("| genre:Action"))
+    assert len(row.replace("\\|", "").split("|")) == 5  # name + 2 AUCs: the genre pipes are escaped
 
 
 @pytest.mark.parametrize("setting, message", [

@@ -194,7 +194,7 @@ def _report(metrics: dict) -> str:
     lines = []
     cross = metrics.get("cross_domain")
     if cross:
-        names = cross["domains"]
+        names = [name.replace("|", "\\|") for name in cross["domains"]]  # genre lists hold table pipes
         lines += ["### Cross-domain AUC (rows: trained on, columns: tested on)", "",
                   "| train \\ test | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         for name, row in zip(names, cross["auc"]):
