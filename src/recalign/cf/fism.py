@@ -30,7 +30,6 @@ class FISM(CFModel):
 
     def prepare(self, data: TrainData) -> None:
         self._data = data
-        self._rows = csr_tensor(data.matrix)
         self._counts = torch.from_numpy(np.diff(data.matrix.indptr).astype(np.float32))
 
     def _aggregate(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -40,8 +39,9 @@ class FISM(CFModel):
 
     def loss(self, batch: dict, objective: str) -> torch.Tensor:
         users, items = batch["users"], batch["items"]
-        # every user's item sum once per batch (cheaper than the batch's rows: users repeat in a batch)
-        summed = torch.sparse.mm(self._rows, self.history_item.weight)[users]
+        # each distinct user of the batch summed once (users repeat within a batch)
+        distinct, inverse = users.unique(return_inverse=True)
+        summed = torch.sparse.mm(csr_tensor(self._data.matrix[distinct.numpy()]), self.history_item.weight)[inverse]
         counts = self._counts[users]
         q = self.item(items)
         # leave the target out of its own history

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import time
 
-
 from recalign.errors import InputError
 from recalign.methods import Experiment, Method, RunContext
 
