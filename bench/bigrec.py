@@ -42,7 +42,7 @@ def machine() -> dict:
 
 
 def _write(name: str, data: dict) -> Path:
-    from recalign.runs import atomic_write_json
+    from recalign.io import atomic_write_json
 
     path = RESULTS / name
     atomic_write_json(path, data)

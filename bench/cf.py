@@ -145,7 +145,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
 
-    from recalign.runs import atomic_write_json
+    from recalign.io import atomic_write_json
 
     out_path = Path(args.out)
     results = json.loads(out_path.read_text()) if out_path.exists() else {}

@@ -31,7 +31,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("RECALIGN_QUIET", "1")
 
 from recalign.runner import run_method  # noqa: E402
-from recalign.runs import atomic_write_json, atomic_write_text  # noqa: E402
+from recalign.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 METRICS = ["auc", "uauc", "auc_warm", "uauc_warm", "auc_cold", "uauc_cold"]
 ROOT = Path(__file__).resolve().parent

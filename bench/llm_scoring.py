@@ -137,7 +137,7 @@ def main() -> None:
     for row in train_rows:
         print(f"| {row['loss']} | {row['tokens_per_s']:.0f} | {row['examples_per_s']:.2f} |")
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    from recalign.runs import atomic_write_json
+    from recalign.io import atomic_write_json
 
     atomic_write_json(Path(args.results), {
         "machine": {"cpus": os.cpu_count(), "threads": args.threads, "platform": platform.platform(),

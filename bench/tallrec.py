@@ -125,7 +125,7 @@ def main() -> None:
                       f"{r['seconds']['eval']:.0f} |")
     print("\nTest AUC (mean ± std over seeds)\n" + "\n".join(lines) + "\n\n" + "\n".join(detail))
     print(f"\nwall time {wall / 60:.1f} min (runs finished earlier and resumed count only their reading)")
-    from recalign.runs import atomic_write_json
+    from recalign.io import atomic_write_json
 
     atomic_write_json(Path(args.results), {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from recalign.errors import InputError
-from recalign.runs import RunDir, atomic_dir, atomic_write_json, atomic_write_text
+from recalign.io import atomic_dir, atomic_write_json, atomic_write_text
+from recalign.runs import RunDir
 
 
 def test_atomic_write_leaves_no_partial_file_on_failure(tmp_path, monkeypatch):
@@ -25,7 +26,7 @@ def test_atomic_write_leaves_no_partial_file_on_failure(tmp_path, monkeypatch):
 def test_nan_becomes_null():
     import math
 
-    from recalign.runs import _json_safe
+    from recalign.io import _json_safe
 
     assert _json_safe({"x": math.nan, "y": [1.0, math.inf]}) == {"x": None, "y": [1.0, None]}
 

@@ -155,7 +155,7 @@ def report(run_dirs: List[Path] = typer.Argument(..., help="run directories"),
         rows.append((f"{metrics.get('method')} ({path.name})", metrics.get("test", {})))
     text = metrics_table(rows) + "\n"
     if out:
-        from recalign.runs import atomic_write_text
+        from recalign.io import atomic_write_text
 
         atomic_write_text(out, text)
     print(text, end="")

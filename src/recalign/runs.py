@@ -11,72 +11,12 @@ Layout of DIR:
 from __future__ import annotations
 
 import json
-import math
-import os
-import shutil
-import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from recalign.errors import InputError
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
-        return _json_safe(value.item())
-    return value
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(_json_safe(data), indent=2, sort_keys=False) + "\n")
-
-
-@contextmanager
-def atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces `path` in one rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+from recalign.io import Checkpoints, atomic_write_json, atomic_write_text
 
 
 class RunDir:
@@ -84,6 +24,7 @@ class RunDir:
         self.path = Path(path)
         self.resume = resume
         self.checkpoints = self.path / "checkpoints"
+        self._checkpoints = Checkpoints(self.checkpoints)
 
     # ----- lifecycle
     def prepare(self, config_text: str) -> None:
@@ -123,26 +64,13 @@ class RunDir:
         with open(self.path / "run.log", "a", encoding="utf-8") as handle:
             handle.write(f"{stamp} {message}\n")
 
-    # ----- checkpoints (torch objects)
+    # ----- checkpoints (see `recalign.io.Checkpoints`)
     def checkpoint_path(self, name: str) -> Path:
-        return self.checkpoints / f"{name}.pt"
+        return self._checkpoints.file(name)
 
     def save_checkpoint(self, name: str, state: Any) -> Path:
-        import io
-
-        import torch
-
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        path = self.checkpoint_path(name)
-        atomic_write_bytes(path, buffer.getvalue())
-        return path
+        return self._checkpoints.save_checkpoint(name, state)
 
     def load_checkpoint(self, name: str) -> Any | None:
-        """The saved state, or None when there is none (or when not resuming)."""
-        import torch
-
-        path = self.checkpoint_path(name)
-        if not path.exists():
-            return None
-        return torch.load(path, map_location="cpu", weights_only=False)
+        """The saved state, or None when there is none."""
+        return self._checkpoints.load_checkpoint(name)

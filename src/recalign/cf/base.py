@@ -226,6 +226,8 @@ class CFModel(nn.Module):
     """
 
     name: ClassVar[str] = ""
+    description: ClassVar[str] = ""  # one line for `recalign methods`
+    train_overrides: ClassVar[dict] = {}  # trainer settings that differ from cf.TRAIN_DEFAULTS for this model
     kind: ClassVar[str] = "embedding"
     objectives: ClassVar[tuple[str, ...]] = ("bpr", "bce")
     defaults: ClassVar[dict] = {}
@@ -297,7 +299,7 @@ class CFModel(nn.Module):
     def save(self, path) -> None:
         import io
 
-        from recalign.runs import atomic_write_bytes
+        from recalign.io import atomic_write_bytes
 
         buffer = io.BytesIO()
         torch.save(self.checkpoint(), buffer)

@@ -18,6 +18,8 @@ from recalign.cf.sequential import SequentialModel
 
 class Caser(SequentialModel):
     name = "caser"
+    description = 'Caser: horizontal and vertical convolutions over the last L items plus a user embedding.'
+    train_overrides = {"epochs": 200, "patience": 10}  # chosen on the validation split (docs/benchmarks-cf.md)
     last_position_only = True
     defaults = {"embedding_size": 64, "n_v": 4, "n_h": 16, "dropout": 0.4, "max_len": 5}
 

@@ -14,6 +14,8 @@ from recalign.cf.batches import has_pair, pair_keys
 
 class FISM(CFModel):
     name = "fism"
+    description = "FISM: factored item similarity; a user is the normalised sum of their items' embeddings."
+    train_overrides = {"epochs": 200, "patience": 15}  # chosen on the validation split (docs/benchmarks-cf.md)
     kind = "embedding"
     objectives = ("bpr", "bce")
     defaults = {"embedding_size": 64, "alpha": 0.5, "reg_weight": 0.0}

@@ -12,6 +12,8 @@ from recalign.cf.sequential import SequentialModel
 
 class GRU4Rec(SequentialModel):
     name = "gru4rec"
+    description = 'GRU4Rec: GRU over the item sequence, next-item cross-entropy over all items.'
+    train_overrides = {"epochs": 200, "patience": 10}  # chosen on the validation split (docs/benchmarks-cf.md)
     defaults = {"embedding_size": 64, "hidden_size": 128, "n_layers": 1, "dropout": 0.3, "max_len": 50}
 
     def __init__(self, n_users: int, n_items: int, **params):

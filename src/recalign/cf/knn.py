@@ -46,6 +46,7 @@ class _SparseState:
 
 class ItemCF(_SparseState, CFModel):
     name = "itemcf"
+    description = 'ItemCF: cosine item-item similarity, k nearest neighbours of each item (scipy sparse).'
     kind = "memory"
     objectives = ("cosine",)
     defaults = {"k": 100, "shrink": 0.0, "positives_only": False}
@@ -77,6 +78,7 @@ class ItemCF(_SparseState, CFModel):
 
 class UserCF(_SparseState, CFModel):
     name = "usercf"
+    description = 'UserCF: cosine similarity between users, k nearest neighbours vote (scipy sparse).'
     kind = "memory"
     objectives = ("cosine",)
     defaults = {"k": 100, "shrink": 0.0, "positives_only": False}

@@ -15,6 +15,8 @@ from recalign.cf.base import CFModel, Query, TrainData, bce_loss, bpr_loss, csr_
 
 class LightGCN(CFModel):
     name = "lightgcn"
+    description = 'LightGCN: embeddings smoothed over the user-item graph (sparse normalised adjacency).'
+    train_overrides = {"epochs": 300, "patience": 30}  # chosen on the validation split (docs/benchmarks-cf.md)
     kind = "embedding"
     objectives = ("bpr", "bce")
     defaults = {"embedding_size": 64, "n_layers": 2, "reg_weight": 1e-5}

@@ -11,6 +11,8 @@ from recalign.cf.base import CFModel, Query, bce_loss, bpr_loss, dot_scores
 
 class MF(CFModel):
     name = "mf"
+    description = 'MF: matrix factorisation with BPR (or point-wise BCE on explicit labels).'
+    train_overrides = {"epochs": 300, "patience": 30}  # chosen on the validation split (docs/benchmarks-cf.md)
     kind = "embedding"
     objectives = ("bpr", "bce")
     defaults = {"embedding_size": 64, "reg_weight": 0.0, "bias": False}

@@ -10,6 +10,7 @@ from recalign.cf.base import CFModel, Query, TrainData, select_items
 
 class Pop(CFModel):
     name = "pop"
+    description = 'Pop: items ranked by their number of training interactions (non-personalised).'
     kind = "memory"
     objectives = ("count",)
     defaults = {"positives_only": False}  # count only rows labelled positive (CTR setting)

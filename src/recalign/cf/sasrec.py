@@ -13,6 +13,8 @@ from recalign.cf.sequential import SequentialModel
 
 class SASRec(SequentialModel):
     name = "sasrec"
+    description = 'SASRec: causal self-attention over the item sequence, next-item cross-entropy over all items.'
+    train_overrides = {"epochs": 200, "patience": 10}  # chosen on the validation split (docs/benchmarks-cf.md)
     defaults = {"embedding_size": 64, "n_layers": 2, "n_heads": 2, "inner_size": 256, "dropout": 0.5,
                 "max_len": 50}
 

@@ -49,14 +49,15 @@ class Trainer:
     def __init__(self, config: dict | None = None, seed: int = 0, run=None, checkpoint: str = "cf",
                  log: Callable[[str], None] | None = None,
                  on_epoch_end: Callable[[int, dict], None] | None = None):
-        """run: a `recalign.runs.RunDir` or a directory path (checkpoints under it), or None (no
-        checkpoints). on_epoch_end(epoch, record) is called after each epoch's checkpoint is written."""
+        """run: anything with save_checkpoint/load_checkpoint (a run directory, `recalign.io.Checkpoints`), a
+        directory path (checkpoints under it), or None (no checkpoints). on_epoch_end(epoch, record) is called
+        after each epoch's checkpoint is written."""
         self.config = train_config(config)
         self.seed = int(seed)
         if run is not None and not hasattr(run, "save_checkpoint"):
-            from recalign.runs import RunDir
+            from recalign.io import Checkpoints
 
-            run = RunDir(Path(run))
+            run = Checkpoints(Path(run) / "checkpoints")
         self.run = run
         self.checkpoint_name = checkpoint
         self.log = log or (lambda message: None)

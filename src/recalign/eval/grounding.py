@@ -247,7 +247,7 @@ class CatalogueCache:
     def get(self, titles: Sequence[str], embed: Callable[[list[str]], torch.Tensor], model_id: str,
             extra: str = "") -> tuple[torch.Tensor, bool]:
         """(embeddings [N, d] float32, True when read from the cache)."""
-        from recalign.runs import atomic_write_bytes
+        from recalign.io import atomic_write_bytes
 
         titles = list(titles)
         path = self.path(model_id, titles, extra)

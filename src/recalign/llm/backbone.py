@@ -481,7 +481,7 @@ class Backbone:
 
     def save_adapter(self, path: str | Path) -> Path:
         """peft format (adapter_config.json + adapter_model.safetensors), written atomically."""
-        from recalign.runs import atomic_dir
+        from recalign.io import atomic_dir
 
         if not self.is_peft:
             raise InputError("save_adapter: the backbone has no LoRA adapter")

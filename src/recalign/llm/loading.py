@@ -79,7 +79,7 @@ def _convert_embedded(name: str) -> Path:
     """Dequantize the embedded GGUF once and save model + tokenizer as safetensors (atomically)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from recalign.runs import atomic_dir
+    from recalign.io import atomic_dir
 
     target = converted_dir(name)
     if (target / "config.json").is_file():
@@ -120,7 +120,7 @@ def _embedded_tokenizer_dir(name: str) -> Path:
         return target
     from transformers import AutoTokenizer
 
-    from recalign.runs import atomic_dir
+    from recalign.io import atomic_dir
 
     _quiet_transformers()
     tokenizer = AutoTokenizer.from_pretrained(assets.fetch(name), gguf_file=EMBEDDED[name])

@@ -14,30 +14,9 @@ from __future__ import annotations
 import copy
 import time
 
+from recalign.cf import MODELS as CF_MODELS
 from recalign.errors import InputError
 from recalign.methods import Experiment, Method, RunContext
-
-DESCRIPTIONS = {
-    "pop": "Pop: items ranked by their number of training interactions (non-personalised).",
-    "usercf": "UserCF: cosine similarity between users, k nearest neighbours vote (scipy sparse).",
-    "itemcf": "ItemCF: cosine item-item similarity, k nearest neighbours of each item (scipy sparse).",
-    "mf": "MF: matrix factorisation with BPR (or point-wise BCE on explicit labels).",
-    "fism": "FISM: factored item similarity; a user is the normalised sum of their items' embeddings.",
-    "lightgcn": "LightGCN: embeddings smoothed over the user-item graph (sparse normalised adjacency).",
-    "gru4rec": "GRU4Rec: GRU over the item sequence, next-item cross-entropy over all items.",
-    "caser": "Caser: horizontal and vertical convolutions over the last L items plus a user embedding.",
-    "sasrec": "SASRec: causal self-attention over the item sequence, next-item cross-entropy over all items.",
-}
-
-# per-model trainer settings (chosen on the validation split; see docs/benchmarks-cf.md)
-TRAIN_OVERRIDES = {
-    "mf": {"epochs": 300, "patience": 30},
-    "fism": {"epochs": 200, "patience": 15},
-    "lightgcn": {"epochs": 300, "patience": 30},
-    "gru4rec": {"epochs": 200, "patience": 10},
-    "caser": {"epochs": 200, "patience": 10},
-    "sasrec": {"epochs": 200, "patience": 10},
-}
 
 PROTOCOL_DEFAULTS = {
     "protocol": "loo",  # loo | ctr
@@ -51,7 +30,7 @@ def model_config(name: str) -> dict:
     from recalign.cf import TRAIN_DEFAULTS, model_class
 
     cls = model_class(name)
-    return {"model": copy.deepcopy(cls.defaults), "train": {**TRAIN_DEFAULTS, **TRAIN_OVERRIDES.get(name, {})}}
+    return {"model": copy.deepcopy(cls.defaults), "train": {**TRAIN_DEFAULTS, **cls.train_overrides}}
 
 
 def _defaults(name: str) -> dict:
@@ -144,10 +123,12 @@ def _run(ctx: RunContext) -> dict:
 
 
 def _make(name: str) -> Method:
-    return Method(name, DESCRIPTIONS[name], _defaults(name), _run, validate=_validate(name))
+    from recalign.cf import model_class
+
+    return Method(name, model_class(name).description, _defaults(name), _run, validate=_validate(name))
 
 
-METHODS = {name: _make(name) for name in DESCRIPTIONS}
+METHODS = {name: _make(name) for name in CF_MODELS}
 
 _TABLE = "CF baselines (leave-one-out, full ranking)"
 EXPERIMENTS = [

@@ -9,7 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from recalign.report.markdown import metrics_table
-from recalign.runs import atomic_write_text
+from recalign.io import atomic_write_text
 
 HEADLINE = ["auc", "uauc", "auc_warm", "auc_cold", "ndcg@10", "hr@10", "ndcg@20", "hr@20", "recall@10", "mrr@10"]
 
