@@ -7,6 +7,7 @@ set or hash order, so the same files give the same ids on every run.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -100,6 +101,21 @@ def _display_title(title: str, year) -> str:
     return f"{title} ({year_text})"
 
 
+@dataclass(frozen=True)
+class Origin:
+    """Where a reader's interactions come from, for error messages: the file, and the names the format
+    gives the user and item ids. With an Origin, `interactions` may carry a `line` column."""
+
+    file: str
+    user: str = "user_id"
+    item: str = "item_id"
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # C0 controls and DEL: never part of a real id
+BLANKS = " \t\r\n"  # what readers strip from ids: str.strip() would also eat \x1c-\x1f unseen
+_INT64_LIMIT = 2.0 ** 63
+
+
 def build_dataset(
     name: str,
     interactions: pd.DataFrame,
@@ -108,38 +124,41 @@ def build_dataset(
     like_threshold: float = 3.0,
     domain: str = "movie",
     source: str = "",
+    origin: Origin | None = None,
 ) -> Dataset:
     """Remap raw string ids to dense ints and assemble a `Dataset`.
 
-    interactions: columns user_id, item_id (str), rating (float), timestamp (int).
+    interactions: columns user_id, item_id (str), rating (float), timestamp (number; whole seconds are
+    kept), optionally line (each row's line number in `origin.file`).
     items (optional): column item_id plus title, year, categories (any may be missing) and extra columns.
     users (optional): column user_id plus features.
     Items that appear in the item table but never in interactions stay in the catalogue.
+
+    Every reader goes through here, so this is where values are validated: ids are stripped and must be
+    non-empty without control characters (a NUL would make a phantom item), ratings finite, timestamps
+    integers within int64. A bad value is an `InputError` naming `file:line` (with `origin`) or the row.
     """
+    where = origin.file if origin else (source or name)
     if interactions.empty:
-        raise InputError(f"{source or name}: no interactions")
-    inter = interactions[["user_id", "item_id", "rating", "timestamp"]].copy()
-    inter["user_id"] = inter["user_id"].astype(str)
-    inter["item_id"] = inter["item_id"].astype(str)
+        raise InputError(f"{where}: no interactions")
+    lines = interactions["line"].to_numpy() if origin and "line" in interactions else None
+
+    def at(row: int) -> str:
+        return f"{where}:{lines[row]}" if lines is not None else f"{where}: row {row + 1}"
 
     item_table = _normalise_items(items)
-    # factorize once (hash), then rank the distinct raw ids in their sorted order
-    user_codes, user_uniques = pd.factorize(inter["user_id"].to_numpy(dtype=object))
-    item_codes, item_uniques = pd.factorize(inter["item_id"].to_numpy(dtype=object))
-    user_ids = sorted(user_uniques.tolist(), key=_natural_key)
-    item_ids = sorted(set(item_uniques.tolist()) | set(item_table["item_id"].unique().tolist()), key=_natural_key)
-    user_table = users.copy() if users is not None else pd.DataFrame({"user_id": []})
-    user_table["user_id"] = user_table["user_id"].astype(str)
-    user_rank = {raw: k for k, raw in enumerate(user_ids)}
-    item_rank = {raw: k for k, raw in enumerate(item_ids)}
-    user_dense = np.fromiter((user_rank[raw] for raw in user_uniques), np.int64, len(user_uniques))[user_codes]
-    item_dense = np.fromiter((item_rank[raw] for raw in item_uniques), np.int64, len(item_uniques))[item_codes]
-
+    user_ids, user_dense = _dense_ids(interactions["user_id"], origin.user if origin else "user_id", at)
+    item_ids, item_dense = _dense_ids(interactions["item_id"], origin.item if origin else "item_id", at,
+                                      extra=item_table["item_id"].unique().tolist())
+    ratings = interactions["rating"].to_numpy(np.float64)
+    bad = ~np.isfinite(ratings)
+    if bad.any():
+        raise InputError(f"{at(int(np.argmax(bad)))}: rating is not a finite number: {ratings[bad][0]}")
     out = pd.DataFrame({
         "user": user_dense,
         "item": item_dense,
-        "rating": inter["rating"].to_numpy(np.float64),
-        "timestamp": inter["timestamp"].to_numpy(np.int64),
+        "rating": ratings,
+        "timestamp": _timestamps(interactions["timestamp"], at),
     })
     out = _sort_user_time(out)
     out["label"] = out["rating"] > like_threshold
@@ -155,6 +174,8 @@ def build_dataset(
         if column not in items_df:
             items_df[column] = item_table[column].to_numpy()
 
+    user_table = users.copy() if users is not None else pd.DataFrame({"user_id": []})
+    user_table["user_id"] = user_table["user_id"].astype(str).str.strip()
     user_table = user_table.drop_duplicates("user_id", keep="first").set_index("user_id").reindex(user_ids)
     users_df = pd.DataFrame({"raw_id": user_ids})
     for column in user_table.columns:
@@ -162,6 +183,45 @@ def build_dataset(
         users_df[column] = values.to_numpy() if values.dtype != object else values.where(values.notna(), None).to_numpy()
 
     return Dataset(name, out, items_df, users_df, like_threshold, domain, source)
+
+
+def _dense_ids(values: pd.Series, column: str, at, extra=()) -> tuple[list[str], np.ndarray]:
+    """(sorted distinct ids, dense id per row). Checked on the distinct values only, so a million rows
+    cost a few thousand checks; `extra` ids (an item table's) join the sorted list unchecked."""
+    raw = values.to_numpy(dtype=object)
+    missing = pd.isna(raw)
+    if missing.any():
+        raise InputError(f"{at(int(np.argmax(missing)))}: missing {column}")
+    codes, uniques = pd.factorize(raw)
+    cleaned = []
+    for k, value in enumerate(uniques.tolist()):
+        text = str(value).strip(BLANKS)
+        if control := _CONTROL.search(text):
+            problem = f"{column} {text!r} contains the control character {control.group()!r}"
+        elif not text.strip():
+            problem = f"empty {column}"
+        else:
+            cleaned.append(text.strip())
+            continue
+        raise InputError(f"{at(int(np.argmax(codes == k)))}: {problem}")
+    ids = sorted(set(cleaned) | set(extra), key=_natural_key)
+    rank = {raw_id: k for k, raw_id in enumerate(ids)}
+    return ids, np.fromiter((rank[text] for text in cleaned), np.int64, len(cleaned))[codes]
+
+
+def _timestamps(values: pd.Series, at) -> np.ndarray:
+    """int64 seconds; fractions are dropped, NaN, infinity and values beyond int64 are errors."""
+    if values.dtype.kind == "i":
+        return values.to_numpy(np.int64)
+    try:
+        stamps = values.to_numpy(np.float64)
+    except (TypeError, ValueError, OverflowError):
+        stamps = pd.to_numeric(values, errors="coerce").to_numpy(np.float64)
+    bad = ~np.isfinite(stamps) | (np.abs(stamps) >= _INT64_LIMIT)
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise InputError(f"{at(row)}: timestamp is not an integer within 64 bits: {values.iloc[row]}")
+    return stamps.astype(np.int64)
 
 
 def _sort_user_time(frame: pd.DataFrame) -> pd.DataFrame:
@@ -174,7 +234,7 @@ def _normalise_items(items: pd.DataFrame | None) -> pd.DataFrame:
     if items is None or items.empty:
         return pd.DataFrame({"item_id": pd.Series([], dtype=str), "title": [], "year": [], "categories": []})
     table = items.copy()
-    table["item_id"] = table["item_id"].astype(str)
+    table["item_id"] = table["item_id"].astype(str).str.strip()
     if "title" not in table:
         table["title"] = None
     if "year" not in table:

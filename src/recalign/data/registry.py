@@ -8,7 +8,7 @@ from pathlib import Path
 from recalign import assets
 from recalign.data.dataset import Dataset, k_core
 from recalign.data.readers import READERS
-from recalign.data.readers._common import first_line_of
+from recalign.data.readers._common import first_line_of, present, require_usable
 from recalign.errors import InputError
 
 EMBEDDED = {"ml-100k": ("ml-100k", "ml-100k", "movie")}  # name -> (asset, file prefix, domain)
@@ -21,9 +21,9 @@ _JSON_SUFFIXES = (".json", ".json.gz", ".jsonl", ".jsonl.gz")
 def detect_format(path: Path) -> str:
     """Guess the reader from file names: *.inter -> recbole, u.data -> ml-100k-raw, ratings.dat -> ml-1m,
     BX-Book-Ratings.csv -> book-crossing, JSON lines -> amazon ('{"') or steam ("{'")."""
-    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    files = sorted(path.iterdir()) if path.is_dir() else [path]
     names = {p.name for p in files}
-    if any(name.endswith(".inter") for name in names) or Path(f"{path}.inter").is_file():
+    if any(name.endswith(".inter") for name in names | {path.name}) or present(Path(f"{path}.inter")):
         return "recbole"
     for marker, fmt in _MARKERS:
         if marker in names:
@@ -69,12 +69,14 @@ def load_dataset(
         ds = READERS["recbole"](directory / prefix, name=name_or_path, like_threshold=like_threshold,
                                 domain=domain or default_domain)
     else:
-        if not path.exists() and not Path(f"{path}.inter").is_file():
+        if not present(path) and not present(Path(f"{path}.inter")):
             if name_or_path in EMBEDDED:
                 raise InputError(f"'{name_or_path}' is an embedded dataset in RecBole format; --format {fmt} "
                                  f"(data.format) needs a path")
             known = ", ".join(sorted(EMBEDDED))
             raise InputError(f"unknown dataset '{name_or_path}': not an embedded name ({known}) and no such path")
+        if present(path):
+            require_usable(path)
         fmt = fmt or detect_format(path)
         kwargs = {"like_threshold": like_threshold}
         if domain:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
+import os
 import re
+import stat
 import zlib
 from pathlib import Path
 from typing import Iterator
@@ -11,25 +14,93 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
+from recalign.data.dataset import BLANKS
 from recalign.errors import InputError
 
 _GZIP_MAGIC = b"\x1f\x8b"
+_ARCHIVE_MAGIC = re.compile(rb"^(?:(?P<zip>PK\x03\x04)|(?P<xz>\xfd7zXZ\x00)|(?P<zstd>\x28\xb5\x2f\xfd)"
+                            rb"|(?P<bzip2>BZh[1-9]))")
 _TITLE_YEAR = re.compile(r"^(?P<title>.*?)\s*\((?P<year>\d{4})\)\s*(?P<rest>\([^()]*\))?\s*$")
 
 
+def path_problem(path: Path) -> str | None:
+    """Why `path` cannot be opened at all (not found, a broken or looping symbolic link, permission
+    denied), or None when it can be stat'ed."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return f"broken symbolic link (to {os.readlink(path)})"
+        return "not found"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symbolic link loop"
+        if exc.errno == errno.ENOTDIR:
+            return "not found (a part of the path is a file, not a directory)"
+        return (exc.strerror or str(exc)).lower()
+    except ValueError:  # an embedded NUL in the path
+        return "not a valid path"
+    return None
+
+
+def present(path: Path) -> bool:
+    """An optional file is there when its name is, even as a broken link or a directory: reading it
+    then says what is wrong instead of silently skipping it."""
+    return os.path.lexists(path)
+
+
+def require_usable(path: Path) -> None:
+    """A dataset path that exists must be a readable directory or a regular file; the error says which
+    of a broken or looping link, a pipe or device, or an unreadable directory it is instead."""
+    problem = path_problem(path)
+    if problem:
+        raise InputError(f"{path}: {problem}")
+    mode = os.stat(path).st_mode
+    if stat.S_ISDIR(mode):
+        try:
+            os.listdir(path)
+        except OSError as exc:
+            raise InputError(f"{path}: cannot list the directory ({(exc.strerror or str(exc)).lower()})") from None
+    elif not stat.S_ISREG(mode):
+        raise InputError(f"{path}: not a regular file or a directory (a pipe, socket or device)")
+
+
 def require_file(path: Path, what: str) -> Path:
+    """`path` is a readable, non-empty regular file; else an error saying exactly what it is instead."""
     path = Path(path)
-    if not path.is_file():
+    problem = path_problem(path)
+    if problem == "not found":
         raise InputError(f"{path}: {what} file not found")
-    if path.stat().st_size == 0:
+    if problem:
+        raise InputError(f"{path}: {problem}, expected the {what} file")
+    mode = os.stat(path).st_mode
+    if stat.S_ISDIR(mode):
+        raise InputError(f"{path}: is a directory, expected the {what} file")
+    if not stat.S_ISREG(mode):
+        raise InputError(f"{path}: not a regular file (a pipe, socket or device), expected the {what} file")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the {what} file ({(exc.strerror or str(exc)).lower()})") from None
+    if os.stat(path).st_size == 0:
         raise InputError(f"{path}: {what} file is empty")
     return path
 
 
 def _open_binary(path: Path):
     with open(path, "rb") as handle:
-        magic = handle.read(2)
-    return gzip.open(path, "rb") if magic == _GZIP_MAGIC else open(path, "rb")
+        magic = handle.read(6)
+    if magic.startswith(_GZIP_MAGIC):
+        return gzip.open(path, "rb")
+    if path.name.endswith(".gz"):
+        raise InputError(f"{path}: not gzip (the name ends in .gz but the file does not start with the gzip "
+                         f"magic bytes 1f 8b)")
+    archive = _ARCHIVE_MAGIC.match(magic)
+    if archive:
+        raise InputError(f"{path}: {archive.lastgroup}-compressed, not text; decompress it first "
+                         f"(only gzip is read directly)")
+    return open(path, "rb")
 
 
 def _raw_lines(path: Path) -> Iterator[bytes]:
@@ -41,6 +112,8 @@ def _raw_lines(path: Path) -> Iterator[bytes]:
             yield from handle
     except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise InputError(f"{path}: truncated or corrupt gzip file ({exc})") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({(exc.strerror or str(exc)).lower()})") from None
 
 
 def iter_lines(path: Path, encoding: str = "utf-8") -> Iterator[tuple[int, str]]:
@@ -68,7 +141,10 @@ def read_lines(path: Path, encoding: str = "utf-8") -> list[str]:
     except UnicodeDecodeError as exc:
         line_no = data.count(b"\n", 0, exc.start) + 1
         raise InputError(f"{path}:{line_no}: not valid {encoding} text") from None
-    lines = text.splitlines()
+    # "\n" only, as iter_lines: str.splitlines() also breaks at \x0b, \x1c, \x85... and shifts line numbers
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    if lines[-1] == "":
+        lines.pop()
     if not any(line.strip() for line in lines):
         raise InputError(f"{path}: file has no data")
     return lines
@@ -102,7 +178,7 @@ def read_columns(path: Path, sep: str, expected: int, encoding: str = "utf-8",
     if fast is not None:
         return fast
     rows, line_nos = read_delimited(path, sep, expected, encoding, what)
-    return [np.array([f.strip() for f in column], dtype=object) for column in zip(*rows)], line_nos
+    return [np.array([f.strip(BLANKS) for f in column], dtype=object) for column in zip(*rows)], line_nos
 
 
 def _fast_columns(path: Path, sep: str, expected: int, encoding: str):
@@ -111,6 +187,8 @@ def _fast_columns(path: Path, sep: str, expected: int, encoding: str):
 
     data = b"".join(_raw_lines(path))
     token = sep.encode(encoding)
+    if b"\x00" in data:
+        return None  # the C parser's handling of NUL is its own; the line parser keeps every byte
     if sep != "\t":
         if b"\t" in data:
             return None
@@ -126,7 +204,7 @@ def _fast_columns(path: Path, sep: str, expected: int, encoding: str):
     if frame.shape != (lines, expected):
         return None
     needs_strip = any(ch in data for ch in (b" ", b"\r", b"\x0b", b"\x0c"))
-    columns = [(frame[c].str.strip() if needs_strip else frame[c]).to_numpy(dtype=object) for c in frame.columns]
+    columns = [(frame[c].str.strip(BLANKS) if needs_strip else frame[c]).to_numpy(dtype=object) for c in frame.columns]
     return columns, np.arange(1, lines + 1, dtype=np.int64)
 
 
@@ -143,6 +221,16 @@ def to_float(value: str, path: Path, line_no: int, column: str) -> float:
 def to_int(value: str, path: Path, line_no: int, column: str) -> int:
     number = to_float(value, path, line_no, column)
     return int(number)
+
+
+def record_id(record: dict, key: str, path: Path, line_no: int, null: str = "null") -> str:
+    """An id in a JSON or Python-literal record: a string or an integer. null, true, 1.5 or a list
+    would otherwise become ids such as "None" or "True"."""
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        shown = null if value is None else repr(value)
+        raise InputError(f"{path}:{line_no}: '{key}' must be a string or an integer, got {shown:.60}")
+    return str(value)
 
 
 def split_fields(line: str, sep: str, expected: int, path: Path, line_no: int) -> list[str]:
@@ -193,11 +281,9 @@ def only_interacted(items: pd.DataFrame | None, interactions: pd.DataFrame) -> p
 
 
 def first_line_of(path: Path) -> str:
-    """The first non-blank line as text (for format sniffing); '' when unreadable."""
-    try:
-        for raw in _raw_lines(path):
-            if raw.strip():
-                return raw.decode("utf-8", "replace").strip()
-    except (OSError, InputError):
-        return ""
+    """The first non-blank line as text (for format sniffing); '' when there is none. A file that cannot
+    be read (not gzip though named .gz, a directory, a dead link) is an error: it is what the user must fix."""
+    for raw in _raw_lines(require_file(path, "dataset")):
+        if raw.strip():
+            return raw.decode("utf-8", "replace").strip()
     return ""

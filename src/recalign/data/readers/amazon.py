@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from recalign.data.dataset import Dataset, build_dataset
-from recalign.data.readers._common import iter_lines, only_interacted, require_file
+from recalign.data.dataset import Dataset, Origin, build_dataset
+from recalign.data.readers._common import iter_lines, only_interacted, present, record_id, require_file
 from recalign.errors import InputError
 
 _SUFFIXES = (".json", ".json.gz", ".jsonl", ".jsonl.gz")
@@ -21,7 +21,7 @@ REVIEW_KEYS = ("reviewerID", "asin", "overall", "unixReviewTime")
 
 
 def _is_json_file(path: Path) -> bool:
-    return path.is_file() and path.name.endswith(_SUFFIXES)
+    return path.name.endswith(_SUFFIXES)  # by name only: a directory or dead link so named is reported
 
 
 def _stem(path: Path) -> str:
@@ -52,7 +52,7 @@ def locate(path: Path) -> tuple[Path, Path | None]:
     for base in dict.fromkeys([stem, stem.removesuffix("_5")]):
         for suffix in _SUFFIXES:
             candidate = path.parent / f"meta_{base}{suffix}"
-            if candidate.is_file():
+            if present(candidate):
                 return path, candidate
     return path, None
 
@@ -68,7 +68,17 @@ def _records(path: Path, required: tuple[str, ...]):
         missing = [key for key in required if key not in record]
         if missing:
             raise InputError(f"{path}:{line_no}: missing key(s) {', '.join(missing)}")
+        if any(line.count(f'"{key}"') > 1 for key in required):  # cheap pre-test; json keeps the last silently
+            json.loads(line, object_pairs_hook=lambda pairs: _unique_keys(pairs, required, path, line_no))
         yield line_no, record
+
+
+def _unique_keys(pairs: list, keys: tuple[str, ...], path: Path, line_no: int) -> dict:
+    seen = [key for key, _ in pairs]
+    repeated = [key for key in keys if seen.count(key) > 1]
+    if repeated:
+        raise InputError(f"{path}:{line_no}: duplicate key '{repeated[0]}' (which value is meant?)")
+    return dict(pairs)
 
 
 def _number(record: dict, key: str, path: Path, line_no: int) -> float:
@@ -102,16 +112,15 @@ def read_amazon(path: str | Path, name: str | None = None, like_threshold: float
     reviews_path, meta_path = locate(path)
     like_threshold = 3.0 if like_threshold is None else like_threshold
 
-    users, items, ratings, stamps = [], [], [], []
+    users, items, ratings, stamps, lines = [], [], [], [], []
     for line_no, record in _records(reviews_path, REVIEW_KEYS):
-        user, item = str(record["reviewerID"]).strip(), str(record["asin"]).strip()
-        if not user or not item:
-            raise InputError(f"{reviews_path}:{line_no}: empty reviewerID or asin")
-        users.append(user)
-        items.append(item)
+        users.append(record_id(record, "reviewerID", reviews_path, line_no))
+        items.append(record_id(record, "asin", reviews_path, line_no))
         ratings.append(_number(record, "overall", reviews_path, line_no))
-        stamps.append(int(_number(record, "unixReviewTime", reviews_path, line_no)))
-    interactions = pd.DataFrame({"user_id": users, "item_id": items, "rating": ratings, "timestamp": stamps})
+        stamps.append(_number(record, "unixReviewTime", reviews_path, line_no))
+        lines.append(line_no)
+    interactions = pd.DataFrame({"user_id": users, "item_id": items, "rating": ratings, "timestamp": stamps,
+                                 "line": lines})
     interactions = interactions.drop_duplicates(["user_id", "item_id", "timestamp"]).reset_index(drop=True)
 
     item_table = None
@@ -119,7 +128,7 @@ def read_amazon(path: str | Path, name: str | None = None, like_threshold: float
         wanted = set(interactions["item_id"])
         records = []
         for line_no, record in _records(meta_path, ("asin",)):
-            asin = str(record["asin"]).strip()
+            asin = record_id(record, "asin", meta_path, line_no).strip()
             if asin not in wanted:
                 continue
             categories = record.get("category") or []
@@ -137,4 +146,4 @@ def read_amazon(path: str | Path, name: str | None = None, like_threshold: float
                                                                     "brand"]), interactions)
 
     return build_dataset(name or _stem(reviews_path), interactions, item_table, None, like_threshold, domain,
-                         str(reviews_path))
+                         str(reviews_path), Origin(str(reviews_path), "reviewerID", "asin"))

@@ -11,8 +11,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from recalign.data.dataset import Dataset, build_dataset
-from recalign.data.readers._common import _raw_lines, iter_lines, numeric_column, only_interacted, require_file
+from recalign.data.dataset import BLANKS, Dataset, Origin, build_dataset
+from recalign.data.readers._common import (
+    _raw_lines, iter_lines, numeric_column, only_interacted, present, require_file,
+)
 from recalign.errors import InputError
 
 RATINGS, BOOKS, USERS = "BX-Book-Ratings.csv", "BX-Books.csv", "BX-Users.csv"
@@ -56,7 +58,7 @@ def _fast_read(path: Path):
     if (frame.iloc[:, 0] == frame.columns[0]).any():
         return None  # a repeated header line
     padded = any(pattern in data for pattern in (b'" ', b' "', b'"\t', b'\t"'))  # spaces inside the quotes
-    columns = {c: (frame[c].str.strip() if padded else frame[c]).to_numpy(dtype=object) for c in frame.columns}
+    columns = {c: (frame[c].str.strip(BLANKS) if padded else frame[c]).to_numpy(dtype=object) for c in frame.columns}
     return columns, np.arange(2, lines + 1, dtype=np.int64)
 
 
@@ -81,7 +83,7 @@ def _slow_read(path: Path, required: list[str]) -> tuple[list[str], list[list[st
         rows, line_nos = [], []
         for fields in reader:
             line_no = numbers[-1]
-            fields = [f.strip() for f in fields]
+            fields = [f.strip(BLANKS) for f in fields]
             if fields == header:
                 raise InputError(f"{path}:{line_no}: header line repeated inside the data")
             if len(fields) != len(header):
@@ -118,22 +120,20 @@ def read_book_crossing(path: str | Path, name: str | None = None, like_threshold
         row = int(np.argmax(bad))
         raise InputError(f"{ratings_path}:{line_nos[row]}: column 'Book-Rating' must be in 0..10, "
                          f"got {columns['Book-Rating'][row]!r}")
-    empty = (columns["User-ID"] == "") | (columns["ISBN"] == "")
-    if empty.any():
-        raise InputError(f"{ratings_path}:{line_nos[int(np.argmax(empty))]}: empty User-ID or ISBN")
     keep = ratings > 0 if not implicit else np.ones(len(ratings), dtype=bool)
     interactions = pd.DataFrame({
         "user_id": columns["User-ID"][keep],
         "item_id": pd.Series(columns["ISBN"][keep], dtype=object).str.upper().to_numpy(dtype=object),
         "rating": ratings[keep],
         "timestamp": line_nos[keep],
+        "line": line_nos[keep],
     })
     if interactions.empty:
         raise InputError(f"{ratings_path}: no explicit ratings (1..10); implicit 0 ratings are dropped")
 
     item_table = None
     books_path = directory / BOOKS
-    if books_path.exists():
+    if present(books_path):
         columns, _ = _read_csv(books_path, ["ISBN", "Book-Title"])
         get = lambda c: columns.get(c, np.full(len(columns["ISBN"]), "", dtype=object))  # noqa: E731
         unescape = lambda values: [html.unescape(v) if "&" in v else v for v in values]  # noqa: E731
@@ -154,7 +154,7 @@ def read_book_crossing(path: str | Path, name: str | None = None, like_threshold
 
     user_table = None
     users_path = directory / USERS
-    if users_path.exists():
+    if present(users_path):
         columns, _ = _read_csv(users_path, ["User-ID"])
         user_table = pd.DataFrame(columns).rename(columns={"User-ID": "user_id", "Location": "location", "Age": "age"})
         if "age" in user_table:
@@ -162,4 +162,4 @@ def read_book_crossing(path: str | Path, name: str | None = None, like_threshold
             user_table["age"] = age.where((age >= 1) & (age <= 110))
 
     return build_dataset(name or directory.name, interactions, item_table, user_table, like_threshold, domain,
-                         str(directory))
+                         str(directory), Origin(str(ratings_path), "User-ID", "ISBN"))

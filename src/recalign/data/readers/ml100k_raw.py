@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from recalign.data.dataset import Dataset, build_dataset
+from recalign.data.dataset import Dataset, Origin, build_dataset
 from recalign.data.readers._common import (
-    numeric_column, only_interacted, read_columns, read_delimited, split_title_year,
+    numeric_column, only_interacted, present, read_columns, read_delimited, split_title_year,
 )
 from recalign.errors import InputError
 
@@ -39,12 +39,13 @@ def read_ml100k_raw(path: str | Path, name: str | None = None, like_threshold: f
         "user_id": columns[0],
         "item_id": columns[1],
         "rating": numeric_column(columns[2], "rating", data_path, line_nos),
-        "timestamp": numeric_column(columns[3], "timestamp", data_path, line_nos).astype(np.int64),
+        "timestamp": numeric_column(columns[3], "timestamp", data_path, line_nos),
+        "line": line_nos,
     })
 
     items = None
     item_path = directory / "u.item"
-    if item_path.exists():
+    if present(item_path):
         records = []
         for fields, line_no in zip(*read_delimited(item_path, "|", 5 + len(GENRES), "latin-1", "u.item")):
             flags = fields[5:]
@@ -60,7 +61,7 @@ def read_ml100k_raw(path: str | Path, name: str | None = None, like_threshold: f
 
     users = None
     user_path = directory / "u.user"
-    if user_path.exists():
+    if present(user_path):
         columns, line_nos = read_columns(user_path, "|", 5, "latin-1", "u.user")
         users = pd.DataFrame({
             "user_id": columns[0],
@@ -70,4 +71,5 @@ def read_ml100k_raw(path: str | Path, name: str | None = None, like_threshold: f
             "zip_code": list(columns[4]),
         })
 
-    return build_dataset(name or directory.name, interactions, items, users, like_threshold, domain, str(directory))
+    return build_dataset(name or directory.name, interactions, items, users, like_threshold, domain, str(directory),
+                         Origin(str(data_path), "user id", "item id"))

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from recalign.data.dataset import Dataset, build_dataset
+from recalign.data.dataset import Dataset, Origin, build_dataset
 from recalign.data.readers._common import (
-    iter_lines, numeric_column, only_interacted, read_columns, require_file, split_title_year,
+    iter_lines, numeric_column, only_interacted, present, read_columns, require_file, split_title_year,
 )
 from recalign.errors import InputError
 
@@ -40,12 +40,13 @@ def read_ml1m(path: str | Path, name: str | None = None, like_threshold: float |
         "user_id": columns[0],
         "item_id": columns[1],
         "rating": numeric_column(columns[2], "Rating", ratings_path, line_nos),
-        "timestamp": numeric_column(columns[3], "Timestamp", ratings_path, line_nos).astype(np.int64),
+        "timestamp": numeric_column(columns[3], "Timestamp", ratings_path, line_nos),
+        "line": line_nos,
     })
 
     items = None
     movies_path = directory / "movies.dat"
-    if movies_path.exists():
+    if present(movies_path):
         records = []
         for line_no, line in iter_lines(require_file(movies_path, "movies.dat"), "latin-1"):
             fields = line.split(SEP)
@@ -60,7 +61,7 @@ def read_ml1m(path: str | Path, name: str | None = None, like_threshold: float |
 
     users = None
     users_path = directory / "users.dat"
-    if users_path.exists():
+    if present(users_path):
         columns, line_nos = read_columns(users_path, SEP, 5, "latin-1", "users.dat")
         codes = numeric_column(columns[3], "Occupation", users_path, line_nos).astype(int)
         bad = (codes < 0) | (codes >= len(OCCUPATIONS))
@@ -75,4 +76,5 @@ def read_ml1m(path: str | Path, name: str | None = None, like_threshold: float |
             "zip_code": list(columns[4]),
         })
 
-    return build_dataset(name or directory.name, interactions, items, users, like_threshold, domain, str(directory))
+    return build_dataset(name or directory.name, interactions, items, users, like_threshold, domain, str(directory),
+                         Origin(str(ratings_path), "UserID", "MovieID"))

@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from recalign.data.dataset import Dataset, build_dataset
-from recalign.data.readers._common import numeric_column, only_interacted, read_lines, require_file, split_title_year
+from recalign.data.dataset import Dataset, Origin, build_dataset
+from recalign.data.readers._common import (
+    numeric_column, only_interacted, present, read_lines, require_file, split_title_year,
+)
 from recalign.errors import InputError
 
 _TYPES = {"token", "token_seq", "float", "float_seq"}
@@ -54,7 +56,7 @@ def _read_atomic(path: Path, required: list[str]) -> tuple[pd.DataFrame, np.ndar
 
 def _resolve_prefix(path: Path) -> Path:
     """DIR (holding one NAME.inter, or DIR/<DIR name>.inter), DIR/NAME.inter, or the prefix DIR/NAME."""
-    if path.is_dir():
+    if path.is_dir() and not path.name.endswith(".inter"):  # a directory named X.inter is no .inter file
         candidates = sorted(path.glob("*.inter"))
         if not candidates:
             raise InputError(f"{path}: no .inter file in this directory")
@@ -85,20 +87,16 @@ def read_recbole(prefix: str | Path, name: str | None = None, like_threshold: fl
     sibling = lambda suffix: prefix.parent / f"{prefix.name}{suffix}"  # noqa: E731  (names may hold dots)
     inter_path = sibling(".inter")
     raw, line_nos = _read_atomic(inter_path, ["user_id", "item_id"])
-    empty = ((raw["user_id"].str.strip() == "") | (raw["item_id"].str.strip() == "")).to_numpy()
-    if empty.any():
-        raise InputError(f"{inter_path}:{line_nos[int(np.argmax(empty))]}: empty user_id or item_id")
     ratings = (numeric_column(raw["rating"], "rating", inter_path, line_nos) if "rating" in raw
                else np.full(len(raw), IMPLICIT_RATING))
-    stamps = (numeric_column(raw["timestamp"], "timestamp", inter_path, line_nos).astype(np.int64)
+    stamps = (numeric_column(raw["timestamp"], "timestamp", inter_path, line_nos)
               if "timestamp" in raw else np.arange(len(raw), dtype=np.int64))
-    interactions = pd.DataFrame({"user_id": raw["user_id"].str.strip().to_numpy(),
-                                 "item_id": raw["item_id"].str.strip().to_numpy(),
-                                 "rating": ratings, "timestamp": stamps})
+    interactions = pd.DataFrame({"user_id": raw["user_id"].to_numpy(), "item_id": raw["item_id"].to_numpy(),
+                                 "rating": ratings, "timestamp": stamps, "line": line_nos})
 
     items = None
     item_path = sibling(".item")
-    if item_path.exists():
+    if present(item_path):
         table, _ = _read_atomic(item_path, ["item_id"])
         title_col = next((c for c in ("movie_title", "title", "book_title", "name") if c in table), None)
         year_col = next((c for c in ("release_year", "year", "publication_year") if c in table), None)
@@ -118,10 +116,11 @@ def read_recbole(prefix: str | Path, name: str | None = None, like_threshold: fl
 
     users = None
     user_path = sibling(".user")
-    if user_path.exists():
+    if present(user_path):
         users, _ = _read_atomic(user_path, ["user_id"])
         users["user_id"] = users["user_id"].str.strip()
         if "age" in users:
             users["age"] = pd.to_numeric(users["age"], errors="coerce")
 
-    return build_dataset(name or prefix.name, interactions, items, users, like_threshold, domain, str(prefix))
+    return build_dataset(name or prefix.name, interactions, items, users, like_threshold, domain, str(prefix),
+                         Origin(str(inter_path)))

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from recalign.data.dataset import Dataset, build_dataset
-from recalign.data.readers._common import iter_lines, only_interacted, require_file
+from recalign.data.dataset import Dataset, Origin, build_dataset
+from recalign.data.readers._common import iter_lines, only_interacted, present, record_id, require_file
 from recalign.errors import InputError
 
 IMPLICIT_RATING = 5.0  # no ratings in Steam: a review is a positive at every like threshold below 5
@@ -32,10 +32,10 @@ def locate(path: Path) -> tuple[Path, Path | None]:
         return found[0] if found else None
 
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(_SUFFIXES))
+        files = sorted(p for p in path.iterdir() if p.name.endswith(_SUFFIXES))
         return pick(files, "review", True), pick(files, "game", False)
     siblings = [path.parent / f"steam_games{suffix}" for suffix in _SUFFIXES]
-    return path, next((p for p in siblings if p.is_file()), None)
+    return path, next((p for p in siblings if present(p)), None)
 
 
 def _literals(path: Path, required: tuple[str, ...]):
@@ -50,6 +50,11 @@ def _literals(path: Path, required: tuple[str, ...]):
         missing = [key for key in required if key not in record]
         if missing:
             raise InputError(f"{path}:{line_no}: missing key(s) {', '.join(missing)}")
+        if any(line.count(f"'{key}'") > 1 for key in required):  # cheap pre-test; a dict keeps the last key
+            keys = [k.value for k in ast.parse(line.strip(), mode="eval").body.keys if isinstance(k, ast.Constant)]
+            repeated = [key for key in required if keys.count(key) > 1]
+            if repeated:
+                raise InputError(f"{path}:{line_no}: duplicate key '{repeated[0]}' (which value is meant?)")
         yield line_no, record
 
 
@@ -71,34 +76,33 @@ def read_steam(path: str | Path, name: str | None = None, like_threshold: float 
     or 'title', 'genres' (else 'tags'), 'release_date', 'developer', ...}.
 
     No ratings: every review is an implicit positive (rating 5.0). Timestamp = the review day (UTC
-    midnight); reviews of one user on one day keep file order. Games lines without an 'id' are skipped."""
+    midnight); reviews of one user on one day keep file order. Games lines without an 'id' (or None) are
+    skipped."""
     path = Path(path)
     reviews_path, games_path = locate(path)
     like_threshold = 3.0 if like_threshold is None else like_threshold
 
-    users, items, stamps = [], [], []
+    users, items, stamps, lines = [], [], [], []
     for line_no, record in _literals(reviews_path, REVIEW_KEYS):
-        user, item = str(record["username"]).strip(), str(record["product_id"]).strip()
-        if not user or not item:
-            raise InputError(f"{reviews_path}:{line_no}: empty username or product_id")
-        users.append(user)
-        items.append(item)
+        users.append(record_id(record, "username", reviews_path, line_no, null="None"))
+        items.append(record_id(record, "product_id", reviews_path, line_no, null="None"))
         stamps.append(_day(record["date"], reviews_path, line_no))
+        lines.append(line_no)
     interactions = pd.DataFrame({"user_id": users, "item_id": items, "rating": IMPLICIT_RATING,
-                                 "timestamp": stamps})
+                                 "timestamp": stamps, "line": lines})
 
     item_table = None
     if games_path is not None:
         records = []
         for line_no, record in _literals(games_path, ()):
-            if "id" not in record:
+            if record.get("id") is None:
                 continue
             genres = record.get("genres") or record.get("tags") or []
             if not isinstance(genres, list):
                 raise InputError(f"{games_path}:{line_no}: 'genres' must be a list, got {genres!r}")
             release = str(record.get("release_date", ""))
             records.append({
-                "item_id": str(record["id"]).strip(),
+                "item_id": record_id(record, "id", games_path, line_no, null="None").strip(),
                 "title": str(record.get("app_name") or record.get("title") or "").strip(),
                 "year": float(release[:4]) if re.match(r"^\d{4}-", release) else float("nan"),
                 "categories": [str(g) for g in genres],
@@ -108,4 +112,5 @@ def read_steam(path: str | Path, name: str | None = None, like_threshold: float 
                                                                     "developer"]), interactions)
 
     return build_dataset(name or (path.name if path.is_dir() else reviews_path.name.split(".")[0]),
-                         interactions, item_table, None, like_threshold, domain, str(reviews_path))
+                         interactions, item_table, None, like_threshold, domain, str(reviews_path),
+                         Origin(str(reviews_path), "username", "product_id"))
