@@ -260,7 +260,7 @@ def test_wrappers_and_bad_sources(tiny, tmp_path):
 def test_load_from_local_directory_gives_same_scores(tiny, tmp_path):
     tiny.causal_lm.save_pretrained(tmp_path / "model")
     tiny.tokenizer.save_pretrained(tmp_path / "model")
-    local = Backbone.load(str(tmp_path / "model"))
+    local = Backbone.load(str(tmp_path / "model"), dtype="float32")
     texts = prompts(tiny, 3)
     assert torch.allclose(local.score_yes_no(texts), tiny.score_yes_no(texts), atol=1e-6)
 

@@ -63,7 +63,9 @@ class Generation:
 
 class Backbone:
     def __init__(self, model, tokenizer, name: str = "", batch_size: int = 8, prefix_cache: bool | None = None,
-                 min_prefix_tokens: int = 16):
+                 min_prefix_tokens: int = 16, quantize: str | None = "none", precision: Mapping | None = None):
+        from recalign.llm.precision import dtype_name, parse_quantize
+
         self.model = model
         self.tokenizer = tokenizer
         self.tokenizer.padding_side = "left"
@@ -75,22 +77,43 @@ class Backbone:
         self._token_cache: dict[str, list[int]] = {}
         forward = inspect.signature(type(self.causal_lm).forward).parameters
         self._cache_kw = "cache" if "cache" in forward else "past_key_values"
+        self.quantize = parse_quantize(quantize)
+        if self.quantize == "int8" and self.device.type != "cpu":
+            raise InputError(f"model.quantize: int8 (dynamic quantisation) runs on the CPU only, not on {self.device}")
+        self._quantized = False
+        self._precision = dict(precision) if precision else {
+            "dtype": dtype_name(self.dtype), "reason": "the model as given", "quantize": self.quantize}
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def load(cls, source: str = "smollm2-135m-instruct", dtype: str = "auto", device: str = "auto",
-             **kwargs) -> "Backbone":
-        from recalign.llm.loading import load_model
+             quantize: str | None = "none", **kwargs) -> "Backbone":
+        """`dtype` auto is decided per machine (`llm.precision.decide`); the choice and its reason are in
+        `backbone.precision` and logged."""
+        from recalign.llm.loading import load_model, pick_device
+        from recalign.llm.precision import decide, dtype_name
+        from recalign.progress import log
 
-        model, tokenizer = load_model(source, dtype=dtype, device=device)
-        return cls(model, tokenizer, name=source, **kwargs)
+        dev = pick_device(device)
+        precision = decide(dtype, dev, quantize, source)
+        model, tokenizer = load_model(source, dtype=dtype_name(precision.dtype), device=str(dev))
+        backbone = cls(model, tokenizer, name=source, quantize=precision.quantize, precision=precision.as_dict(),
+                       **kwargs)
+        quant = ", int8 linear layers" if precision.quantize == "int8" else ""
+        log(f"model {source}: {dtype_name(precision.dtype)}{quant} on {dev} ({precision.reason})")
+        return backbone
 
     @classmethod
     def from_config(cls, section: Mapping) -> "Backbone":
-        """From a `model:` config section (name, dtype, device, batch_size, prefix_cache)."""
+        """From a `model:` config section (name, dtype, quantize, device, batch_size, prefix_cache)."""
         return cls.load(section.get("name", "smollm2-135m-instruct"), dtype=section.get("dtype", "auto"),
-                        device=section.get("device", "auto"), batch_size=int(section.get("batch_size", 8)),
-                        prefix_cache=section.get("prefix_cache"))
+                        device=section.get("device", "auto"), quantize=section.get("quantize", "none"),
+                        batch_size=int(section.get("batch_size", 8)), prefix_cache=section.get("prefix_cache"))
+
+    @property
+    def precision(self) -> dict:
+        """{"dtype", "reason", "quantize"}: the number format the model runs in and why (for metrics.json)."""
+        return dict(self._precision)
 
     @property
     def is_peft(self) -> bool:
@@ -107,6 +130,7 @@ class Backbone:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the activations (an int8-quantised model keeps float32 activations and embeddings)."""
         return self.causal_lm.get_input_embeddings().weight.dtype
 
     @property
@@ -220,6 +244,7 @@ class Backbone:
 
     def logits(self, enc: Encoded, slots: Slots | None = None, keep: int = 1) -> torch.Tensor:
         """Logits [B, keep, V] of the last `keep` positions (keep=0: all). Differentiable."""
+        self._ensure_quantized()
         out = self.model(**self._inputs(enc, slots), attention_mask=enc.attention_mask,
                          position_ids=enc.position_ids, logits_to_keep=keep, use_cache=False)
         return out.logits
@@ -258,16 +283,13 @@ class Backbone:
         use_prefix = (self.prefix_cache if prefix_cache is None else prefix_cache) and answer_only and not slots
         if use_prefix:
             prompt_ids = [self.tokenize(p) for p in prompts]
-            prefix_len = _common_prefix_length(prompt_ids)
-            if prefix_len >= self.min_prefix_tokens:
+            prefix = self._shared_prefix(prompt_ids)
+            if prefix is not None:
                 answer_ids = [self.tokenize_piece(a) for a in answers]
-                rows = [p[prefix_len:] + a for p, a in zip(prompt_ids, answer_ids)]
-                enc = self._pad(rows, [len(a) for a in answer_ids], [{}] * len(rows), None)
-                labels = self._answer_labels(enc)
-                keep = int(enc.answer_lengths.max()) + 1
-                cache = self._prefix_cache(prompt_ids[0][:prefix_len])
-                logits = self._logits_after_prefix(cache, prefix_len, enc, keep)
-                return self._ce(logits, labels)
+                enc, logits = self._logits_after_prefix(prefix, [p + a for p, a in zip(prompt_ids, answer_ids)],
+                                                        [len(a) for a in answer_ids],
+                                                        keep=max(len(a) for a in answer_ids) + 1)
+                return self._ce(logits, self._answer_labels(enc))
         enc = self.encode(prompts, answers, slot_k=slot_k)
         if answer_only:
             labels = self._answer_labels(enc)
@@ -300,6 +322,7 @@ class Backbone:
     # ------------------------------------------------------------------ batched inference
     @contextmanager
     def evaluating(self) -> Iterator[None]:
+        self._ensure_quantized()
         was_training = self.model.training
         self.model.eval()
         try:
@@ -327,10 +350,7 @@ class Backbone:
         y, n = self.yes_no_ids(yes, no)
         slot_k = self._slot_k(slots)
         ids, positions = zip(*(self._prompt_ids(p, slot_k) for p in prompts))
-        use_prefix = self.prefix_cache if prefix_cache is None else prefix_cache
-        prefix_len = _common_prefix_length(ids) if use_prefix and not slots else 0
-        if prefix_len < self.min_prefix_tokens:
-            prefix_len = 0
+        use_prefix = (self.prefix_cache if prefix_cache is None else prefix_cache) and not slots
         out = torch.empty(len(prompts), dtype=torch.float32)
         batches = self._batches([len(r) for r in ids], batch_size)
         if progress:
@@ -338,12 +358,10 @@ class Backbone:
 
             batches = track(batches, progress)
         with self.evaluating():
-            prefix = self._prefix_cache(ids[0][:prefix_len]) if prefix_len else None
+            prefix = self._shared_prefix(ids) if use_prefix else None
             for batch in batches:
                 if prefix is not None:
-                    suffixes = [ids[i][prefix_len:] for i in batch]
-                    enc = self._pad(suffixes, [0] * len(batch), [{}] * len(batch), None)
-                    last = self._logits_after_prefix(prefix, prefix_len, enc)[:, -1]
+                    last = self._logits_after_prefix(prefix, [ids[i] for i in batch], [0] * len(batch))[1][:, -1]
                 else:
                     enc = self._pad([ids[i] for i in batch], [0] * len(batch), [positions[i] for i in batch], slot_k)
                     sub = {k: v[batch] for k, v in slots.items()} if slots else None
@@ -352,21 +370,29 @@ class Backbone:
                 out[torch.tensor(batch)] = (last[:, y] - last[:, n]).cpu()
         return out
 
-    def _prefix_cache(self, prefix_ids: list[int]):
-        """KV cache of one shared prefix (batch of one); differentiable when grad is enabled."""
-        ids = torch.tensor([prefix_ids], device=self.device)
+    def _shared_prefix(self, rows: Sequence[Sequence[int]]) -> "_Prefix | None":
+        """The token prefix every row shares, run once (batch of one) for its KV cache; None when it is shorter
+        than `min_prefix_tokens`. Differentiable when grad is enabled (`lm_loss` trains through it)."""
+        length = _common_prefix_length(rows)
+        if length < self.min_prefix_tokens:
+            return None
+        self._ensure_quantized()
+        ids = torch.tensor([list(rows[0][:length])], device=self.device)
         out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1)
-        return getattr(out, "cache", None) or out.past_key_values
+        return _Prefix(length, getattr(out, "cache", None) or out.past_key_values)
 
-    def _logits_after_prefix(self, prefix, prefix_len: int, enc: Encoded, keep: int = 1) -> torch.Tensor:
-        """Logits of the last `keep` positions of left-padded suffixes that follow the cached prefix."""
+    def _logits_after_prefix(self, prefix: "_Prefix", rows: Sequence[Sequence[int]], answer_lengths: Sequence[int],
+                             keep: int = 1) -> tuple[Encoded, torch.Tensor]:
+        """(left-padded batch of the rows' suffixes, logits [B, keep, V] of its last `keep` positions) for token
+        rows that all start with the cached prefix; row i ends with an answer of `answer_lengths[i]` tokens."""
+        enc = self._pad([list(r[prefix.length:]) for r in rows], list(answer_lengths), [{}] * len(rows), None)
         batch = enc.input_ids.shape[0]
-        cache = _expand_cache(prefix, batch)
-        mask = torch.cat([torch.ones(batch, prefix_len, dtype=enc.attention_mask.dtype, device=self.device),
+        mask = torch.cat([torch.ones(batch, prefix.length, dtype=enc.attention_mask.dtype, device=self.device),
                           enc.attention_mask], dim=1)
-        out = self.model(input_ids=enc.input_ids, attention_mask=mask, position_ids=enc.position_ids + prefix_len,
-                         use_cache=True, logits_to_keep=keep, **{self._cache_kw: cache})
-        return out.logits
+        out = self.model(input_ids=enc.input_ids, attention_mask=mask,
+                         position_ids=enc.position_ids + prefix.length, use_cache=True, logits_to_keep=keep,
+                         **{self._cache_kw: _expand_cache(prefix.cache, batch)})
+        return enc, out.logits
 
     def generate(self, prompts: Sequence[str], num_beams: int = 1, logits_processor=None, max_new_tokens: int = 32,
                  num_return_sequences: int | None = None, slots: Slots | None = None,
@@ -441,14 +467,36 @@ class Backbone:
                 out[torch.tensor(batch)] = pooled.cpu()
         return out
 
+    # ------------------------------------------------------------------ int8
+    def _ensure_quantized(self) -> None:
+        """`model.quantize: int8`: before the first forward pass, merge a loaded adapter into the weights and
+        replace the decoder's linear layers by dynamically quantised int8 ones (the LM head and the embeddings
+        stay float32, so the Yes/No logits are read from a float32 head)."""
+        if self.quantize != "int8" or self._quantized:
+            return
+        from recalign.llm.precision import dtype_name, quantize_linear_layers
+
+        if self.dtype != torch.float32:
+            raise InputError(f"model.quantize: int8 needs a float32 model, this one is {dtype_name(self.dtype)}")
+        if self.is_peft:
+            self.model = self.model.merge_and_unload()
+        quantize_linear_layers(getattr(self.causal_lm, self.causal_lm.base_model_prefix))
+        self._quantized = True
+
+    def _refuse_training_when_quantized(self, what: str) -> None:
+        if self.quantize != "none":
+            raise InputError(f"model.quantize: {self.quantize} is for scoring only; {what} needs model.quantize: none")
+
     # ------------------------------------------------------------------ LoRA / adapters
     def add_lora(self, settings: LoraSettings | None = None) -> None:
-        """Wrap the model with fresh LoRA adapters (the base stays frozen)."""
+        """Wrap the model with fresh LoRA adapters (the base stays frozen). The adapter weights (and so the
+        optimizer state) are float32 whatever the base dtype (peft's `autocast_adapter_dtype`)."""
         from peft import LoraConfig, get_peft_model
 
         # peft 0.21 calls a transformers property that transformers 5 deprecates; nothing to act on here
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
+        self._refuse_training_when_quantized("training LoRA adapters")
         if self.is_peft:
             raise InputError("the backbone already carries a LoRA adapter")
         settings = settings or LoraSettings()
@@ -459,7 +507,7 @@ class Backbone:
                              f"(linear layers: {', '.join(sorted(_linear_names(self.model)))})")
         config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                             target_modules=list(settings.target_modules), bias="none", task_type="CAUSAL_LM")
-        self.model = get_peft_model(self.model, config)
+        self.model = get_peft_model(self.model, config, autocast_adapter_dtype=True)
 
     def remove_lora(self) -> None:
         """Drop the LoRA adapter (unmerged), leaving the frozen base model."""
@@ -490,17 +538,33 @@ class Backbone:
         return Path(path)
 
     def load_adapter(self, path: str | Path, trainable: bool = False) -> None:
+        """Read a peft adapter (float32 weights whatever the base dtype). With `model.quantize: int8` it is
+        merged into the weights before they are quantised, so it must be loaded before the first scoring."""
         from peft import PeftModel
 
         path = Path(path)
         if not (path / "adapter_config.json").is_file():
             raise InputError(f"{path}: not a peft adapter directory (no adapter_config.json)")
+        if trainable:
+            self._refuse_training_when_quantized("a trainable adapter")
+        if self._quantized:
+            raise InputError("model.quantize: int8: load the adapter before the first forward pass "
+                             "(the weights it merges into are quantised by then)")
         if self.is_peft:
             from safetensors.torch import load_file
 
             self.set_adapter_state(load_file(str(path / "adapter_model.safetensors")))
             return
-        self.model = PeftModel.from_pretrained(self.model, str(path), is_trainable=trainable)
+        self.model = PeftModel.from_pretrained(self.model, str(path), is_trainable=trainable,
+                                               autocast_adapter_dtype=True)
+
+
+@dataclass
+class _Prefix:
+    """A token prefix shared by a batch: its length and its KV cache (batch of one)."""
+
+    length: int
+    cache: object
 
 
 def _common_prefix_length(rows: Sequence[Sequence[int]]) -> int:

@@ -9,7 +9,8 @@ A model source is one of
 - a local directory holding a transformers model (config.json + weights + tokenizer), or a GGUF file path;
 - a Hugging Face id (`org/name`), loaded by transformers when the machine is online.
 
-dtype "auto" = float32 on CPU (bfloat16 on these CPUs is several times slower), bfloat16 on CUDA.
+dtype "auto" is decided per machine by `llm.precision.decide` (bfloat16 on CUDA and on CPUs with native
+bfloat16, float32 elsewhere; `RECALIGN_DTYPE` overrides it).
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 # the `model:` config section every LLM method shares (Backbone.from_config reads it)
 MODEL_CONFIG = {
     "name": DEFAULT_MODEL,  # embedded asset | tiny-random | local model dir | .gguf file | Hugging Face id
-    "dtype": "auto",  # auto = float32 on CPU, bfloat16 on CUDA
+    # auto = bfloat16 on CUDA and on a CPU with native bfloat16 (avx512_bf16 / AMX, confirmed by a one-off
+    # timing), float32 elsewhere; the environment variable RECALIGN_DTYPE overrides auto (llm.precision)
+    "dtype": "auto",
+    "quantize": "none",  # none | int8: dynamic int8 quantisation of the decoder's linear layers (CPU scoring only)
     "device": "auto",  # auto | cpu | cuda | cuda:N
     "batch_size": 8,  # prompts per forward pass when scoring / embedding / generating
     # reuse the KV cache of the token prefix all scored prompts share; null = auto: on for CPU (1.3x faster
@@ -38,6 +42,9 @@ MODEL_CONFIG = {
     # expanding the cache and the explicit attention mask cost more than the 41 prefix tokens save)
     "prefix_cache": None,
 }
+
+# keys of that section whose default is null, with an example of the type they take when set
+MODEL_NULLABLE = {"model.prefix_cache": True}
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -52,14 +59,24 @@ def pick_device(device: str = "auto") -> torch.device:
     return resolved
 
 
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in table:
-        raise InputError(f"model.dtype: unknown dtype {dtype!r}; use auto, {', '.join(table)}")
-    return table[dtype]
+def pick_dtype(dtype: str, device: torch.device, source: str | None = None) -> torch.dtype:
+    """The torch dtype for `model.dtype` (auto: see `llm.precision.decide`)."""
+    from recalign.llm.precision import decide
+
+    return decide(dtype, device, source=source).dtype
+
+
+def check_model_config(section, training: bool = False) -> None:
+    """Cheap check of a `model:` section's dtype and quantize values (nothing is loaded or measured);
+    `training`: the method trains LoRA on the backbone, which a quantised model cannot."""
+    from recalign.llm.precision import parse_dtype, parse_quantize
+
+    if section.get("dtype", "auto") != "auto":
+        parse_dtype(section.get("dtype"))
+    quantize = parse_quantize(section.get("quantize"))
+    if quantize != "none" and training:
+        raise InputError(f"model.quantize: {quantize} is for scoring only; this method trains LoRA adapters "
+                         "(use model.quantize: none)")
 
 
 def converted_dir(name: str) -> Path:
@@ -179,7 +196,7 @@ def load_model(source: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "
     from transformers import AutoModelForCausalLM
 
     dev = pick_device(device)
-    torch_dtype = pick_dtype(dtype, dev)
+    torch_dtype = pick_dtype(dtype, dev, source)
     _quiet_transformers()
     if source == TINY_NAME:
         tokenizer = load_tokenizer(TINY_NAME)
