@@ -6,6 +6,7 @@ interaction) in its native form, so counts agree across formats and k-core has s
 import gzip
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -331,3 +332,174 @@ def test_byte_order_mark_and_crlf_line_ends(tmp_path):
     (tmp_path / "u.data").write_bytes(b"\xef\xbb\xbf1\t2\t4\t100\r\n1\t3\t2\t200\r\n")
     ds = load_dataset(str(tmp_path / "u.data"), fmt="ml-100k-raw")
     assert raw_rows(ds) == [("1", "2", 4.0, 100), ("1", "3", 2.0, 200)]
+
+
+# ------------------------------------------------------------------------------------------ bad values
+# one good line, then a line with the given user and item ids, in each format; (dataset path, bad file, line)
+def write_one_bad_line(fmt, folder: Path, user: str, item: str):
+    folder.mkdir(parents=True, exist_ok=True)
+    if fmt == "recbole":
+        target = folder / "t.inter"
+        text, line = f"user_id:token\titem_id:token\trating:float\ttimestamp:float\n1\t1\t5\t1\n{user}\t{item}\t5\t2\n", 3
+    elif fmt == "ml-100k-raw":
+        target, text, line = folder / "u.data", f"1\t1\t5\t1\n{user}\t{item}\t5\t2\n", 2
+    elif fmt == "ml-1m":
+        target, text, line = folder / "ratings.dat", f"1::1::5::1\n{user}::{item}::5::2\n", 2
+    elif fmt == "book-crossing":
+        target = folder / "BX-Book-Ratings.csv"
+        text, line = f'"User-ID";"ISBN";"Book-Rating"\n"1";"1";"5"\n"{user}";"{item}";"5"\n', 3
+    elif fmt == "amazon":
+        review = lambda u, i, t: json.dumps({"reviewerID": u, "asin": i, "overall": 5, "unixReviewTime": t})  # noqa: E731
+        target, text, line = folder / "x.json", review("1", "1", 1) + "\n" + review(user, item, 2) + "\n", 2
+    else:
+        review = lambda u, i: repr({"username": u, "product_id": i, "date": "2020-01-01"})  # noqa: E731
+        target, text, line = folder / "reviews.json", review("1", "1") + "\n" + review(user, item) + "\n", 2
+    target.write_bytes(text.encode("latin-1" if fmt in ("ml-100k-raw", "ml-1m", "book-crossing") else "utf-8"))
+    return folder, target, line
+
+
+def read_error(path, fmt=None) -> str:
+    with pytest.raises(InputError) as info:
+        load_dataset(str(path), fmt=fmt)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("bad", ["1\x00", "\x001", "1\x1f", "a\x0bb", "1\x7f"])
+def test_control_characters_in_ids_are_errors_not_phantom_items(fmt, bad, tmp_path):
+    # "1\x00" next to "1" used to be a second item (a phantom); now the line is named
+    path, target, line = write_one_bad_line(fmt, tmp_path / "d", "1", bad)
+    message = read_error(path, fmt)
+    assert f"{target}:{line}:" in message and "control character" in message, message
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("user", ["", "   "])
+def test_empty_and_blank_ids_are_errors(fmt, user, tmp_path):
+    path, target, line = write_one_bad_line(fmt, tmp_path / "d", user, "1")
+    message = read_error(path, fmt)
+    assert message.startswith(f"{target}:{line}: empty "), message
+
+
+def test_padded_ids_are_the_same_ids(tmp_path):
+    path, _, _ = write_one_bad_line("recbole", tmp_path / "d", " 1 ", "1\r")
+    ds = load_dataset(str(path), fmt="recbole")
+    assert (ds.n_users, ds.n_items) == (1, 1)
+
+
+@pytest.mark.parametrize("fmt,key,value,shown", [
+    ("amazon", "reviewerID", None, "got null"), ("amazon", "asin", True, "got True"),
+    ("amazon", "asin", ["a"], "got ['a']"), ("amazon", "reviewerID", 1.5, "got 1.5"),
+    ("steam", "username", None, "got None"), ("steam", "product_id", {"a": 1}, "got {'a': 1}"),
+])
+def test_json_ids_must_be_strings_or_integers(fmt, key, value, shown, tmp_path):
+    # a null reviewerID used to become a user called "None"
+    record = {"reviewerID": "u", "asin": "a", "overall": 5, "unixReviewTime": 1} if fmt == "amazon" else \
+        {"username": "u", "product_id": "a", "date": "2020-01-01"}
+    record[key] = value
+    name = "x.json" if fmt == "amazon" else "reviews.json"
+    (tmp_path / name).write_text((json.dumps(record) if fmt == "amazon" else repr(record)) + "\n")
+    assert read_error(tmp_path) == f"{tmp_path / name}:1: '{key}' must be a string or an integer, {shown}"
+
+
+def test_integer_json_ids_are_read(tmp_path):
+    (tmp_path / "x.json").write_text('{"reviewerID": 7, "asin": " b1 ", "overall": 5, "unixReviewTime": 1}\n')
+    assert raw_rows(load_dataset(str(tmp_path))) == [("7", "b1", 5.0, 1)]
+
+
+@pytest.mark.parametrize("fmt,line", [
+    ("amazon", '{"reviewerID": "u", "asin": "a", "asin": "b", "overall": 5, "unixReviewTime": 1}'),
+    ("steam", "{'username': 'u', 'product_id': 'a', 'date': '2020-01-01', 'username': 'v'}"),
+])
+def test_duplicate_id_keys_in_a_record_are_errors(fmt, line, tmp_path):
+    (tmp_path / "reviews.json").write_text(line + "\n")
+    assert "reviews.json:1: duplicate key" in read_error(tmp_path, fmt)
+
+
+@pytest.mark.parametrize("fmt", ["recbole", "ml-100k-raw", "amazon"])
+@pytest.mark.parametrize("stamp", ["1e300", "-1e19", "9223372036854775808"])
+def test_timestamps_beyond_int64_are_errors(fmt, stamp, tmp_path):
+    path, target, _ = write_one_bad_line(fmt, tmp_path / "d", "1", "2")
+    target.write_text(target.read_text().replace("\t2\n", f"\t{stamp}\n").replace('"unixReviewTime": 2}',
+                                                                                     f'"unixReviewTime": {stamp}}}'))
+    message = read_error(path, fmt)
+    assert "timestamp is not an integer within 64 bits" in message and f"{target.name}:" in message, message
+
+
+def test_form_feed_inside_a_recbole_field_keeps_line_numbers(tmp_path):
+    # str.splitlines() broke lines at \x0c and \x1c, so later errors named the wrong line
+    (tmp_path / "t.inter").write_bytes(b"user_id:token\titem_id:token\trating:float\n1\t2\x0c\t5\n1\t3\tbad\n")
+    assert read_error(tmp_path, "recbole").endswith("t.inter:3: column 'rating' is not a number: 'bad'")
+
+
+# ------------------------------------------------------------------------------------------ bad files
+def amazon_review_line():
+    return b'{"reviewerID": "u", "asin": "a", "overall": 5, "unixReviewTime": 1}\n'
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe not gzip", amazon_review_line()])
+def test_a_gz_name_that_is_not_gzip_says_so(content, tmp_path):
+    (tmp_path / "x.json.gz").write_bytes(content)
+    for fmt in (None, "amazon"):  # detection reads it too
+        assert read_error(tmp_path, fmt) == f"{tmp_path / 'x.json.gz'}: not gzip (the name ends in .gz but the " \
+                                            f"file does not start with the gzip magic bytes 1f 8b)"
+
+
+@pytest.mark.parametrize("magic,kind", [(b"PK\x03\x04", "zip"), (b"BZh91AY&SY", "bzip2"), (b"\xfd7zXZ\x00\x00", "xz")])
+def test_other_archives_are_named(magic, kind, tmp_path):
+    (tmp_path / "u.data").write_bytes(magic + b"\x00\x01 binary")
+    assert read_error(tmp_path, "ml-100k-raw") == (f"{tmp_path / 'u.data'}: {kind}-compressed, not text; "
+                                                   f"decompress it first (only gzip is read directly)")
+
+
+@pytest.mark.parametrize("fmt,name", [("recbole", "t.inter"), ("ml-100k-raw", "u.data"), ("ml-1m", "ratings.dat"),
+                                      ("book-crossing", "BX-Book-Ratings.csv"), ("amazon", "x.json"),
+                                      ("steam", "reviews.json")])
+@pytest.mark.parametrize("detect", [False, True])
+def test_a_directory_where_a_file_should_be(fmt, name, detect, tmp_path):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "inside").write_text("x")
+    message = read_error(tmp_path, None if detect else fmt)
+    assert message == f"{tmp_path / name}: is a directory, expected the " + message.split("expected the ")[1]
+    assert "not found" not in message
+
+
+def test_symlink_loops_and_broken_links(tmp_path):
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    assert read_error(tmp_path / "loop") == f"{tmp_path / 'loop'}: symbolic link loop"
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "t.inter").symlink_to("t.inter")
+    assert read_error(tmp_path / "d") == f"{tmp_path / 'd' / 't.inter'}: symbolic link loop, expected the RecBole " \
+                                         f"atomic file"
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "u.data").symlink_to("gone")
+    assert read_error(tmp_path / "e") == f"{tmp_path / 'e' / 'u.data'}: broken symbolic link (to gone), expected " \
+                                         f"the u.data file"
+
+
+def test_an_optional_side_file_that_is_a_dead_link_is_not_skipped(tmp_path):
+    shutil.copytree(FIXTURES / "ml-100k-raw", tmp_path / "m")
+    (tmp_path / "m" / "u.item").unlink()
+    (tmp_path / "m" / "u.item").symlink_to("u.item.old")
+    assert read_error(tmp_path / "m", "ml-100k-raw") == (f"{tmp_path / 'm' / 'u.item'}: broken symbolic link "
+                                                         f"(to u.item.old), expected the u.item file")
+
+
+def test_a_pipe_is_not_a_file(tmp_path):
+    os.mkfifo(tmp_path / "u.data")
+    assert read_error(tmp_path, "ml-100k-raw") == (f"{tmp_path / 'u.data'}: not a regular file (a pipe, socket or "
+                                                   f"device), expected the u.data file")
+    assert read_error(tmp_path / "u.data") == f"{tmp_path / 'u.data'}: not a regular file or a directory (a pipe, " \
+                                              f"socket or device)"
+
+
+def test_an_unreadable_file_says_permission_denied(tmp_path, monkeypatch):
+    # chmod 000 does not stop root (these tests may run as root): refuse the open itself
+    from recalign.data.readers import _common
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    path, target, _ = write_one_bad_line("ml-1m", tmp_path / "d", "1", "2")
+    monkeypatch.setattr(_common, "open", refuse, raising=False)
+    assert read_error(path, "ml-1m") == f"{target}: cannot read the ratings.dat file (permission denied)"

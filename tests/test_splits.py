@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 
 from recalign.data import (
-    build_dataset, few_shot, history_samples, leave_one_out, load_dataset, mark_warm_cold, temporal_split,
+    Needs, build_dataset, check_dataset, degeneracy, few_shot, history_samples, leave_one_out, load_dataset,
+    mark_warm_cold, temporal_split,
 )
 from recalign.errors import InputError
 
@@ -190,3 +191,72 @@ def test_warm_cold_on_a_temporal_split():
     assert marked["warm_user"].tolist() == [True, True, True, False]
     assert marked["warm_item"].tolist() == [False, True, False, False]
     assert marked["warm"].tolist() == [False, True, False, False]
+
+
+# ------------------------------------------------------------------------------------------ degeneracy
+NO_POSITIVES = [("a", "p", 1, 1), ("a", "q", 3, 2), ("a", "r", 2, 3), ("b", "p", 3, 4), ("b", "q", 2, 5)]
+SINGLES = [("a", "p", 5, 1), ("b", "q", 2, 2), ("c", "p", 4, 3)]  # every user has one interaction
+ONE_ITEM = [("a", "p", 5, 1), ("a", "p", 2, 2), ("a", "p", 4, 3), ("b", "p", 1, 4)]
+
+
+def test_no_positives_is_named_where_samples_need_them():
+    ds = make(NO_POSITIVES)
+    with pytest.raises(InputError, match=r"^hand: no positives \(rating > 3\): liked-item histories need liked"):
+        history_samples(ds, history_len=1, liked_history_only=True)
+    with pytest.raises(InputError, match=r"^hand: no positives \(rating > 3\) among 5 interactions \(ratings 1..3\)"):
+        check_dataset(ds, Needs.ctr(history_len=1))
+    assert len(history_samples(ds, history_len=1)) == 3  # plain histories exist; CTR would have one label only
+
+
+def test_all_positives_fail_ctr_for_want_of_negatives():
+    ds = make(NO_POSITIVES, like_threshold=0)
+    with pytest.raises(InputError, match=r"no negatives \(rating <= 0\) among 5 interactions .*AUC is undefined"):
+        check_dataset(ds, Needs.ctr(history_len=1))
+
+
+def test_users_with_one_interaction_each():
+    ds = make(SINGLES)
+    with pytest.raises(InputError, match=r"^hand: no user has 3 or more interactions \(most: 1\): leave-one-out"):
+        leave_one_out(ds)
+    with pytest.raises(InputError, match=r"^hand: no interaction has 2 earlier interactions of its user \(longest: 0\)"):
+        history_samples(ds, history_len=2)
+    with pytest.raises(InputError, match="no user has 3 or more"):
+        check_dataset(ds, Needs.leave_one_out())
+
+
+def test_one_item_cannot_be_ranked():
+    ds = make(ONE_ITEM)
+    report = degeneracy(ds, Needs.leave_one_out())
+    assert report.problems == ["1 item(s), at least 2 needed to rank or compare items"]
+    assert report.warnings == ["1 user with 3 or more interactions: test metrics rest on a single user"]
+    assert report  # truthy when there are problems
+    with pytest.raises(InputError, match=r"^hand: 1 item\(s\), at least 2 needed"):
+        check_dataset(ds, Needs.leave_one_out())
+
+
+def test_every_problem_is_listed_on_one_line():
+    with pytest.raises(InputError) as info:
+        check_dataset(make(SINGLES[:1]), Needs(min_items=2, positives=False, negatives=True, min_user_interactions=3))
+    message = str(info.value)
+    assert "\n" not in message and message.count("; ") == 2
+    assert "1 item(s)" in message and "no negatives" in message and "no user has 3" in message
+
+
+def test_thin_but_valid_data_gives_warnings():
+    ds = make(ROWS)  # 3 users, 2 with >= 3 interactions, 8 items
+    assert check_dataset(ds, Needs.leave_one_out()) == [
+        "8 items, not more than k=10: every top-10 list holds the whole catalogue, so hr@10 is 1 by construction"]
+    assert check_dataset(ds, Needs.leave_one_out(top_k=5)) == []
+    assert check_dataset(make(ROWS[:5]), Needs.ctr(history_len=2)) == ["1 user: metrics rest on a single user"]
+    assert check_dataset(load_dataset("ml-100k"), Needs.leave_one_out()) == []
+    assert check_dataset(load_dataset("ml-100k"), Needs.ctr(liked_history=True)) == []
+
+
+def test_liked_history_needs_enough_liked_items():
+    ds = make(ROWS[:5])  # user a: p5 q2 r4 s1 t5 -> at most 2 liked earlier items
+    assert degeneracy(ds, Needs.ctr(history_len=2, liked_history=True)).problems == []
+    assert degeneracy(ds, Needs.ctr(history_len=3, liked_history=True)).problems == [
+        "no interaction has 3 earlier liked interactions of its user (longest: 2): lower samples.history_len / "
+        "min_history or use a denser dataset"]
+    with pytest.raises(InputError, match="longest: 2"):
+        history_samples(ds, history_len=3, liked_history_only=True)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from recalign.data.checks import Needs, check_dataset, samples_problem
 from recalign.data.dataset import Dataset
 from recalign.errors import InputError
 
@@ -31,7 +32,9 @@ class Split:
 def leave_one_out(ds: Dataset, min_interactions: int = 3) -> Split:
     """Interactions are already sorted by (user, timestamp) with stable ties.
 
-    Users with fewer than `min_interactions` interactions keep all of them in train."""
+    Users with fewer than `min_interactions` interactions keep all of them in train; at least one user
+    must have that many (else an InputError says so)."""
+    check_dataset(ds, Needs(min_user_interactions=min_interactions))
     inter = ds.interactions
     counts = inter.groupby("user")["item"].transform("size").to_numpy()
     position_from_end = inter.groupby("user").cumcount(ascending=False).to_numpy()
@@ -53,7 +56,8 @@ def history_samples(
 
     Columns: user, item, rating, label, timestamp, position, history (tuple of item ids, oldest first),
     history_ratings, history_labels (tuples aligned with history).
-    With `liked_history_only` the history is the last L *liked* earlier items (CoLLM)."""
+    With `liked_history_only` the history is the last L *liked* earlier items (CoLLM).
+    No sample at all is an InputError naming the cause (no positives, no user with enough interactions)."""
     if history_len < 1:
         raise InputError(f"history_len must be >= 1, got {history_len}")
     min_history = history_len if min_history is None else min_history
@@ -87,6 +91,9 @@ def history_samples(
             rows["history"].append(tuple(int(i) for i in u_items[earlier]))
             rows["history_ratings"].append(tuple(float(r) for r in u_ratings[earlier]))
             rows["history_labels"].append(tuple(bool(b) for b in u_labels[earlier]))
+    if not rows["user"]:
+        problem = samples_problem(ds, min_history, liked_history_only)
+        raise InputError(f"{ds.name}: {problem or f'no history samples (history_len={history_len})'}")
     return pd.DataFrame(rows)
 
 
@@ -102,7 +109,7 @@ def temporal_split(
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
         raise InputError(f"split fractions must be three non-negative numbers summing to 1, got {list(fractions)}")
     if samples.empty:
-        raise InputError("cannot split an empty sample set")
+        raise InputError("no samples to split: the sample set is empty")
     ordered = samples.sort_values("timestamp", kind="stable").reset_index(drop=True)
     if by == "count":
         n = len(ordered)
