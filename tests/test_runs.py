@@ -43,16 +43,6 @@ def test_atomic_dir_replaces_whole(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
 
-def test_prepare_refuses_overwrite_and_checks_config_on_resume(tmp_path):
-    run = RunDir(tmp_path / "r")
-    run.prepare("seed: 0\n")
-    with pytest.raises(InputError, match="already holds a run"):
-        RunDir(tmp_path / "r").prepare("seed: 0\n")
-    RunDir(tmp_path / "r", resume=True).prepare("seed: 0\n")
-    with pytest.raises(InputError, match="config differs"):
-        RunDir(tmp_path / "r", resume=True).prepare("seed: 1\n")
-
-
 def test_checkpoint_round_trip(tmp_path):
     run = RunDir(tmp_path / "r")
     assert run.load_checkpoint("model") is None
@@ -60,3 +50,140 @@ def test_checkpoint_round_trip(tmp_path):
     run.save_checkpoint("model", state)
     back = run.load_checkpoint("model")
     assert back["epoch"] == 3 and torch.equal(back["w"], state["w"])
+
+
+# ----------------------------------------------------------------------------------------- --out rules
+def _unfinished(path, config="seed: 0\n"):
+    run = RunDir(path)
+    run.prepare(config)
+    run.save_checkpoint("train", {"epoch": 1})
+    return run
+
+
+def test_an_unfinished_run_is_continued_by_the_same_command(tmp_path):
+    _unfinished(tmp_path / "r")
+    again = RunDir(tmp_path / "r")  # no --resume needed
+    again.prepare("seed: 0\n")
+    assert again.resume and not again.new and again.load_checkpoint("train") == {"epoch": 1}
+
+
+def test_an_unfinished_run_with_another_config_names_overwrite(tmp_path):
+    _unfinished(tmp_path / "r", "seed: 0\ntrain:\n  lr: 0.1\n")
+    for resume in (False, True):
+        with pytest.raises(InputError, match=r"another config \(changed: train.lr\).*--overwrite"):
+            RunDir(tmp_path / "r", resume=resume).prepare("seed: 0\ntrain:\n  lr: 0.2\n")
+    fresh = RunDir(tmp_path / "r", overwrite=True)
+    fresh.prepare("seed: 0\ntrain:\n  lr: 0.2\n")
+    assert fresh.new and fresh.load_checkpoint("train") is None
+    assert (tmp_path / "r" / "config.yaml").read_text() == "seed: 0\ntrain:\n  lr: 0.2\n"
+
+
+def test_a_finished_run_is_kept_unless_overwrite(tmp_path):
+    run = _unfinished(tmp_path / "r")
+    run.write_metrics({"test": {}})
+    with pytest.raises(InputError, match="already holds a run.*--resume keeps it, --overwrite replaces it"):
+        RunDir(tmp_path / "r").prepare("seed: 0\n")
+    kept = RunDir(tmp_path / "r", resume=True)
+    kept.prepare("seed: 0\n")
+    assert kept.finished() and not kept.new
+    with pytest.raises(InputError, match="finished run with another config"):
+        RunDir(tmp_path / "r", resume=True).prepare("seed: 1\n")
+    with pytest.raises(InputError, match="exclude each other"):
+        RunDir(tmp_path / "r", resume=True, overwrite=True).prepare("seed: 0\n")
+    RunDir(tmp_path / "r", overwrite=True).prepare("seed: 1\n")
+    assert not (tmp_path / "r" / "metrics.json").exists()
+
+
+def test_a_directory_that_is_not_a_run_is_never_overwritten(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(InputError, match="not a run directory"):
+            RunDir(tmp_path, overwrite=overwrite).prepare("seed: 0\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / ".config.yaml.abcd1234").write_text("half")  # a temporary of a write interrupted by a kill
+    RunDir(empty).prepare("seed: 0\n")
+    assert sorted(p.name for p in empty.iterdir()) == ["config.yaml"]
+
+
+@pytest.mark.parametrize("out, needle", [
+    ("", "empty path"),
+    ("{file}/run", "is a file, not a directory"),
+    ("{file}", "exists and is a file"),
+    ("/proc/recalign-run", "under /proc"),
+    ("/sys/run", "under /sys"),
+    ("{dir}/" + "x" * 300, "longer than 255 bytes"),
+])
+def test_an_out_that_cannot_hold_a_run_is_refused_before_anything_is_written(tmp_path, out, needle):
+    (tmp_path / "file").write_text("x")
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(InputError, match=needle):
+        RunDir(out.format(file=tmp_path / "file", dir=tmp_path)).prepare("seed: 0\n")
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_an_unwritable_out_is_refused(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(InputError, match="not writable"):
+        RunDir(locked / "run").prepare("seed: 0\n")
+    assert not list(locked.iterdir())
+
+
+def test_restarting_cleans_interrupted_atomic_writes(tmp_path):
+    run = _unfinished(tmp_path / "r")
+    leftovers = [run.checkpoints / ".train.safetensors.k3j_x9q2", run.path / ".metrics.json.a1b2c3d4"]
+    for path in leftovers:
+        path.write_bytes(b"half")
+    (run.checkpoints / ".adapter.x1y2z3w4").mkdir()  # an atomic_dir cut short
+    (run.checkpoints / ".adapter-seed0.old").mkdir()  # moved aside, the new one not yet in place
+    (run.checkpoints / ".adapter-seed0.old" / "adapter_config.json").write_text("{}")
+    RunDir(tmp_path / "r").prepare("seed: 0\n")
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == ["adapter-seed0", "train.safetensors"]
+    assert sorted(p.name for p in run.path.iterdir()) == ["checkpoints", "config.yaml"]
+
+
+# ----------------------------------------------------------------------------------- through the CLI
+def test_out_errors_through_the_cli_write_nothing(tmp_path, monkeypatch, capsys):
+    from cli_helpers import invoke
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file").write_text("x")
+    for out in ("", "file/run", "/proc/run"):
+        code, stdout, err = invoke(monkeypatch, capsys, "run", "pop", "--out", out)
+        assert code == 2 and stdout == "" and len(err.strip().splitlines()) == 1 and "--out" in err, (out, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_crash_then_retry_report_repair(tmp_path, monkeypatch, capsys):
+    """A kill between report.md and metrics.json leaves an unfinished run that the same command finishes;
+    a finished run whose report.md is lost gets it back on --resume; a changed config needs --overwrite."""
+    from cli_helpers import invoke
+
+    out = str(tmp_path / "pop")
+    original = RunDir.write_metrics
+
+    def killed(self, metrics):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunDir, "write_metrics", killed)
+    code, _, _ = invoke(monkeypatch, capsys, "run", "pop", "--out", out)
+    assert code == 130 and (tmp_path / "pop" / "report.md").exists()
+    assert not (tmp_path / "pop" / "metrics.json").exists()  # report.md first, metrics.json last
+    monkeypatch.setattr(RunDir, "write_metrics", original)
+    code, stdout, _ = invoke(monkeypatch, capsys, "run", "pop", "--out", out)  # the same command
+    assert code == 0
+    metrics = json.loads((tmp_path / "pop" / "metrics.json").read_text())
+    assert json.loads(stdout)["test"] == metrics["test"]
+
+    (tmp_path / "pop" / "report.md").unlink()
+    code, _, _ = invoke(monkeypatch, capsys, "run", "pop", "--out", out, "--resume")
+    assert code == 0 and "# pop on ml-100k" in (tmp_path / "pop" / "report.md").read_text()
+    assert json.loads((tmp_path / "pop" / "metrics.json").read_text()) == metrics
+
+    code, _, err = invoke(monkeypatch, capsys, "run", "pop", "--out", out, "--set", "seed=1", "--resume")
+    assert code == 2 and "--overwrite" in err and "changed: seed" in err
+    code, _, _ = invoke(monkeypatch, capsys, "run", "pop", "--out", out, "--set", "seed=1", "--overwrite")
+    assert code == 0 and "seed: 1" in (tmp_path / "pop" / "config.yaml").read_text()

@@ -2,8 +2,10 @@
 directory of named checkpoints.
 
 An atomic write goes to a temporary sibling first and is renamed over the target in one step; an
-interrupted write leaves the old file (or none) and a hidden `.NAME.*` temporary that the next write of the
-same name, or `Checkpoints.clean()`, removes.
+interrupted write leaves the old file (or none) and a hidden `.NAME.xxxxxxxx` temporary that
+`Checkpoints.clean()` removes (a run directory runs it whenever it is restarted).
+
+Training states are safetensors files (`save_state` / `load_state`): loading one never unpickles anything.
 """
 
 from __future__ import annotations
@@ -11,11 +13,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from recalign.errors import InputError
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -74,35 +79,176 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# ------------------------------------------------------------------------------------------- states
+STATE_FORMAT = "recalign-state/1"
+_TEMPORARY = re.compile(r"^\..+\.([a-z0-9_]{8}|old)$")  # `.NAME.xxxxxxxx` (mkstemp/mkdtemp) or `.NAME.old`
+
+
+def save_state(path: str | Path, state: Any) -> Path:
+    """Write a nested state atomically as one safetensors file: every tensor and numpy array is a tensor of
+    the file; the rest (dicts, lists, tuples, str, int, float, bool, None) is JSON in its metadata, with
+    `{"$tensor": key}`-style references to the tensors. `load_state` gives back exactly what was saved."""
+    from safetensors.torch import save
+
+    tensors: dict[str, Any] = {}
+    skeleton = _encode(state, "", tensors)
+    data = save(tensors, metadata={"format": STATE_FORMAT, "state": json.dumps(skeleton, allow_nan=False)})
+    path = Path(path)
+    atomic_write_bytes(path, data)
+    return path
+
+
+def load_state(path: str | Path) -> Any:
+    """What `save_state` wrote. Anything else (a pickle, a truncated or corrupt file, a foreign safetensors
+    file) is an InputError naming the file; nothing is ever unpickled."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key).clone() for key in handle.keys()}  # not tied to the mmap
+    except Exception as exc:  # SafetensorError, OSError: unreadable, truncated, not safetensors
+        if _is_pickle(path):
+            raise InputError(f"{path}: a pickle file (torch.save, written by recalign before states were "
+                             f"safetensors); it is not loaded because unpickling can run code. Regenerate it: "
+                             f"rerun with --overwrite (see README, 'Run directories')") from None
+        raise InputError(f"{path}: not a readable recalign state file ({' '.join(str(exc).split())})") from None
+    if metadata.get("format") != STATE_FORMAT or "state" not in metadata:
+        raise InputError(f"{path}: a safetensors file without a recalign state (format "
+                         f"{metadata.get('format')!r}, expected {STATE_FORMAT!r})")
+    try:
+        return _decode(json.loads(metadata["state"]), tensors)
+    except (ValueError, TypeError, KeyError, IndexError, RecursionError) as exc:
+        raise InputError(f"{path}: malformed recalign state ({' '.join(str(exc).split())})") from None
+
+
+def _is_pickle(path: Path) -> bool:
+    """torch.save writes a zip archive (or, with its legacy format, a bare pickle stream). Only asked after
+    safetensors refused the file (a safetensors header length may start with any byte)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError:
+        return False
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"
+
+
+def _encode(value: Any, where: str, tensors: dict) -> Any:
+    import numpy as np
+    import torch
+
+    def add(tensor, tag: str) -> dict:
+        key = where or "root"
+        if key in tensors:
+            key = f"{key}~{len(tensors)}"
+        tensors[key] = tensor.detach().cpu().contiguous().clone()  # clone: no tensors sharing memory
+        return {tag: key}
+
+    if isinstance(value, torch.Tensor):
+        if value.layout != torch.strided:
+            raise TypeError(f"cannot store a {value.layout} tensor at '{where}'; store its components")
+        return add(value, "$tensor")
+    if isinstance(value, (np.ndarray, np.generic)):
+        array = np.asarray(value)
+        if array.dtype.kind not in "biufc":
+            raise TypeError(f"cannot store a numpy array of dtype {array.dtype} at '{where}'")
+        array = array.astype(array.dtype.newbyteorder("="), order="C")  # native order, C layout, 0-d kept
+        return add(torch.from_numpy(array), "$ndarray" if isinstance(value, np.ndarray) else "$numpy")
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else {"$float": repr(value)}
+    if isinstance(value, (list, tuple)):
+        items = [_encode(v, f"{where}.{i}".lstrip("."), tensors) for i, v in enumerate(value)]
+        return {"$tuple": items} if isinstance(value, tuple) else items
+    if isinstance(value, dict):
+        if all(isinstance(k, str) and not k.startswith("$") for k in value):
+            return {k: _encode(v, f"{where}.{k}".lstrip("."), tensors) for k, v in value.items()}
+        return {"$items": [[_encode(k, f"{where}.key", tensors), _encode(v, f"{where}.{k}".lstrip("."), tensors)]
+                           for k, v in value.items()]}  # int keys (optimizer state), tuple keys, "$..." keys
+    raise TypeError(f"cannot store {type(value).__name__} at '{where}' in a state file")
+
+
+def _decode(node: Any, tensors: dict) -> Any:
+    if node is None or isinstance(node, (bool, int, float, str)):
+        return node
+    if isinstance(node, list):
+        return [_decode(v, tensors) for v in node]
+    if not isinstance(node, dict):
+        raise TypeError(f"unexpected {type(node).__name__}")
+    tags = [k for k in node if k.startswith("$")]
+    if not tags:
+        return {k: _decode(v, tensors) for k, v in node.items()}
+    if len(node) != 1:
+        raise ValueError(f"unexpected keys {', '.join(sorted(node))}")
+    tag, arg = tags[0], node[tags[0]]
+    if tag in ("$tensor", "$ndarray", "$numpy"):
+        if not isinstance(arg, str) or arg not in tensors:
+            raise KeyError(f"tensor {arg!r} is not in the file")
+        tensor = tensors[arg]
+        return tensor if tag == "$tensor" else tensor.numpy() if tag == "$ndarray" else tensor.numpy()[()]
+    if tag == "$float" and arg in ("nan", "inf", "-inf"):
+        return float(arg)
+    if tag == "$tuple" and isinstance(arg, list):
+        return tuple(_decode(v, tensors) for v in arg)
+    if tag == "$items" and isinstance(arg, list) and all(isinstance(p, list) and len(p) == 2 for p in arg):
+        return {_decode(k, tensors): _decode(v, tensors) for k, v in arg}
+    raise ValueError(f"bad {tag} entry")
+
+
 class Checkpoints:
-    """A directory of named training states (`NAME.pt`), each written atomically.
+    """A directory of named training states (`NAME.safetensors`, see `save_state`), each written atomically.
 
     Components that train (the CF trainer, the LLM training loop, generation steps) take any object with
-    `save_checkpoint(name, state)` / `load_checkpoint(name)`; a run directory offers the same two methods."""
+    `save_checkpoint(name, state)` / `load_checkpoint(name)`; a run directory offers the same two methods.
+    A `NAME.pt` left by an older recalign (a pickle) is refused, never unpickled."""
 
     def __init__(self, directory: str | Path, resume: bool = True):
         self.path = Path(directory)
         self.resume = resume
 
     def file(self, name: str) -> Path:
-        return self.path / f"{name}.pt"
+        return self.path / f"{name}.safetensors"
 
     def save_checkpoint(self, name: str, state: Any) -> Path:
-        import io
-
-        import torch
-
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        path = self.file(name)
-        atomic_write_bytes(path, buffer.getvalue())
-        return path
+        return save_state(self.file(name), state)
 
     def load_checkpoint(self, name: str) -> Any | None:
         """The saved state, or None when there is none."""
-        import torch
-
         path = self.file(name)
-        if not path.exists():
-            return None
-        return torch.load(path, map_location="cpu", weights_only=False)
+        if path.exists():
+            return load_state(path)
+        legacy = self.path / f"{name}.pt"
+        if legacy.exists():
+            return load_state(legacy)  # refused with the message that says how to regenerate the run
+        return None
+
+    def clean(self) -> list[Path]:
+        return clean_temporaries(self.path)
+
+
+def is_temporary(name: str) -> bool:
+    """A name `atomic_write_bytes` / `atomic_dir` use for their temporaries."""
+    return bool(_TEMPORARY.match(name))
+
+
+def clean_temporaries(directory: str | Path) -> list[Path]:
+    """Remove the temporaries interrupted atomic writes left in `directory` (`.NAME.xxxxxxxx`); a folder that
+    `atomic_dir` had moved aside (`.NAME.old`) is put back when NAME itself is missing. Returns the removed."""
+    directory, removed = Path(directory), []
+    if not directory.is_dir():
+        return removed
+    for entry in sorted(directory.iterdir()):
+        if not is_temporary(entry.name):
+            continue
+        original = directory / entry.name[1:].rsplit(".", 1)[0]
+        if entry.name.endswith(".old") and entry.is_dir() and not original.exists():
+            os.replace(entry, original)
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed

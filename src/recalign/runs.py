@@ -1,56 +1,160 @@
 """Run directories: resolved config, metrics.json, report, log, checkpoints; atomic writes; resume.
 
 Layout of DIR:
-  config.yaml     the fully resolved config
-  metrics.json    {"method", "dataset", "test": {...}, "valid": {...}, "seconds": {"train", "eval"}, ...}
+  config.yaml     the fully resolved config (written first: it marks DIR as a run directory)
   report.md       a short human-readable summary
+  metrics.json    {"method", "dataset", "test": {...}, "valid": {...}, "seconds": {"train", "eval"}, ...};
+                  written last: it marks the run finished
   run.log         timestamped log lines
-  checkpoints/    `NAME.pt` (torch) or adapter folders; written atomically, read back on --resume
+  checkpoints/    `NAME.safetensors` states (`recalign.io.save_state`) and adapter folders, written
+                  atomically, read back when the run is continued
+
+What `prepare` does with DIR (the README's "What happens to a run directory after a crash, a kill, a bad
+input" says the same for users):
+  missing or empty            a new run
+  unfinished (config.yaml,    the same config: continued from its checkpoints (with or without --resume);
+  no metrics.json)            another config: refused, naming --overwrite
+  finished (metrics.json)     refused; --resume keeps it (and rewrites a missing report.md), with the same
+                              config only
+  anything else (files, no    refused, even with --overwrite: it is not a run directory
+  config.yaml)
+  --overwrite deletes an unfinished or finished run and starts a new one. Temporaries of interrupted atomic
+  writes are removed whenever a run is continued.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from recalign.errors import InputError
-from recalign.io import Checkpoints, atomic_write_json, atomic_write_text
+from recalign.io import Checkpoints, atomic_write_json, atomic_write_text, clean_temporaries, is_temporary
+
+_VIRTUAL = (Path("/proc"), Path("/sys"), Path("/dev"))
 
 
 class RunDir:
-    def __init__(self, path: str | Path, resume: bool = False):
+    def __init__(self, path: str | Path, resume: bool = False, overwrite: bool = False):
+        if str(path).strip() == "":
+            raise InputError("--out: empty path; name the run directory")
         self.path = Path(path)
         self.resume = resume
+        self.overwrite = overwrite
+        self.new = False  # prepare() started a new run (so a bad input mid-run may discard it)
+        self.created = False  # prepare() created the directory itself
         self.checkpoints = self.path / "checkpoints"
         self._checkpoints = Checkpoints(self.checkpoints)
 
     # ----- lifecycle
+    def check(self) -> None:
+        """Refuse an --out that cannot hold a run, writing nothing: under a file, under /proc, /sys or /dev,
+        in a place that is not writable, or a name the file system cannot hold."""
+        if self.resume and self.overwrite:
+            raise InputError("--resume and --overwrite exclude each other: --resume continues or keeps a run, "
+                             "--overwrite deletes it")
+        target = Path(os.path.abspath(self.path))
+        for root in _VIRTUAL:
+            if target == root or root in target.parents:
+                raise InputError(f"--out {self.path}: under {root}, a virtual file system; choose a normal directory")
+        for part in target.parts:
+            if len(os.fsencode(part)) > 255:
+                raise InputError(f"--out {self.path}: the name {part[:20]}... is longer than 255 bytes")
+        existing = target
+        try:
+            while not existing.exists() and not existing.is_symlink():
+                existing = existing.parent
+        except OSError as exc:
+            raise InputError(f"--out {self.path}: {exc.strerror or exc}") from None
+        if not existing.is_dir():
+            kind = "a file" if existing.is_file() else "a broken symbolic link" if existing.is_symlink() else "no directory"
+            where = "exists and is" if existing == target else f"{existing} is"
+            raise InputError(f"--out {self.path}: {where} {kind}, not a directory")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise InputError(f"--out {self.path}: {existing} is not writable")
+
+    def state(self) -> str:
+        """'new' (missing or empty), 'finished', 'unfinished' or 'other' (files, but not a run directory)."""
+        if not self.path.is_dir():
+            return "new"
+        if (self.path / "metrics.json").exists():
+            return "finished"
+        if (self.path / "config.yaml").exists():
+            return "unfinished"
+        return "other" if any(not is_temporary(p.name) for p in self.path.iterdir()) else "new"
+
     def prepare(self, config_text: str) -> None:
-        """Create the directory; refuse to overwrite a finished run unless resuming."""
-        if self.path.exists() and not self.path.is_dir():
-            raise InputError(f"--out {self.path}: exists and is not a directory")
-        config_path = self.path / "config.yaml"
-        if self.resume:
-            if config_path.exists() and config_path.read_text() != config_text:
-                raise InputError(
-                    f"--resume {self.path}: config differs from the saved config.yaml; use a new --out"
-                )
-        elif (self.path / "metrics.json").exists() or config_path.exists():
-            raise InputError(f"--out {self.path}: already holds a run; pass --resume or choose another directory")
-        self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(config_path, config_text)
+        """Check --out, then create, continue, keep or replace the run (see the module docstring)."""
+        self.check()
+        state = self.state()
+        where = f"--out {self.path}"
+        if state == "other":
+            raise InputError(f"{where}: holds files but no config.yaml, so it is not a run directory (and is "
+                             "never overwritten); choose a new or empty directory")
+        if state != "new" and self.overwrite:
+            self._remove_tree()
+            state = "new"
+        elif state == "finished":
+            if not self.resume:
+                raise InputError(f"{where}: already holds a run (finished); --resume keeps it, --overwrite "
+                                 "replaces it, or choose another --out")
+            self._same_config(config_text, "a finished run")
+        elif state == "unfinished":
+            self._same_config(config_text, "an unfinished run")
+            self.resume = True  # the same command continues from the checkpoints
+        self.new = state == "new"
+        try:
+            self.created = not self.path.exists()
+            self.path.mkdir(parents=True, exist_ok=True)
+            clean_temporaries(self.path)
+            clean_temporaries(self.checkpoints)
+            if state == "new":
+                atomic_write_text(self.path / "config.yaml", config_text)
+        except OSError as exc:
+            raise InputError(f"{where}: cannot write there ({exc.strerror or exc})") from None
+
+    def discard(self) -> None:
+        """Remove what this run wrote (a bad input found mid-run of a new run)."""
+        if self.created:
+            shutil.rmtree(self.path, ignore_errors=True)
+        elif self.path.is_dir():
+            for entry in self.path.iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
 
     def finished(self) -> bool:
         return (self.path / "metrics.json").exists()
+
+    def _same_config(self, config_text: str, what: str) -> None:
+        saved = (self.path / "config.yaml").read_text(encoding="utf-8", errors="replace")
+        if saved != config_text:
+            raise InputError(f"--out {self.path}: holds {what} with another config ({_changed_keys(saved, config_text)}); "
+                             "--overwrite deletes it and starts afresh, or choose another --out")
+
+    def _remove_tree(self) -> None:
+        try:
+            shutil.rmtree(self.path)
+        except OSError as exc:
+            raise InputError(f"--out {self.path}: --overwrite could not delete the old run ({exc.strerror or exc})") from None
 
     # ----- outputs
     def write_metrics(self, metrics: dict) -> None:
         atomic_write_json(self.path / "metrics.json", metrics)
 
     def read_metrics(self) -> dict:
-        return json.loads((self.path / "metrics.json").read_text())
+        path = self.path / "metrics.json"
+        try:
+            metrics = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InputError(f"{path}: unreadable ({exc}); --overwrite runs it again") from None
+        if not isinstance(metrics, dict):
+            raise InputError(f"{path}: not a JSON object; --overwrite runs it again")
+        return metrics
 
     def write_text(self, name: str, text: str) -> None:
         atomic_write_text(self.path / name, text)
@@ -74,3 +178,20 @@ class RunDir:
     def load_checkpoint(self, name: str) -> Any | None:
         """The saved state, or None when there is none."""
         return self._checkpoints.load_checkpoint(name)
+
+
+def _changed_keys(saved: str, new: str) -> str:
+    """'changed: train.lr, seed' — the dotted keys whose values differ (or 'config.yaml unreadable')."""
+    import yaml
+
+    def flat(node, prefix=""):
+        if isinstance(node, dict) and node:
+            return {k: v for key, value in node.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+        return {prefix.rstrip("."): node}
+
+    try:
+        old, cur = flat(yaml.safe_load(saved)), flat(yaml.safe_load(new))
+    except yaml.YAMLError:
+        return "its config.yaml is unreadable"
+    keys = sorted(k for k in set(old) | set(cur) if old.get(k, object) != cur.get(k, object))
+    return "changed: " + (", ".join(keys[:5]) + (", ..." if len(keys) > 5 else "") if keys else "formatting")

@@ -297,13 +297,11 @@ class CFModel(nn.Module):
                 "state": {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in self.state_dict().items()}}
 
     def save(self, path) -> None:
-        import io
+        """`checkpoint()` as one safetensors state file (`recalign.io.save_state`, atomic; no pickle);
+        `cf.load_model(path)` reads it back."""
+        from recalign.io import save_state
 
-        from recalign.io import atomic_write_bytes
-
-        buffer = io.BytesIO()
-        torch.save(self.checkpoint(), buffer)
-        atomic_write_bytes(path, buffer.getvalue())
+        save_state(path, self.checkpoint())
 
 
 def select_items(scores: torch.Tensor, items: torch.Tensor | None) -> torch.Tensor:

@@ -167,18 +167,33 @@ class Trainer:
     def _resume(self, model, optimizer) -> dict:
         if self.run is None:
             return {}
-        saved = self.run.load_checkpoint(self.checkpoint_name)
+        saved = self.run.load_checkpoint(self.checkpoint_name)  # a safetensors state; never unpickled
         if saved is None:
             return {}
+        where = self._where()
+        keys = ("model", "n_items", "model_state", "optimizer_state", "state", "history")
+        if not isinstance(saved, dict) or not set(keys) <= set(saved) or not isinstance(saved["state"], dict):
+            raise InputError(f"{where}: not a CF trainer checkpoint (needs {', '.join(keys)})")
         if saved.get("model") != model.name or saved.get("n_items") != model.n_items:
             raise InputError(f"checkpoint '{self.checkpoint_name}' in {self.run.path} is for "
                              f"{saved.get('model')} with {saved.get('n_items')} items, not {model.name} "
                              f"with {model.n_items}; use a new output directory")
-        model.load_state_dict(saved["model_state"])
-        optimizer.load_state_dict(saved["optimizer_state"])
-        self.history = list(saved["history"])
-        self.log(f"{model.name}: resuming after epoch {saved['state']['epoch']}")
+        try:
+            model.load_state_dict(saved["model_state"])
+            optimizer.load_state_dict(saved["optimizer_state"])
+            self.history = list(saved["history"])
+            epoch = int(saved["state"]["epoch"])
+        except Exception as exc:  # shapes of another config, a malformed state
+            raise InputError(f"{where}: does not fit this {model.name} model ({type(exc).__name__}: "
+                             f"{exc}); use a new output directory") from None
+        self.log(f"{model.name}: resuming after epoch {epoch}")
         return dict(saved["state"])
+
+    def _where(self) -> str:
+        for method in ("checkpoint_path", "file"):  # RunDir / recalign.io.Checkpoints
+            if hasattr(self.run, method):
+                return str(getattr(self.run, method)(self.checkpoint_name))
+        return f"checkpoint '{self.checkpoint_name}'"
 
     def _save(self, model, optimizer, state, done) -> None:
         if self.run is None:

@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from pathlib import Path
 from typing import Callable, Sequence
@@ -229,7 +228,8 @@ def model_fingerprint(model: torch.nn.Module, name: str = "") -> str:
 
 
 class CatalogueCache:
-    """Catalogue embeddings on disk: DIR/<key>.pt with key = sha256(model identity, pooling, titles).
+    """Catalogue embeddings on disk: DIR/<key>.safetensors (a `recalign.io` state file, never unpickled) with
+    key = sha256(model identity, pooling, titles).
 
     `get(titles, embed, model_id)` returns the cached tensor or computes it with `embed(titles)` and stores
     it atomically (a crash mid-write leaves no partial file)."""
@@ -242,29 +242,28 @@ class CatalogueCache:
         return hashlib.sha256(f"{model_id}\x00{extra}\x00{titles_hash(titles)}".encode()).hexdigest()[:32]
 
     def path(self, model_id: str, titles: Sequence[str], extra: str = "") -> Path:
-        return self.directory / f"{self.key(model_id, titles, extra)}.pt"
+        return self.directory / f"{self.key(model_id, titles, extra)}.safetensors"
 
     def get(self, titles: Sequence[str], embed: Callable[[list[str]], torch.Tensor], model_id: str,
             extra: str = "") -> tuple[torch.Tensor, bool]:
         """(embeddings [N, d] float32, True when read from the cache)."""
-        from recalign.io import atomic_write_bytes
+        from recalign.io import atomic_write_bytes, load_state, save_state
 
         titles = list(titles)
         path = self.path(model_id, titles, extra)
         if path.exists():
             try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-                if state["titles_hash"] == titles_hash(titles) and state["model_id"] == model_id:
+                state = load_state(path)  # safetensors: never unpickled
+                if (state["titles_hash"] == titles_hash(titles) and state["model_id"] == model_id
+                        and tuple(state["embeddings"].shape[:1]) == (len(titles),)):
                     return state["embeddings"], True
-            except Exception:  # unreadable/corrupt cache entry: recompute and overwrite
+            except (InputError, KeyError, TypeError, AttributeError):  # unreadable/corrupt entry: recomputed
                 pass
         embeddings = _as_float(embed(titles)).detach().cpu().contiguous()
         if embeddings.shape[0] != len(titles):
             raise InputError(f"grounding cache: embed returned {embeddings.shape[0]} rows for {len(titles)} titles")
-        buffer = io.BytesIO()
-        torch.save({"embeddings": embeddings, "model_id": model_id, "titles_hash": titles_hash(titles),
-                    "extra": extra, "n": len(titles)}, buffer)
-        atomic_write_bytes(path, buffer.getvalue())
+        save_state(path, {"embeddings": embeddings, "model_id": model_id, "titles_hash": titles_hash(titles),
+                          "extra": extra, "n": len(titles)})
         atomic_write_bytes(path.with_suffix(".json"), json.dumps(
             {"model_id": model_id, "extra": extra, "n_titles": len(titles), "dim": int(embeddings.shape[1]),
              "titles_hash": titles_hash(titles)}, indent=2).encode())
