@@ -96,3 +96,50 @@ def test_methods_run_end_to_end(tmp_path):
     with pytest.raises(InputError, match="train.objective"):
         run_method("mf", "ml-100k", tmp_path / "bad", sets=["train.objective=ce"])
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_trainer_checkpoint_that_does_not_fit_is_one_line(cycles, tmp_path):
+    from recalign.io import Checkpoints
+
+    data, valid, _ = cycles
+    train_cf_model("mf", data, {"model": {"embedding_size": 8}, "train": {"epochs": 1}}, run=tmp_path, checkpoint="cf")
+    with pytest.raises(InputError, match=r"cf.safetensors: does not fit this mf model \(RuntimeError: .*size mismatch"):
+        train_cf_model("mf", data, {"model": {"embedding_size": 16}, "train": {"epochs": 2}}, run=tmp_path, checkpoint="cf")
+    Checkpoints(tmp_path / "checkpoints").save_checkpoint("cf", {"model": "mf"})
+    with pytest.raises(InputError, match="cf.safetensors: not a CF trainer checkpoint"):
+        train_cf_model("mf", data, {"train": {"epochs": 1}}, run=tmp_path, checkpoint="cf")
+    (tmp_path / "checkpoints" / "cf.safetensors").write_bytes(b"\x00" * 40)
+    with pytest.raises(InputError, match="cf.safetensors: not a readable recalign state file"):
+        train_cf_model("mf", data, {"train": {"epochs": 1}}, run=tmp_path, checkpoint="cf")
+
+
+def test_kill_9_then_the_same_command_gives_bit_identical_metrics(tmp_path):
+    """A real SIGKILL (mid-epoch or mid-write) of `recalign run`, then the same command: it continues from
+    the checkpoints, cleans the temporaries, and ends with exactly the metrics of an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from recalign.runner import run_method
+
+    sets = ["train.epochs=6", "train.batch_size=4096", "model.embedding_size=8", "train.patience=0"]
+    reference = run_method("mf", "ml-100k", tmp_path / "ref", sets=sets)
+    out = tmp_path / "killed"
+    command = [sys.executable, "-c", "from recalign.cli import main; main()", "run", "mf", "--out", str(out)]
+    for s in sets:
+        command += ["--set", s]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "RECALIGN_QUIET": "1"})
+    checkpoint = out / "checkpoints" / "train.safetensors"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert checkpoint.exists() and not (out / "metrics.json").exists(), "the run ended before it was killed"
+    resumed = run_method("mf", "ml-100k", out, sets=sets)  # the same command, no --resume
+    assert resumed["test"] == reference["test"] and resumed["valid"] == reference["valid"]
+    assert "mf: resuming after epoch" in (out / "run.log").read_text()  # continued, not restarted
+    assert not [p for p in out.rglob(".*")]
