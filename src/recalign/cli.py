@@ -96,13 +96,16 @@ def run(
     dataset: str = typer.Option("ml-100k", "--dataset", "-d", help="embedded name or path"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file"),
     sets: Optional[List[str]] = typer.Option(None, "--set", "-s", help="key=value override (repeatable)"),
-    out: Path = typer.Option(..., "--out", "-o", help="run directory"),
-    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from its checkpoints"),
+    out: str = typer.Option(..., "--out", "-o", help="run directory (a new, empty or unfinished one)"),
+    resume: bool = typer.Option(False, "--resume", help="keep a finished run (an unfinished one is always continued)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="delete the run already in --out and start afresh"),
 ):
-    """Train and evaluate METHOD; writes metrics.json, config.yaml, report.md, run.log, checkpoints."""
+    """Train and evaluate METHOD; writes config.yaml, report.md, metrics.json (last), run.log, checkpoints.
+
+    Rerunning the same command continues an interrupted run from its checkpoints."""
     from recalign.runner import run_method
 
-    metrics = run_method(method, dataset, out, str(config) if config else None, sets or [], resume)
+    metrics = run_method(method, dataset, out, str(config) if config else None, sets or [], resume, overwrite)
     print(json.dumps({"out": str(out), "test": metrics["test"]}))
 
 
@@ -164,7 +167,11 @@ def report(run_dirs: List[Path] = typer.Argument(..., help="run directories"),
 def main() -> None:
     debug = os.environ.get("RECALIGN_DEBUG", "") not in ("", "0")
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # typer turns Ctrl-C and typer.Exit into a returned exit code
+        if code == 130:
+            raise KeyboardInterrupt
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except InputError as exc:
         if debug:
             raise

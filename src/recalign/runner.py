@@ -20,28 +20,37 @@ def resolve_config(method: str, config_file: str | None, sets: list[str] | None)
 
 
 def run_method(method: str, dataset: str, out: str | Path, config_file: str | None = None,
-               sets: list[str] | None = None, resume: bool = False) -> dict:
-    """Validate everything that can be validated before anything is written, then run."""
+               sets: list[str] | None = None, resume: bool = False, overwrite: bool = False) -> dict:
+    """Validate everything that can be validated before anything is written, then run.
+
+    `--out` rules (`RunDir.prepare`): an unfinished run with the same config is continued, a finished one is
+    kept with `resume`, `overwrite` deletes either and starts afresh."""
     spec = get_method(method)
     config = resolve_config(method, config_file, sets)
     if spec.validate is not None:
         spec.validate(config)
-    run = RunDir(out, resume=resume)
+    run = RunDir(out, resume=resume, overwrite=overwrite)
+    run.check()  # --out itself (under a file, /proc, unwritable...) before the dataset is read
     context = RunContext(method=method, dataset_name=dataset, config=config, run=run)
     context.dataset  # load (and validate) the dataset before creating the run directory
     config_text = cfg.dump(config)
-    fresh = not run.path.exists()
-    run.prepare(config_text)
-    if resume and run.finished():
+    run.prepare(config_text)  # new, continued (same config), kept (finished + resume) or replaced (overwrite)
+    if run.finished():
+        metrics = run.read_metrics()
+        if not (run.path / "report.md").is_file():  # lost to a crash between the two writes: repaired
+            from recalign.report.markdown import run_report
+
+            run.write_text("report.md", run_report(metrics, config, spec))
+            context.log("report.md was missing; written again from metrics.json")
         context.log(f"{run.path} already finished; metrics.json kept")
-        return run.read_metrics()
+        return metrics
     context.log(f"run {method} on {dataset} -> {run.path}")
     started = time.perf_counter()
     try:
         result = spec.run(context)
     except InputError:
-        if fresh:  # bad input found mid-run: leave nothing half-written behind
-            shutil.rmtree(run.path, ignore_errors=True)
+        if run.new:  # bad input found mid-run of a new run: leave nothing half-written behind
+            run.discard()
         raise
     metrics = {
         "method": method,
@@ -52,10 +61,10 @@ def run_method(method: str, dataset: str, out: str | Path, config_file: str | No
                     "total": time.perf_counter() - started},
     }
     metrics.update({k: v for k, v in result.items() if k not in metrics})
-    run.write_metrics(metrics)
     from recalign.report.markdown import run_report
 
     run.write_text("report.md", run_report(metrics, config, spec))
+    run.write_metrics(metrics)  # last: metrics.json marks the run finished
     context.log(f"done in {metrics['seconds']['total']:.1f}s; metrics in {run.path / 'metrics.json'}")
     return metrics
 

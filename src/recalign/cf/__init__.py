@@ -46,18 +46,49 @@ def create_model(name: str, n_users: int, n_items: int, **params) -> CFModel:
 
 
 def load_model(source) -> CFModel:
-    """A model from `CFModel.save(path)` output, a checkpoint dict, or a trainer checkpoint file."""
-    checkpoint = source
+    """A model from `CFModel.save(path)` output or a `model.checkpoint()` dict (e.g. a run's checkpoint
+    `RunDir(out).load_checkpoint("model")`). The file is a safetensors state (never a pickle), and what it
+    holds is checked against the model its name, sizes and params build: a mismatch is an InputError that
+    names the file."""
+    checkpoint, where = source, "model checkpoint"
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise InputError(f"{path}: model checkpoint not found")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(checkpoint, dict) or "name" not in checkpoint or "state" not in checkpoint:
-        raise InputError(f"{source}: not a recalign CF model checkpoint")
-    model = create_model(checkpoint["name"], checkpoint["n_users"], checkpoint["n_items"], **checkpoint["params"])
-    model.load_state_dict(checkpoint["state"])
-    model.eval()
+        from recalign.io import load_state
+
+        where = Path(source)
+        if not where.is_file():
+            raise InputError(f"{where}: model checkpoint not found")
+        checkpoint = load_state(where)
+    keys = ("name", "n_users", "n_items", "params", "state")
+    if not isinstance(checkpoint, dict) or not set(keys) <= set(checkpoint):
+        raise InputError(f"{where}: not a recalign CF model checkpoint (needs {', '.join(keys)})")
+    name, n_users, n_items, params, state = (checkpoint[k] for k in keys)
+    if not (isinstance(name, str) and isinstance(params, dict) and isinstance(state, dict)
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (n_users, n_items))):
+        raise InputError(f"{where}: malformed CF model checkpoint (name, sizes, params or state of the wrong type)")
+    try:
+        model = create_model(name, n_users, n_items, **params)
+    except (InputError, TypeError, ValueError) as exc:
+        raise InputError(f"{where}: {exc}") from None
+    expected = model.state_dict()
+    if set(state) != set(expected):
+        odd = sorted(set(state) ^ set(expected))
+        raise InputError(f"{where}: weights do not match a {name} model (missing or unexpected: {', '.join(odd[:5])})")
+    for key, value in expected.items():
+        if torch.is_tensor(value) and (not torch.is_tensor(state[key]) or state[key].shape != value.shape):
+            got = tuple(state[key].shape) if torch.is_tensor(state[key]) else type(state[key]).__name__
+            raise InputError(f"{where}: {key} is {got}, but a {name} with {n_users} users, {n_items} items "
+                             f"and its params needs {tuple(value.shape)}")
+    try:
+        model.load_state_dict(state)
+        model.eval()
+        if n_items:  # one query: catches saved graphs / similarity matrices that do not fit the sizes
+            with torch.no_grad():
+                scores = model.score(make_query([0 if n_users else -1], [[0]], n_items, model.max_len))
+            if tuple(scores.shape) != (1, n_items):
+                raise ValueError(f"scores of shape {tuple(scores.shape)}")
+    except Exception as exc:
+        raise InputError(f"{where}: the saved {name} model does not fit its own config "
+                         f"({type(exc).__name__}: {exc})") from None
     return model
 
 
