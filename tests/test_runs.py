@@ -187,3 +187,14 @@ def test_crash_then_retry_report_repair(tmp_path, monkeypatch, capsys):
     assert code == 2 and "--overwrite" in err and "changed: seed" in err
     code, _, _ = invoke(monkeypatch, capsys, "run", "pop", "--out", out, "--set", "seed=1", "--overwrite")
     assert code == 0 and "seed: 1" in (tmp_path / "pop" / "config.yaml").read_text()
+
+
+def test_a_run_of_another_dataset_is_never_continued(tmp_path):
+    run = RunDir(tmp_path / "r")
+    run.prepare("seed: 0\n", origin="mf on ml-100k")
+    assert (tmp_path / "r" / "config.yaml").read_text() == "seed: 0\n# run: mf on ml-100k\n"
+    RunDir(tmp_path / "r").prepare("seed: 0\n", origin="mf on ml-100k")  # continued
+    with pytest.raises(InputError, match="holds an unfinished run of mf on ml-100k, not of mf on ./ml-1m; --overwrite"):
+        RunDir(tmp_path / "r").prepare("seed: 0\n", origin="mf on ./ml-1m")
+    with pytest.raises(InputError, match=r"changed: seed"):
+        RunDir(tmp_path / "r").prepare("seed: 1\n", origin="mf on ml-100k")

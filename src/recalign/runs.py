@@ -1,7 +1,8 @@
 """Run directories: resolved config, metrics.json, report, log, checkpoints; atomic writes; resume.
 
 Layout of DIR:
-  config.yaml     the fully resolved config (written first: it marks DIR as a run directory)
+  config.yaml     the fully resolved config and a last line `# run: METHOD on DATASET` (written first: it
+                  marks DIR as a run directory)
   report.md       a short human-readable summary
   metrics.json    {"method", "dataset", "test": {...}, "valid": {...}, "seconds": {"train", "eval"}, ...};
                   written last: it marks the run finished
@@ -86,8 +87,13 @@ class RunDir:
             return "unfinished"
         return "other" if any(not is_temporary(p.name) for p in self.path.iterdir()) else "new"
 
-    def prepare(self, config_text: str) -> None:
-        """Check --out, then create, continue, keep or replace the run (see the module docstring)."""
+    def prepare(self, config_text: str, origin: str | None = None) -> None:
+        """Check --out, then create, continue, keep or replace the run (see the module docstring).
+
+        origin ("METHOD on DATASET") is kept as a last comment line of config.yaml; a run of another origin
+        is never continued."""
+        if origin:
+            config_text += f"{_ORIGIN}{' '.join(origin.split())}\n"
         self.check()
         state = self.state()
         where = f"--out {self.path}"
@@ -132,6 +138,10 @@ class RunDir:
 
     def _same_config(self, config_text: str, what: str) -> None:
         saved = (self.path / "config.yaml").read_text(encoding="utf-8", errors="replace")
+        (saved, old), (config_text, new) = _split_origin(saved), _split_origin(config_text)
+        if old and new and old != new:
+            raise InputError(f"--out {self.path}: holds {what} of {old}, not of {new}; --overwrite deletes it and "
+                             "starts afresh, or choose another --out")
         if saved != config_text:
             raise InputError(f"--out {self.path}: holds {what} with another config ({_changed_keys(saved, config_text)}); "
                              "--overwrite deletes it and starts afresh, or choose another --out")
@@ -178,6 +188,17 @@ class RunDir:
     def load_checkpoint(self, name: str) -> Any | None:
         """The saved state, or None when there is none."""
         return self._checkpoints.load_checkpoint(name)
+
+
+_ORIGIN = "# run: "
+
+
+def _split_origin(text: str) -> tuple[str, str | None]:
+    """(the YAML, the origin of its `# run: METHOD on DATASET` last line, or None)."""
+    head, _, last = text.rstrip("\n").rpartition("\n")
+    if last.startswith(_ORIGIN):
+        return head + "\n", last[len(_ORIGIN):]
+    return text, None
 
 
 def _changed_keys(saved: str, new: str) -> str:
