@@ -34,7 +34,8 @@ def run_method(method: str, dataset: str, out: str | Path, config_file: str | No
     context = RunContext(method=method, dataset_name=dataset, config=config, run=run)
     context.dataset  # load (and validate) the dataset before creating the run directory
     config_text = cfg.dump(config)
-    run.prepare(config_text)  # new, continued (same config), kept (finished + resume) or replaced (overwrite)
+    run.prepare(config_text, origin=f"{method} on {dataset}")  # new, continued (same config), kept (finished
+    # + resume) or replaced (overwrite); a run of another method or dataset is never continued
     if run.finished():
         metrics = run.read_metrics()
         if not (run.path / "report.md").is_file():  # lost to a crash between the two writes: repaired
