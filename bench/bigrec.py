@@ -227,9 +227,9 @@ def run_quality(args) -> dict:
                 f"seed={args.seed}", "inject.cf_model=sasrec", "inject.cf_data=all",
                 f"train.valid_loss_size={args.valid_loss}"]
         if args.cf_epochs:
-            sets.append(f"inject.cf_epochs={args.cf_epochs}")
+            sets.append(f"inject.cf_train.epochs={args.cf_epochs}")
         if args.cf_minutes:
-            sets.append(f"inject.cf_max_minutes={args.cf_minutes}")
+            sets.append(f"inject.cf_train.max_minutes={args.cf_minutes}")
         sets += args.set or []
         started = time.perf_counter()
         metrics = run_method("bigrec", "ml-100k", out, sets=sets, resume=out.exists())

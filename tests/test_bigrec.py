@@ -6,12 +6,16 @@ import math
 
 import numpy as np
 import pytest
+from types import SimpleNamespace
 import torch
 
 from recalign.data import load_dataset
 from recalign.errors import InputError
 from recalign.llm import Generation, load_tokenizer
+from recalign.llm import generate_step
 from recalign.methods import bigrec
+from recalign.tasks.ctr import draw
+from recalign.tasks.next_item import full_histories, generative_samples, history_mask
 from recalign.runner import run_method
 from recalign.runs import RunDir
 
@@ -29,7 +33,7 @@ def _samples_cfg(**overrides):
 
 @pytest.fixture(scope="module")
 def built(ds):
-    return bigrec.build_samples(ds, _samples_cfg(valid_size=50, test_size=70))
+    return generative_samples(ds, _samples_cfg(valid_size=50, test_size=70))
 
 
 def test_samples_window_split_by_target_time(ds, built):
@@ -41,21 +45,21 @@ def test_samples_window_split_by_target_time(ds, built):
     total = len(split.train) + len(split.valid) + len(split.test)
     assert total == int((ds.interactions.groupby("user").size() - 10).clip(lower=0).sum())
     # the same subset every time (fixed subset seed), and a different one with another seed
-    assert bigrec.subset(split.valid, 50, 0)["item"].tolist() == valid["item"].tolist()
-    assert bigrec.subset(split.valid, 50, 1)["item"].tolist() != valid["item"].tolist()
-    assert len(bigrec.subset(split.valid, 0, 0)) == len(split.valid)
+    assert draw(split.valid, 50, 0)["item"].tolist() == valid["item"].tolist()
+    assert draw(split.valid, 50, 1)["item"].tolist() != valid["item"].tolist()
+    assert len(draw(split.valid, 0, 0)) == len(split.valid)
 
 
 def test_liked_targets_only(ds):
-    split, _, _ = bigrec.build_samples(ds, _samples_cfg(targets="liked", valid_size=10, test_size=10))
+    split, _, _ = generative_samples(ds, _samples_cfg(targets="liked", valid_size=10, test_size=10))
     assert split.train["label"].all() and split.test["label"].all()
     with pytest.raises(InputError, match="samples.targets"):
-        bigrec.build_samples(ds, _samples_cfg(targets="some"))
+        generative_samples(ds, _samples_cfg(targets="some"))
 
 
 def test_full_histories_are_every_earlier_interaction(ds, built):
     test = built[2].head(5)
-    histories = bigrec.full_histories(ds, test)
+    histories = full_histories(ds, test)
     inter = ds.interactions
     for (user, position, window, target), history in zip(
             test[["user", "position", "history", "item"]].itertuples(index=False), histories):
@@ -63,7 +67,7 @@ def test_full_histories_are_every_earlier_interaction(ds, built):
         assert history.tolist() == items[:position].tolist()
         assert tuple(history[-10:].tolist()) == tuple(window)
         assert items[position] == target
-    mask = bigrec.history_masks(histories, ds.n_items)
+    mask = history_mask(histories, ds.n_items)
     assert mask.sum(1).tolist() == [len(set(h.tolist())) for h in histories]
 
 
@@ -71,7 +75,8 @@ def test_prompts_and_answers_from_templates(ds, built):
     tokenizer = load_tokenizer("tiny-random")
     test = built[2].head(3)
     prompt_cfg = {**bigrec.PROMPT, "wrapper": "alpaca"}
-    prompts = bigrec.render_prompts(ds, test, prompt_cfg, tokenizer, lambda t: len(tokenizer(t)["input_ids"]), "movie")
+    backbone = SimpleNamespace(tokenizer=tokenizer, count_tokens=lambda t: len(tokenizer(t)["input_ids"]))
+    prompts = bigrec.render_prompts(backbone, test, prompt_cfg, ds.titles(), "movie")
     titles = ds.titles()
     first = prompts[0]
     assert "### Instruction:\nGiven a list of movies the user has watched before" in first
@@ -82,11 +87,10 @@ def test_prompts_and_answers_from_templates(ds, built):
     assert tokenizer(answers[0], add_special_tokens=False)["input_ids"][-1] == tokenizer.eos_token_id
     assert bigrec.render_answers(ds, test, {**prompt_cfg, "append_eos": False}, "</s>")[0].endswith('"')
     # a token budget drops the oldest history items, never the instruction
-    short = bigrec.render_prompts(ds, test, {**prompt_cfg, "max_tokens": 120}, tokenizer,
-                                  lambda t: len(tokenizer(t)["input_ids"]), "movie")
+    short = bigrec.render_prompts(backbone, test, {**prompt_cfg, "max_tokens": 120}, ds.titles(), "movie")
     assert len(tokenizer(short[0])["input_ids"]) <= 120 and f'"{titles[test["history"][0][-1]]}"' in short[0]
     with pytest.raises(InputError, match="prompt.input"):
-        bigrec.render_prompts(ds, test, {**prompt_cfg, "input": "{nope}"}, tokenizer, len, "movie")
+        bigrec.render_prompts(backbone, test, {**prompt_cfg, "input": "{nope}"}, ds.titles(), "movie")
 
 
 class _FakeBackbone:
@@ -99,24 +103,18 @@ class _FakeBackbone:
                           torch.zeros(len(prompts), num_beams), [[[]] * num_beams for _ in prompts])
 
 
-class _Ctx:
-    def __init__(self, run, beams=2):
-        self.run = run
-        self.config = {"generate": {"beams": beams, "max_new_tokens": 4, "batch_size": 0}}
-
-
 def test_generation_is_checkpointed_and_resumes(tmp_path):
     run = RunDir(tmp_path, resume=True)
     prompts = [f"p{i}" for i in range(10)]
     backbone = _FakeBackbone()
     run.save_checkpoint("generations-test", {"texts": [["p0-0", "p0-1"], ["p1-0", "p1-1"], ["p2-0", "p2-1"]],
                                              "scores": [[0.0, 0.0]] * 3})
-    state = bigrec.generate_step(_Ctx(run), backbone, prompts, "test", block=4)
+    state = generate_step(run, backbone, prompts, "test", beams=2, max_new_tokens=4, block=4)
     assert [c[0] for c in backbone.calls] == ["p3", "p7"]  # only what was missing, in blocks
     assert [row[0] for row in state["texts"]] == [f"p{i}-0" for i in range(10)]
     assert run.load_checkpoint("generations-test")["texts"] == state["texts"]
     backbone.calls.clear()
-    bigrec.generate_step(_Ctx(run), backbone, prompts, "test", block=4)
+    generate_step(run, backbone, prompts, "test", beams=2, max_new_tokens=4, block=4)
     assert backbone.calls == []
 
 
@@ -131,7 +129,7 @@ def test_generation_stats():
 
 TINY = ["model.name=tiny-random", "train.shots=16", "train.epochs=1", "train.valid_loss_size=8",
         "samples.valid_size=8", "samples.test_size=10", "generate.beams=2", "generate.max_new_tokens=6",
-        "inject.cf_model=mf", "inject.cf_epochs=2", "inject.gammas=[0.0, 1.0, 8.0]"]
+        "inject.cf_model=mf", "inject.cf_train.epochs=2", "inject.gammas=[0.0, 1.0, 8.0]"]
 
 
 def test_bigrec_end_to_end_tiny_llama_and_resume(tmp_path):
@@ -147,7 +145,7 @@ def test_bigrec_end_to_end_tiny_llama_and_resume(tmp_path):
     assert metrics["generation"]["test"]["cases"] == 10  # every test case counted
     assert metrics["samples"]["shots"] == 16 and metrics["catalogue"]["items"] == 1682
     assert not metrics["catalogue"]["cached"]
-    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
     assert (out / "checkpoints" / "adapter" / "adapter_config.json").is_file()
     assert "bigrec+pop" in (out / "report.md").read_text()
     cases = json.loads((out / "cases-test.json").read_text())
@@ -160,7 +158,7 @@ def test_bigrec_end_to_end_tiny_llama_and_resume(tmp_path):
     again = run_method("bigrec", "ml-100k", out, sets=sets, resume=True)
     assert again["test"] == metrics["test"]
     assert again["catalogue"]["cached"]
-    assert "LoRA adapter read back" in (out / "run.log").read_text()
+    assert "resumed training" in (out / "run.log").read_text()
 
 
 def test_bad_config_is_one_line_input_error(tmp_path):

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from recalign.cf import (MODELS, EvalSet, TrainData, create_model, evaluate_ctr, evaluate_ranking, leave_one_out_sets,
+from recalign.cf import (MODELS, EvalSet, case_query, TrainData, create_model, evaluate_ctr, evaluate_ranking, leave_one_out_sets,
                          load_model, make_query, recommend, train_cf_model)
 from recalign.errors import InputError
 
@@ -108,7 +108,7 @@ def test_interface_conformance(trained, blocks, cycles, name):
     model = trained[name]
     (_, _, test), _, n_items = cycles if name in SEQUENTIAL else blocks
     rows = np.arange(6)
-    query = test.query(rows, model.n_items, model.max_len)
+    query = case_query(test, rows, model.n_items, model.max_len)
     with torch.no_grad():
         full = model.score(query)
         assert full.shape == (6, n_items) and torch.isfinite(full).all()
@@ -143,7 +143,7 @@ def test_interface_conformance(trained, blocks, cycles, name):
 def test_save_load_gives_identical_scores(trained, blocks, cycles, tmp_path, name):
     model = trained[name]
     (_, _, test), _, _ = cycles if name in SEQUENTIAL else blocks
-    query = test.query(np.arange(len(test)), model.n_items, model.max_len)
+    query = case_query(test, np.arange(len(test)), model.n_items, model.max_len)
     path = tmp_path / f"{name}.pt"
     model.save(path)
     loaded = load_model(path)

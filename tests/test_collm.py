@@ -13,11 +13,13 @@ import torch
 
 from recalign.data import build_dataset
 from recalign.errors import InputError
-from recalign.hybrid.modules import CIE, SoftPrompt
-from recalign.hybrid.protocol import PROTOCOL_DEFAULTS, bounded, build_ctr_data, warm_cold_metrics
-from recalign.hybrid.recipe import Evaluator, Prompter, text_lora_step, train_config, train_slot_modules
-from recalign.llm import Backbone, tiny_llama
-from recalign.methods.collm import DEFAULTS, CoLLMSlots
+from recalign.llm import (CIE, Backbone, Prompter, Scorer, SoftPrompt, TrainConfig, lora_step, tiny_llama,
+                          train_slot_modules)
+from recalign.methods.collm import DEFAULTS, CoLLMSlots, step1_adapter
+from recalign.tasks.ctr import COLLM_PROTOCOL as PROTOCOL_DEFAULTS
+from recalign.tasks.ctr import bounded, collm_protocol, valid_auc
+from recalign.tasks.ctr import ctr_report as warm_cold_metrics
+from recalign.tasks.text import SAMPLE_FIELDS, frame_fields
 from recalign.runner import run_method
 from recalign.runs import RunDir
 
@@ -44,7 +46,7 @@ def hand_made():
 
 def test_time_split_liked_history_and_warm_cold_on_hand_made_data():
     ds = hand_made()
-    data = build_ctr_data(ds, dict(PROTOCOL_DEFAULTS, max_valid=None, history_len=2), seed=0)
+    data = collm_protocol(ds, dict(PROTOCOL_DEFAULTS, max_valid=None, history_len=2), seed=0)
     user = {u: i for i, u in enumerate(ds.users["raw_id"])}
     item = {r: i for i, r in enumerate(ds.items["raw_id"])}
     # every interaction is a sample (empty histories included), cut on the time axis
@@ -131,9 +133,13 @@ def sample_frame(n=6):
 def prompters(backbone):
     p = DEFAULTS["prompt"]
     titles = ["Star Wars (1977)", "Toy Story (1995)", "Fargo (1996)", "Heat (1995)"]
-    text = Prompter(backbone, p["text"], titles, "movie", forbid=("<UserID>", "<TargetItemID>"))
-    ids = Prompter(backbone, p["ids"], titles, "movie", require=("<UserID>", "<TargetItemID>"))
-    return text, ids
+    text = Prompter(p["text"], backbone.tokenizer, forbid=("<UserID>", "<TargetItemID>"))
+    ids = Prompter(p["ids"], backbone.tokenizer, require=("<UserID>", "<TargetItemID>"))
+
+    def render(prompter):
+        return lambda frame: prompter.render_all(frame_fields(frame, titles, "movie", quote_target=False,
+                                                              empty_history="none"))
+    return render(text), render(ids)
 
 
 def test_slots_receive_exactly_the_cie_outputs(tiny):
@@ -184,11 +190,13 @@ def test_step1_trains_only_lora_and_step2_only_the_cie(tiny, tmp_path):
     text_prompter, ids_prompter = prompters(backbone)
     labels = torch.tensor(frame["label"].to_numpy(), dtype=torch.float32)
     ctx = fake_ctx(tmp_path)
-    evaluator = Evaluator(ctx.run, backbone, "Yes", "No", 4, ctx.log)
+    scorer = Scorer(ctx.run, backbone, "Yes", "No", 4)
     base_before = {k: v.detach().clone() for k, v in backbone.model.named_parameters()}
     step1 = dict(DEFAULTS["step1"], epochs=1, batch_size=4, grad_accum=1, lr=1e-2)
-    text_lora_step(ctx, backbone, step1, DEFAULTS["lora"], text_prompter(frame), labels, text_prompter(frame),
-                   frame, evaluator)
+    texts = text_prompter(frame)
+    examples = [(t, "Yes" if y else "No") for t, y in zip(texts, frame["label"])]
+    lora_step(ctx.run, backbone, examples, DEFAULTS["lora"], step1, 0, "step1", tmp_path / "step1_adapter",
+              evaluate=lambda: valid_auc(frame, scorer.scores(texts)))
     after1 = {k.replace("base_model.model.", "").replace(".base_layer", ""): v.detach().clone()
               for k, v in backbone.model.named_parameters()}
     lora = {k for k in after1 if "lora_" in k}
@@ -213,8 +221,8 @@ def test_step1_trains_only_lora_and_step2_only_the_cie(tiny, tmp_path):
     assert all(p.grad is None for p in backbone.model.parameters())
     assert all(p.grad is None for p in cf.parameters())
     cie.zero_grad()
-    train_slot_modules(ctx, backbone, slots, train_config(dict(DEFAULTS["step2"], batch_size=4, grad_accum=1), 0,
-                                                          "step2"), len(frame), loss_fn, lambda: 0.5, "step2")
+    config = TrainConfig.from_config(dict(DEFAULTS["step2"], batch_size=4, grad_accum=1), 0, "step2")
+    train_slot_modules(ctx.run, backbone, slots, config, len(frame), loss_fn, lambda: 0.5, "step2")
     after2 = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
               for k, v in backbone.model.named_parameters()}
     assert all(torch.equal(after2[k], after1[k]) for k in after1)  # LoRA and base unchanged by step 2
@@ -243,11 +251,11 @@ def test_soft_prompt_fills_its_slot_with_the_same_vectors_for_every_row():
 def test_prompter_rejects_missing_or_stray_slots(tiny):
     p = DEFAULTS["prompt"]
     with pytest.raises(InputError, match="exactly once"):
-        Prompter(tiny, p["text"], ["t"], "movie", require=("<UserID>",))
+        Prompter(p["text"], tiny.tokenizer, require=("<UserID>",))
     with pytest.raises(InputError, match="must not contain"):
-        Prompter(tiny, p["ids"], ["t"], "movie", forbid=("<UserID>",))
+        Prompter(p["ids"], tiny.tokenizer, forbid=("<UserID>",))
     with pytest.raises(InputError, match="unknown field"):
-        Prompter(tiny, {"instruction": "{oops}", "input": ""}, ["t"], "movie")
+        Prompter({"instruction": "{oops}", "input": ""}, tiny.tokenizer, check_fields=SAMPLE_FIELDS)
 
 
 # ------------------------------------------------------------------------------------------ end to end
@@ -281,7 +289,7 @@ def test_collm_resume_after_an_interruption_gives_the_same_result(tmp_path, monk
     monkeypatch.setattr(Backbone, "yes_no_bce", flaky)
     with pytest.raises(KeyboardInterrupt):
         run_method("collm", "ml-100k", tmp_path / "run", sets=sets)
-    assert (tmp_path / "run" / "checkpoints" / "step2.pt").is_file()
+    assert (tmp_path / "run" / "checkpoints" / "step2.safetensors").is_file()
     assert not (tmp_path / "run" / "metrics.json").exists()
     calls["n"] = 0
 
@@ -330,10 +338,9 @@ def test_step1_init_from_loads_a_saved_adapter_exactly(tiny, tmp_path):
     texts = ["Answer with Yes or No. Will the user enjoy Fargo?", "Will the user enjoy Heat (1995)?"]
     target = fresh(tiny)
     ctx = fake_ctx(tmp_path / "new")
-    summary = text_lora_step(ctx, target, {"init_from": str(run_dir)}, DEFAULTS["lora"], [], None, [], None,
-                             Evaluator(ctx.run, target, "Yes", "No", 4, ctx.log))
+    summary = lora_step(ctx.run, target, [], DEFAULTS["lora"], DEFAULTS["step1"], 0, "step1",
+                        tmp_path / "new" / "step1_adapter", init_from=step1_adapter(str(run_dir)))
     assert summary["loaded_from"].endswith("step1_adapter")
     assert torch.allclose(source.score_yes_no(texts), target.score_yes_no(texts), atol=1e-6)
     with pytest.raises(InputError, match="init_from"):
-        text_lora_step(ctx, fresh(tiny), {"init_from": str(tmp_path)}, DEFAULTS["lora"], [], None, [], None,
-                       Evaluator(ctx.run, target, "Yes", "No", 4, ctx.log))
+        step1_adapter(str(tmp_path))

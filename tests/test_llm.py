@@ -7,9 +7,10 @@ import torch
 from transformers import LogitsProcessor
 
 from recalign.errors import InputError
-from recalign.llm import (Backbone, Checkpointer, LoraSettings, TrainConfig, Wrapper, fit_history, quote_titles,
+from recalign.llm import (Backbone, Checkpointer, LoraSettings, TrainConfig, Wrapper, fit_history,
                           train_loop, train_lora)
 from recalign.runs import RunDir
+from recalign.tasks.text import quote_titles
 
 INSTRUCTION = ("Given the user's preference and unpreference, identify whether the user will like the target "
                'movie by answering "Yes." or "No.".')
@@ -268,7 +269,8 @@ def test_load_from_local_directory_gives_same_scores(tiny, tmp_path):
 @pytest.mark.slow
 def test_real_smollm2_answers_sensibly():
     model = Backbone.load("smollm2-135m-instruct")
-    assert model.hidden_size == 576 and model.dtype == torch.float32
+    assert model.hidden_size == 576 and model.precision["dtype"] == str(model.dtype).removeprefix("torch.")
+    assert model.dtype in (torch.float32, torch.bfloat16)  # auto: per machine
     wrap = Wrapper("chat", system=None, tokenizer=model.tokenizer)
     out = model.generate([wrap("What is the capital of France?")], max_new_tokens=12)
     assert "Paris" in out.texts[0][0]

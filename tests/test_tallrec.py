@@ -9,7 +9,9 @@ import pytest
 
 from cli_helpers import invoke
 from recalign.data import build_dataset
-from recalign.llm import ctr, load_tokenizer
+from recalign.llm import Prompter, load_tokenizer
+from recalign.tasks.ctr import TALLREC_PROMPT, tallrec_protocol
+from recalign.tasks.text import frame_fields
 
 TINY = ["--set", "model.name=tiny-random", "--set", "samples.valid_size=24", "--set", "samples.test_size=40",
         "--set", "train.epochs=2", "--set", "train.shots=16"]
@@ -89,15 +91,19 @@ def toy_dataset():
 def test_prompts_split_history_into_liked_and_disliked_and_truncate_oldest():
     ds = toy_dataset()
     tokenizer = load_tokenizer("tiny-random")
-    data = ctr.prepare(ds, {"history_len": 3, "split": [0.5, 0.25, 0.25], "valid_size": 0, "test_size": 0})
-    train = data.split.train
-    assert train["timestamp"].max() <= data.split.valid["timestamp"].min() <= data.test["timestamp"].min()
+    data = tallrec_protocol(ds, {"history_len": 3, "split": [0.5, 0.25, 0.25], "valid_size": 0, "test_size": 0})
+    train = data.train
+    assert train["timestamp"].max() <= data.valid_full["timestamp"].min() <= data.test["timestamp"].min()
     row = train[(train["user"] == 0) & (train["item"] == 4)]
-    prompt_cfg = {**ctr.TALLREC_PROMPT, "wrapper": "alpaca"}
-    (text,) = ctr.render_prompts(ds, row, prompt_cfg, tokenizer)
+    prompt_cfg = {**TALLREC_PROMPT, "wrapper": "alpaca"}
+
+    def render(cfg):
+        return Prompter(cfg, tokenizer, cfg["wrapper"], max_tokens=cfg["max_tokens"]).render_all(
+            frame_fields(row, ds.titles(), "movie"))
+
+    (text,) = render(prompt_cfg)
     assert 'User Preference: "Film 2 (1992)"\nUser Unpreference: "Film 1 (1991)", "Film 3 (1993)"' in text
     assert 'target movie "Film 4 (1994)"?' in text and text.endswith("### Response:\n")
     full = len(tokenizer(text)["input_ids"])
-    (short,) = ctr.render_prompts(ds, row, {**prompt_cfg, "max_tokens": full - 3}, tokenizer)
+    (short,) = render({**prompt_cfg, "max_tokens": full - 3})
     assert '"Film 1 (1991)"' not in short and '"Film 2 (1992)"' in short and '"Film 4 (1994)"' in short
-    assert ctr.answers([True, False], prompt_cfg) == ["Yes.", "No."]

@@ -112,9 +112,9 @@ def run(
 @app.command("methods")
 def methods():
     """List registered methods."""
-    from recalign.methods import REGISTRY, get_method
+    from recalign.methods import get_method, registry
 
-    for name in sorted(REGISTRY):
+    for name in sorted(registry()):
         print(f"{name}: {get_method(name).description}")
 
 

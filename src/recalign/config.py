@@ -27,8 +27,8 @@ BASE_DEFAULTS: dict[str, Any] = {
 
 
 # keys whose default is null but whose value, when given, has a type: dotted key -> example value
-NULLABLE_TYPES: dict[str, Any] = {"data.like_threshold": 0.0, "data.format": "", "data.domain": "",
-                                  "model.prefix_cache": True}
+# (each method declares its own sections' keys in `Method.nullable`)
+BASE_NULLABLE: dict[str, Any] = {"data.like_threshold": 0.0, "data.format": "", "data.domain": ""}
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -118,8 +118,14 @@ def _check_type(key: str, default: Any, value: Any, where: str) -> Any:
     return value
 
 
-def resolve(defaults: dict, file: str | Path | None = None, sets: list[str] | None = None) -> dict:
-    """defaults < file < sets, every key checked against `defaults`."""
+def resolve(defaults: dict, file: str | Path | None = None, sets: list[str] | None = None,
+            nullable: dict[str, Any] | None = None, moved: dict[str, str] | None = None) -> dict:
+    """defaults < file < sets, every key checked against `defaults`.
+
+    nullable: dotted keys whose default is null -> an example value of the type they take when set.
+    moved: old dotted key -> new key; using the old one is an error that names the new one."""
+    nullable = {**BASE_NULLABLE, **(nullable or {})}
+    moved = moved or {}
     config = copy.deepcopy(defaults)
     valid = flatten(defaults)
     layers: list[tuple[str, dict[str, Any]]] = []
@@ -129,6 +135,8 @@ def resolve(defaults: dict, file: str | Path | None = None, sets: list[str] | No
         layers.append(("--set", dict(parse_set(item) for item in sets)))
     for where, flat in layers:
         for key, value in flat.items():
+            if key in moved:
+                raise InputError(f"{where}: config key '{key}' is now '{moved[key]}'")
             if key not in valid:
                 prefix_matches = [k for k in valid if k.startswith(key + ".")]
                 if prefix_matches and isinstance(value, dict) and not value:
@@ -136,7 +144,7 @@ def resolve(defaults: dict, file: str | Path | None = None, sets: list[str] | No
                 raise InputError(
                     f"{where}: unknown config key '{key}'; valid keys: {', '.join(sorted(valid))}"
                 )
-            default = valid[key] if valid[key] is not None else NULLABLE_TYPES.get(key)
+            default = valid[key] if valid[key] is not None else nullable.get(key)
             _set(config, key, _check_type(key, default, value, where))
     return config
 

@@ -14,9 +14,13 @@ from recalign.runs import RunDir
 
 
 def resolve_config(method: str, config_file: str | None, sets: list[str] | None) -> dict:
+    """defaults < --config file < --set, validated by the method (once, before anything is written)."""
     spec = get_method(method)
     defaults = cfg.merge_defaults(cfg.BASE_DEFAULTS, spec.defaults)
-    return cfg.resolve(defaults, config_file, sets)
+    config = cfg.resolve(defaults, config_file, sets, nullable=spec.nullable, moved=spec.moved)
+    if spec.validate is not None:
+        spec.validate(config)
+    return config
 
 
 def run_method(method: str, dataset: str, out: str | Path, config_file: str | None = None,
@@ -27,8 +31,6 @@ def run_method(method: str, dataset: str, out: str | Path, config_file: str | No
     kept with `resume`, `overwrite` deletes either and starts afresh."""
     spec = get_method(method)
     config = resolve_config(method, config_file, sets)
-    if spec.validate is not None:
-        spec.validate(config)
     run = RunDir(out, resume=resume, overwrite=overwrite)
     run.check()  # --out itself (under a file, /proc, unwritable...) before the dataset is read
     context = RunContext(method=method, dataset_name=dataset, config=config, run=run)

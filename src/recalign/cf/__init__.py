@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from recalign.cf.base import CFModel, Query, TrainData, history_mask, make_query
-from recalign.cf.evaluate import (EvalSet, evaluate, evaluate_ctr, evaluate_ranking, leave_one_out_sets,
+from recalign.cf.evaluate import (EvalSet, case_query, evaluate, evaluate_ctr, evaluate_ranking, leave_one_out_sets,
                                   recommend, score_pairs)
 from recalign.cf.trainer import TRAIN_DEFAULTS, Trainer
 from recalign.errors import InputError
@@ -124,7 +124,7 @@ def train_cf_model(name: str, data, config: dict | None = None, *, n_users: int 
 
 
 __all__ = [
-    "CFModel", "EvalSet", "MODELS", "Query", "TRAIN_DEFAULTS", "TrainData", "Trainer", "create_model", "evaluate",
+    "CFModel", "EvalSet", "MODELS", "case_query", "Query", "TRAIN_DEFAULTS", "TrainData", "Trainer", "create_model", "evaluate",
     "evaluate_ctr", "evaluate_ranking", "history_mask", "leave_one_out_sets", "load_model", "make_query",
     "model_class", "recommend", "score_pairs", "train_cf_model",
 ]

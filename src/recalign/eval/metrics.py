@@ -97,3 +97,16 @@ def ranking_metrics(ranks, ks=(10,)) -> dict:
         out[f"recall@{k}"] = float(hit.mean())
         out[f"mrr@{k}"] = float(np.where(hit, 1.0 / (ranks + 1.0), 0.0).mean())
     return out
+
+
+RANKING_METRICS = ("ndcg", "hr", "recall", "mrr")
+
+
+def check_metric_name(name: str, where: str) -> None:
+    """A validation metric name: auc, uauc, or ndcg@K / hr@K / recall@K / mrr@K ("" = no validation)."""
+    if name in ("", "auc", "uauc"):
+        return
+    base, _, k = str(name).partition("@")
+    if base not in RANKING_METRICS or not k.isdigit() or int(k) < 1:
+        raise InputError(f"{where}: unknown metric {name!r}; use auc, uauc or one of "
+                         f"{', '.join(m + '@K' for m in RANKING_METRICS)} with K >= 1")

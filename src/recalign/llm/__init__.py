@@ -9,9 +9,17 @@ Loading
         .gguf file, or a Hugging Face id (online only). dtype auto = float32 on CPU, bfloat16 on CUDA.
     load_model(source, dtype, device) -> (model, tokenizer);  load_tokenizer(source);  tiny_llama(tokenizer)
 
-Prompts (llm.prompts)
+Prompts (llm.prompts): the one renderer; fields come from the task (`recalign.tasks.text.frame_fields`)
+    Prompter(template, tokenizer, wrapper, system, max_tokens, require=slots, forbid=slots).render_all(samples)
     Wrapper(kind="auto"|"chat"|"alpaca"|"plain", system="", tokenizer=tok)(instruction, input) -> str
-    quote_titles(titles) -> '"t1", "t2"';  fill(template, where, **fields);  fit_history(render, n, count, max)
+    fill(template, where, **fields);  fit_history(render, n, count, max)
+
+Shared steps (llm.steps), resumable through a checkpoint store (a run directory or recalign.io.Checkpoints)
+    lora_step(store, backbone, examples, lora, train, seed, name, adapter_dir, evaluate, init_from=...)
+    train_slot_modules(store, backbone, modules, TrainConfig, n_train, loss_fn, valid_score, name)
+    generate_step(store, backbone, prompts, name, beams, max_new_tokens);  Scorer(store, backbone, yes, no)
+    LORA_CONFIG (the `lora:` section), train_section(**overrides) (a `train:` section), check_lora, check_train
+Slot modules (llm.slots): CIE (CoLLM), SoftPrompt (+ soft_prompt_init)
 
 Backbone methods (prompts are rendered strings; all batching/left padding/position ids handled inside)
     tokenize(text) -> ids;  tokenize_piece(text) -> ids (no specials);  count_tokens(text)
@@ -46,12 +54,17 @@ Training (llm.train)
 """
 
 from recalign.llm.backbone import Backbone, Encoded, Generation, LoraSettings
-from recalign.llm.loading import DEFAULT_MODEL, MODEL_CONFIG, TINY_NAME, load_model, load_tokenizer, tiny_llama
-from recalign.llm.prompts import Wrapper, fill, fit_history, quote_titles
-from recalign.llm.train import Checkpointer, TrainConfig, TrainResult, train_lora, train_loop
+from recalign.llm.loading import (DEFAULT_MODEL, MODEL_CONFIG, MODEL_NULLABLE, TINY_NAME, load_model, load_tokenizer,
+                                  tiny_llama)
+from recalign.llm.prompts import Prompter, Wrapper, fill, fit_history
+from recalign.llm.slots import CIE, SoftPrompt, soft_prompt_init
+from recalign.llm.steps import (LORA_CONFIG, Scorer, check_lora, check_model, check_train, check_yes_no, generate_step, lora_step, train_section,
+                                train_slot_modules)
+from recalign.llm.train import Checkpointer, TrainConfig, TrainResult, train_loop, train_lora
 
 __all__ = [
-    "Backbone", "Checkpointer", "DEFAULT_MODEL", "MODEL_CONFIG", "Encoded", "Generation", "LoraSettings", "TINY_NAME",
-    "TrainConfig", "TrainResult", "Wrapper", "fill", "fit_history", "load_model", "load_tokenizer",
-    "quote_titles", "tiny_llama", "train_loop", "train_lora",
+    "Backbone", "CIE", "Checkpointer", "DEFAULT_MODEL", "Encoded", "Generation", "LORA_CONFIG", "LoraSettings",
+    "MODEL_CONFIG", "MODEL_NULLABLE", "Prompter", "Scorer", "SoftPrompt", "TINY_NAME", "TrainConfig", "TrainResult",
+    "Wrapper", "check_lora", "check_model", "check_train", "check_yes_no", "fill", "fit_history", "generate_step", "load_model", "load_tokenizer",
+    "lora_step", "soft_prompt_init", "tiny_llama", "train_loop", "train_lora", "train_section", "train_slot_modules",
 ]

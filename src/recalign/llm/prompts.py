@@ -1,5 +1,8 @@
-"""Prompt rendering: templates held in config, a wrapper (chat template / Alpaca / plain), history lists,
-and the truncation policy (drop the oldest history items, never the target).
+"""Prompt rendering: templates held in config, a wrapper (chat template / Alpaca / plain), placeholder
+slots, and the truncation policy (drop the oldest history items, never the target).
+
+`Prompter` is the one renderer every LLM method uses; the fields come from the method's task samples
+(`recalign.tasks.text.frame_fields`), so this layer never reads a dataset.
 
 A template is a mapping with `instruction` and `input` strings using `str.format` fields (e.g. `{liked}`,
 `{target}`, `{noun}`), rendered and then wrapped:
@@ -13,7 +16,7 @@ A template is a mapping with `instruction` and `input` strings using `str.format
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from recalign.errors import InputError
 
@@ -55,10 +58,6 @@ class Wrapper:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def quote_titles(titles: Sequence[str], quote: str = '"', sep: str = ", ") -> str:
-    return sep.join(f"{quote}{t}{quote}" for t in titles)
-
-
 def fill(template: str, where: str, **fields) -> str:
     try:
         return template.format(**fields)
@@ -89,3 +88,52 @@ def fit_history(render: Callable[[int], str], n_history: int, count_tokens: Call
         else:
             hi = mid - 1
     return best
+
+
+class Prompter:
+    """A template {instruction, input} (`str.format` fields) + a wrapper + the token budget.
+
+    require / forbid: placeholder slots (e.g. "<UserID>") that must occur exactly once / must not occur.
+    max_tokens: a longer prompt drops its oldest history items (0 = no limit); `count_tokens` measures."""
+
+    def __init__(self, template: Mapping, tokenizer, wrapper: str = "auto", system: str | None = "",
+                 max_tokens: int = 0, count_tokens: Callable[[str], int] | None = None, where: str = "prompt",
+                 require: Sequence[str] = (), forbid: Sequence[str] = (), check_fields: Mapping | None = None):
+        for key in ("instruction", "input"):
+            if not isinstance(template.get(key), str):
+                raise InputError(f"{where}.{key}: expected a string template")
+        text = template["instruction"] + template["input"]
+        for slot in require:
+            if text.count(slot) != 1:
+                raise InputError(f"{where}: the template must contain the placeholder {slot} exactly once "
+                                 f"(found {text.count(slot)})")
+        for slot in forbid:
+            if slot in text:
+                raise InputError(f"{where}: the text-only template must not contain the placeholder {slot}")
+        self.template, self.where = template, where
+        self.wrap = Wrapper(wrapper, system=system, tokenizer=tokenizer)
+        self.max_tokens = int(max_tokens or 0)
+        self.count_tokens = count_tokens or (lambda t: len(tokenizer(t)["input_ids"]))
+        if check_fields is not None:  # fail early on unknown template fields
+            self.render(check_fields)
+
+    def render(self, fields: Mapping) -> str:
+        return self.wrap(fill(self.template["instruction"], f"{self.where}.instruction", **fields),
+                         fill(self.template["input"], f"{self.where}.input", **fields))
+
+    def render_fitted(self, fields: Callable[[int], Mapping], n_history: int) -> str:
+        """Render with the newest k history items for the largest k <= n_history within max_tokens."""
+        return fit_history(lambda k: self.render(fields(k)), n_history, self.count_tokens, self.max_tokens)[0]
+
+    def render_all(self, samples: Sequence[tuple[Callable[[int], Mapping], int]]) -> list[str]:
+        return [self.render_fitted(fields, n) for fields, n in samples]
+
+
+def check_template(section: Mapping, where: str, fields: Mapping, keys: Sequence[str] = ("instruction", "input")) -> None:
+    """A prompt section's wrapper and templates, checked against example fields (before anything runs)."""
+    if section.get("wrapper", "auto") not in WRAPPERS:
+        raise InputError(f"{where}.wrapper: unknown wrapper {section['wrapper']!r}; use one of {', '.join(WRAPPERS)}")
+    for key in keys:
+        if not isinstance(section.get(key), str):
+            raise InputError(f"{where}.{key}: expected a string template")
+        fill(section[key], f"{where}.{key}", **fields)

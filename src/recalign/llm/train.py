@@ -35,16 +35,16 @@ class TrainConfig:
     seed: int = 0
 
     @classmethod
-    def from_config(cls, section: Mapping, seed: int = 0) -> "TrainConfig":
+    def from_config(cls, section: Mapping, seed: int = 0, where: str = "train") -> "TrainConfig":
         known = {k: v for k, v in section.items() if k in cls.__dataclass_fields__}
         config = cls(**{**known, "seed": seed})
         for name in ("epochs", "batch_size", "grad_accum"):
             if getattr(config, name) < 1:
-                raise InputError(f"train.{name} must be >= 1, got {getattr(config, name)}")
+                raise InputError(f"{where}.{name} must be >= 1, got {getattr(config, name)}")
         if config.schedule not in ("constant", "cosine"):
-            raise InputError(f"train.schedule must be 'constant' or 'cosine', got {config.schedule!r}")
+            raise InputError(f"{where}.schedule must be 'constant' or 'cosine', got {config.schedule!r}")
         if config.lr <= 0:
-            raise InputError(f"train.lr must be > 0, got {config.lr}")
+            raise InputError(f"{where}.lr must be > 0, got {config.lr}")
         return config
 
 

@@ -1,109 +1,47 @@
-"""Method registry. Each method lives in its own module and exposes `METHOD = Method(...)`.
-
-Modules are imported lazily so that `recalign data ...` does not load torch/transformers.
-A module may also expose `EXPERIMENTS`: a list of `Experiment` that `recalign reproduce` runs.
+"""Method registry: one module per paper method (plus `cf_baseline`, which runs every CF model of
+`recalign.cf.MODELS` as a method). Each module exposes `METHODS: list[Method]` and `EXPERIMENTS`
+(`recalign.methods.api`). Modules are imported on first use, so `recalign data ...` does not load torch.
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
-from typing import Any, Callable
 
 from recalign.errors import InputError
+from recalign.methods.api import Experiment, Method, RunContext, RunResult
 
-# method name -> module path (relative to recalign.methods unless dotted)
-REGISTRY: dict[str, str] = {
-    "pop": "cf_baseline",
-    "usercf": "cf_baseline",
-    "itemcf": "cf_baseline",
-    "mf": "cf_baseline",
-    "fism": "cf_baseline",
-    "lightgcn": "cf_baseline",
-    "gru4rec": "cf_baseline",
-    "caser": "cf_baseline",
-    "sasrec": "cf_baseline",
-    "icl": "icl",
-    "tallrec": "tallrec",
-    "bigrec": "bigrec",
-    "collm": "collm",
-    "softprompt": "softprompt",
-}
-
-# modules whose EXPERIMENTS are collected by `recalign reproduce` (in this order)
-EXPERIMENT_MODULES: list[str] = ["cf_baseline", "icl", "tallrec", "bigrec", "collm", "softprompt"]
+# method modules, in the order `recalign reproduce` runs their experiments
+MODULES: list[str] = ["cf_baseline", "icl", "tallrec", "bigrec", "collm", "softprompt"]
+# the LLM methods' names -> module (the CF names come from recalign.cf.MODELS)
+LLM_METHODS: dict[str, str] = {"icl": "icl", "tallrec": "tallrec", "bigrec": "bigrec", "collm": "collm",
+                               "softprompt": "softprompt"}
 
 
-@dataclass
-class Method:
-    name: str
-    description: str
-    defaults: dict
-    run: Callable[["RunContext"], dict]  # returns {"test": {...}, "valid": {...}, "seconds": {...}, ...}
-    report: Callable[[dict], str] | None = None  # extra Markdown for report.md
-    validate: Callable[[dict], None] | None = None  # raise InputError before anything is written
+def registry() -> dict[str, str]:
+    """Every method name -> its module."""
+    from recalign.cf import MODELS
+
+    return {**{name: "cf_baseline" for name in MODELS}, **LLM_METHODS}
 
 
-@dataclass
-class Experiment:
-    """One registered experiment of the seed's tables, in miniature."""
-
-    name: str  # unique, used as the sub-directory
-    method: str
-    dataset: str = "ml-100k"
-    table: str = ""  # which seed table / claim it belongs to
-    quick: dict[str, Any] = field(default_factory=dict)  # --set overrides for the quick profile
-    full: dict[str, Any] = field(default_factory=dict)  # ... for the full profile
-    profiles: tuple[str, ...] = ("quick", "full")
-
-
-def _module(path: str):
-    return importlib.import_module(path if "." in path else f"recalign.methods.{path}")
+def _module(name: str):
+    return importlib.import_module(f"recalign.methods.{name}")
 
 
 def get_method(name: str) -> Method:
-    if name not in REGISTRY:
-        raise InputError(f"unknown method '{name}'; known methods: {', '.join(sorted(REGISTRY))}")
-    module = _module(REGISTRY[name])
-    methods = getattr(module, "METHODS", None) or {module.METHOD.name: module.METHOD}
-    return methods[name]
+    known = registry()
+    if name not in known:
+        raise InputError(f"unknown method '{name}'; known methods: {', '.join(sorted(known))}")
+    return next(m for m in _module(known[name]).METHODS if m.name == name)
+
+
+def all_methods() -> list[Method]:
+    return [method for module in MODULES for method in _module(module).METHODS]
 
 
 def all_experiments() -> list[Experiment]:
-    experiments = []
-    for path in EXPERIMENT_MODULES:
-        experiments.extend(getattr(_module(path), "EXPERIMENTS", []))
-    return experiments
+    return [exp for module in MODULES for exp in _module(module).EXPERIMENTS]
 
 
-@dataclass
-class RunContext:
-    """What a method's `run` receives."""
-
-    method: str
-    dataset_name: str
-    config: dict
-    run: Any  # recalign.runs.RunDir
-    _dataset: Any = None
-
-    @property
-    def dataset(self):
-        if self._dataset is None:
-            from recalign.data import load_dataset
-
-            data = self.config["data"]
-            self._dataset = load_dataset(
-                self.dataset_name, fmt=data["format"], like_threshold=data["like_threshold"],
-                k_core_users=data["k_core_users"], k_core_items=data["k_core_items"], domain=data["domain"],
-            )
-        return self._dataset
-
-    @property
-    def seed(self) -> int:
-        return int(self.config["seed"])
-
-    def log(self, message: str) -> None:
-        from recalign.progress import log
-
-        self.run.log(message)
-        log(message)
+__all__ = ["Experiment", "Method", "RunContext", "RunResult", "all_experiments", "all_methods", "get_method",
+           "registry"]

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from recalign.data import few_shot, history_samples, temporal_split
+from recalign.data import few_shot
 from recalign.errors import InputError
 from recalign.eval import check_ks
 from recalign.eval.grounding import (
@@ -39,9 +39,13 @@ from recalign.eval.grounding import (
     rank_metrics,
     select_gamma,
 )
-from recalign.llm import MODEL_CONFIG
-from recalign.llm.ctr import subset
-from recalign.methods import Experiment, Method, RunContext
+from recalign.llm import (LORA_CONFIG, MODEL_CONFIG, MODEL_NULLABLE, Backbone, Prompter, check_lora, check_model,
+                          check_train, fill, generate_step, lora_step, train_section)
+from recalign.llm.prompts import check_template
+from recalign.methods.api import Experiment, Method, RunContext
+from recalign.tasks.next_item import (GENERATIVE_SAMPLES, Cases, check_generative_samples, full_histories,
+                                      generative_samples, history_mask)
+from recalign.tasks.text import SAMPLE_FIELDS, frame_fields
 
 PROMPT = {
     "wrapper": "auto",  # auto | chat | alpaca | plain
@@ -57,31 +61,16 @@ PROMPT = {
 DEFAULTS = {
     "model": copy.deepcopy(MODEL_CONFIG),
     "prompt": copy.deepcopy(PROMPT),
-    "samples": {
-        "history_len": 10,
-        "split": [0.8, 0.1, 0.1],  # by the target's timestamp
-        "targets": "all",  # all: every next watched item is a target | liked: only liked targets
-        "valid_size": 200,  # valid cases generated for gamma selection (0 = all)
-        "test_size": 1000,  # test cases generated and ranked (0 = all)
-        "subset_seed": 0,  # fixed, so every method sees the same valid/test cases
-    },
-    "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]},
-    "train": {
-        "shots": 1024,  # N few-shot training samples from the training period (0 = all)
-        "epochs": 3,
-        "batch_size": 8,
-        "grad_accum": 1,
-        "lr": 1e-3,
-        "weight_decay": 0.0,
-        "warmup_steps": 0,
-        "schedule": "constant",
-        "max_grad_norm": 1.0,
-        "eval_every": 0,  # optimizer steps between validations (0 = every epoch)
-        "patience": 1,  # validations without a lower valid loss before stopping (0 = never)
-        "max_steps": 0,
-        "valid_loss_size": 64,  # valid samples whose answer loss selects the best epoch (0 = no validation)
-        "answer_only": True,  # false: LM loss on every token, as the reference code does
-    },
+    "samples": copy.deepcopy(GENERATIVE_SAMPLES),
+    "lora": copy.deepcopy(LORA_CONFIG),
+    "train": train_section(
+        shots=1024,  # N few-shot training samples from the training period (0 = all)
+        batch_size=8,
+        lr=1e-3,
+        patience=1,  # validations without a lower valid loss before stopping (0 = never)
+        valid_loss_size=64,  # valid samples whose answer loss selects the best epoch (0 = no validation)
+        answer_only=True,  # false: LM loss on every token, as the reference code does
+    ),
     "generate": {
         "beams": 4,
         "max_new_tokens": 32,
@@ -99,8 +88,9 @@ DEFAULTS = {
         "collaborative": True,
         "cf_model": "sasrec",
         "cf_data": "all",  # all: every interaction of the training period | shots: the N few-shot samples
-        "cf_epochs": 0,  # 0 = the CF trainer's default (early stopping on the valid cases)
-        "cf_max_minutes": 0.0,  # 0 = no time limit
+        # the CF trainer's keys (as in `recalign config sasrec`): 0 = its default (early stopping on the
+        # valid cases) / no time limit
+        "cf_train": {"epochs": 0, "max_minutes": 0.0},
         "gammas": [0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0],
     },
     "eval": {
@@ -110,65 +100,16 @@ DEFAULTS = {
 }
 
 
-# ---------------------------------------------------------------------------------------------- data
-def build_samples(ds, samples_cfg: dict):
-    """(split, valid cases, test cases): windows of L watched items -> next item, split by target time."""
-    samples = history_samples(ds, int(samples_cfg["history_len"]))
-    if samples_cfg["targets"] == "liked":
-        samples = samples[samples["label"]].reset_index(drop=True)
-    elif samples_cfg["targets"] != "all":
-        raise InputError(f"samples.targets: expected 'all' or 'liked', got {samples_cfg['targets']!r}")
-    if samples.empty:
-        raise InputError(f"{ds.name}: no user has more than samples.history_len={samples_cfg['history_len']} "
-                         "interactions; nothing to build BIGRec samples from")
-    split = temporal_split(samples, tuple(samples_cfg["split"]), by="count")
-    if split.train.empty or split.valid.empty or split.test.empty:
-        raise InputError(f"samples.split {samples_cfg['split']}: gives an empty train, valid or test part "
-                         f"({split.sizes()})")
-    seed = int(samples_cfg["subset_seed"])
-    return split, subset(split.valid, int(samples_cfg["valid_size"]), seed), \
-        subset(split.test, int(samples_cfg["test_size"]), seed)
-
-
-def full_histories(ds, frame: pd.DataFrame) -> list[np.ndarray]:
-    """Every item the user interacted with before each case's target (the ranking mask, CF queries)."""
-    inter = ds.interactions
-    users = inter["user"].to_numpy()
-    items = inter["item"].to_numpy()
-    starts = np.searchsorted(users, np.arange(ds.n_users), side="left")
-    return [items[starts[u]:starts[u] + p] for u, p in zip(frame["user"], frame["position"])]
-
-
-def history_masks(histories: list[np.ndarray], n_items: int) -> torch.Tensor:
-    mask = torch.zeros(len(histories), n_items, dtype=torch.bool)
-    for row, items in enumerate(histories):
-        mask[row, torch.tensor(np.asarray(items, dtype=np.int64))] = True
-    return mask
-
-
-def render_prompts(ds, frame: pd.DataFrame, prompt_cfg: dict, tokenizer, count_tokens, noun: str) -> list[str]:
+# ---------------------------------------------------------------------------------------------- text
+def render_prompts(backbone: Backbone, frame: pd.DataFrame, prompt_cfg: dict, titles, noun: str) -> list[str]:
     """One prompt per case. Template fields: {history} (quoted titles, oldest first), {noun}, {n_history}."""
-    from recalign.llm import Wrapper, fill, fit_history, quote_titles
-
-    wrapper = Wrapper(prompt_cfg["wrapper"], system=prompt_cfg["system"], tokenizer=tokenizer)
-    titles = ds.titles()
-    max_tokens = int(prompt_cfg["max_tokens"] or 0)
-    out = []
-    for history in frame["history"]:
-        def render(k: int, history=history) -> str:
-            items = history[len(history) - k:] if k else ()
-            fields = {"history": quote_titles([titles[i] for i in items]), "noun": noun, "n_history": len(items)}
-            return wrapper(fill(prompt_cfg["instruction"], "prompt.instruction", **fields),
-                           fill(prompt_cfg["input"], "prompt.input", **fields))
-
-        out.append(fit_history(render, len(history), count_tokens, max_tokens)[0])
-    return out
+    prompter = Prompter(prompt_cfg, backbone.tokenizer, prompt_cfg["wrapper"], prompt_cfg["system"],
+                        prompt_cfg["max_tokens"], backbone.count_tokens)
+    return prompter.render_all(frame_fields(frame, titles, noun, with_target=False, with_labels=False))
 
 
 def render_answers(ds, frame: pd.DataFrame, prompt_cfg: dict, eos: str | None = None) -> list[str]:
     """The trained answer per case (`prompt.output` with {title}), plus `eos` when `prompt.append_eos`."""
-    from recalign.llm import fill
-
     titles = ds.titles()
     end = (eos or "") if prompt_cfg.get("append_eos") else ""
     return [fill(prompt_cfg["output"], "prompt.output", title=titles[i]) + end for i in frame["item"]]
@@ -178,7 +119,6 @@ def render_answers(ds, frame: pd.DataFrame, prompt_cfg: dict, eos: str | None = 
 def catalogue_embeddings(ctx: RunContext, backbone, base_id: str) -> tuple[torch.Tensor, bool]:
     """Embeddings of every catalogue title by the frozen base model, through the on-disk cache."""
     from recalign import assets
-    from recalign.llm import fill
 
     g = ctx.config["grounding"]
     texts = [fill(g["item_text"], "grounding.item_text", title=t) for t in ctx.dataset.titles()]
@@ -193,18 +133,8 @@ def catalogue_embeddings(ctx: RunContext, backbone, base_id: str) -> tuple[torch
 
 
 def train_step(ctx: RunContext, backbone, examples, valid_examples) -> dict:
-    """LoRA instruction tuning (resumable); returns the training summary. The adapter is saved."""
-    from recalign.llm import Checkpointer, LoraSettings, TrainConfig, train_lora
-
+    """Step 1: LoRA instruction tuning (resumable), best epoch by the answer loss on valid cases."""
     cfg = ctx.config
-    adapter_dir = ctx.run.checkpoints / "adapter"
-    done = ctx.run.load_checkpoint("train-result")
-    torch.manual_seed(ctx.seed)
-    if done is not None and (adapter_dir / "adapter_config.json").is_file():
-        backbone.load_adapter(adapter_dir)
-        ctx.log("step 1: LoRA adapter read back from the checkpoint")
-        return done
-    backbone.add_lora(LoraSettings.from_config(cfg["lora"]))
     evaluate = None
     if valid_examples:
         @torch.no_grad()
@@ -216,34 +146,8 @@ def train_step(ctx: RunContext, backbone, examples, valid_examples) -> dict:
                                            answer_only=bool(cfg["train"]["answer_only"]))
                 total, count = total + loss.item() * n, count + n
             return -total / max(1, count)  # mean answer-token loss, negated: higher = better for the loop
-    started = time.perf_counter()
-    result = train_lora(backbone, examples, TrainConfig.from_config(cfg["train"], seed=ctx.seed), evaluate=evaluate,
-                        checkpointer=Checkpointer(ctx.run, "lora"), answer_only=bool(cfg["train"]["answer_only"]),
-                        log=lambda m: ctx.log(f"step 1: {m}"))
-    backbone.save_adapter(adapter_dir)
-    summary = {**result.as_dict(), "wall_seconds": time.perf_counter() - started}
-    ctx.run.save_checkpoint("train-result", summary)
-    return summary
-
-
-def generate_step(ctx: RunContext, backbone, prompts: list[str], name: str, block: int = 32) -> dict:
-    """Beam search for every prompt, checkpointed every `block` prompts (resume continues where it stopped)."""
-    gen = ctx.config["generate"]
-    beams = int(gen["beams"])
-    state = ctx.run.load_checkpoint(f"generations-{name}") or {"texts": [], "scores": []}
-    if len(state["texts"]) > len(prompts):
-        raise InputError(f"checkpoint generations-{name} holds more cases than this run has; use a new --out")
-    from recalign.progress import track
-
-    starts = range(len(state["texts"]), len(prompts), block)
-    for start in track(starts, f"generating {name} ({beams} beams)"):
-        out = backbone.generate(prompts[start:start + block], num_beams=beams,
-                                max_new_tokens=int(gen["max_new_tokens"]),
-                                batch_size=int(gen["batch_size"]) or None)
-        state["texts"].extend(out.texts)
-        state["scores"].extend(out.scores.tolist())
-        ctx.run.save_checkpoint(f"generations-{name}", state)
-    return state
+    return lora_step(ctx.run, backbone, examples, cfg["lora"], cfg["train"], ctx.seed, "lora",
+                     ctx.run.checkpoints / "adapter", evaluate=evaluate, log=lambda m: ctx.log(f"step 1: {m}"))
 
 
 def ground(backbone, texts: list[list[str]], catalogue: torch.Tensor, g: dict) -> torch.Tensor:
@@ -281,11 +185,7 @@ def cf_scores(ctx: RunContext, ds, split, shots, cases: dict) -> dict:
         data = shots
     else:
         raise InputError(f"inject.cf_data: expected 'all' or 'shots', got {inj['cf_data']!r}")
-    train_cfg = {}
-    if int(inj["cf_epochs"]):
-        train_cfg["epochs"] = int(inj["cf_epochs"])
-    if float(inj["cf_max_minutes"]):
-        train_cfg["max_minutes"] = float(inj["cf_max_minutes"])
+    train_cfg = {k: v for k, v in inj["cf_train"].items() if v}
     valid = cases["valid"]
     model = train_cf_model(inj["cf_model"], data, {"train": train_cfg}, catalog=ds, valid=valid, run=ctx.run,
                            checkpoint=f"cf-{inj['cf_model']}", seed=ctx.seed, log=lambda m: ctx.log(f"cf: {m}"))
@@ -300,6 +200,13 @@ def cf_scores(ctx: RunContext, ds, split, shots, cases: dict) -> dict:
 
 # --------------------------------------------------------------------------------------------- run
 def validate(cfg: dict) -> None:
+    check_model(cfg["model"])
+    check_template(cfg["prompt"], "prompt", SAMPLE_FIELDS)
+    fill(cfg["prompt"]["output"], "prompt.output", title="t")
+    fill(cfg["grounding"]["item_text"], "grounding.item_text", title="t")
+    check_generative_samples(cfg["samples"])
+    check_lora(cfg["lora"])
+    check_train(cfg["train"])
     check_ks(cfg["eval"]["ks"])
     if int(cfg["generate"]["beams"]) < 1:
         raise InputError(f"generate.beams must be >= 1, got {cfg['generate']['beams']}")
@@ -307,15 +214,11 @@ def validate(cfg: dict) -> None:
         raise InputError(f"grounding.beams: expected top, min or weighted, got {cfg['grounding']['beams']!r}")
     if cfg["grounding"]["pooling"] not in ("last", "mean"):
         raise InputError(f"grounding.pooling: expected last or mean, got {cfg['grounding']['pooling']!r}")
-    if cfg["samples"]["targets"] not in ("all", "liked"):
-        raise InputError(f"samples.targets: expected 'all' or 'liked', got {cfg['samples']['targets']!r}")
     if cfg["inject"]["cf_data"] not in ("all", "shots"):
         raise InputError(f"inject.cf_data: expected 'all' or 'shots', got {cfg['inject']['cf_data']!r}")
     gammas = cfg["inject"]["gammas"]
     if not gammas or any(isinstance(g, bool) or not isinstance(g, (int, float)) or g < 0 for g in gammas):
         raise InputError(f"inject.gammas: expected a non-empty list of numbers >= 0, got {gammas!r}")
-    if int(cfg["train"]["shots"]) < 0:
-        raise InputError(f"train.shots must be >= 0 (0 = all), got {cfg['train']['shots']}")
     if cfg["inject"]["collaborative"]:
         from recalign.cf import MODELS
 
@@ -324,18 +227,15 @@ def validate(cfg: dict) -> None:
                              f"{', '.join(MODELS)}")
 
 
-def _run(ctx: RunContext) -> dict:
-    from recalign.cf import EvalSet
-    from recalign.llm import Backbone
-
+def run(ctx: RunContext) -> dict:
     cfg = ctx.config
     ds = ctx.dataset
     ks = check_ks(cfg["eval"]["ks"])
-    split, valid, test = build_samples(ds, cfg["samples"])
+    split, valid, test = generative_samples(ds, cfg["samples"])
     shots = few_shot(split.train, int(cfg["train"]["shots"]) or None, ctx.seed)
     ctx.log(f"BIGRec with {cfg['model']['name']}: {len(shots)} shots; {len(valid)} valid / {len(test)} test cases "
             f"(of {split.sizes()})")
-    noun = cfg["data"].get("domain") or ds.domain or "item"
+    noun = ctx.noun
 
     backbone = Backbone.from_config(cfg["model"])
     base_id = model_fingerprint(backbone.causal_lm, cfg["model"]["name"])
@@ -346,7 +246,7 @@ def _run(ctx: RunContext) -> dict:
             f"in {embed_seconds:.1f}s")
 
     p = cfg["prompt"]
-    prompts = {name: render_prompts(ds, frame, p, backbone.tokenizer, backbone.count_tokens, noun)
+    prompts = {name: render_prompts(backbone, frame, p, ds.titles(), noun)
                for name, frame in (("train", shots), ("valid", valid), ("test", test))}
     eos = backbone.tokenizer.eos_token
     examples = list(zip(prompts["train"], render_answers(ds, shots, p, eos)))
@@ -361,15 +261,16 @@ def _run(ctx: RunContext) -> dict:
     titles = ds.titles()
     cases, dist, stats, masks, targets = {}, {}, {}, {}, {}
     for name, frame in (("valid", valid), ("test", test)):
-        generated = generate_step(ctx, backbone, prompts[name], name)
+        generated = generate_step(ctx.run, backbone, prompts[name], name, int(cfg["generate"]["beams"]),
+                                  int(cfg["generate"]["max_new_tokens"]), int(cfg["generate"]["batch_size"]))
         per_beam = ground(backbone, generated["texts"], catalogue, cfg["grounding"])
         dist[name] = aggregate_beams(per_beam, torch.tensor(generated["scores"]), cfg["grounding"]["beams"])
         top = per_beam[:, 0]
         targets[name] = torch.from_numpy(frame["item"].to_numpy(np.int64).copy())
         stats[name] = generation_stats(generated["texts"], top.argmin(1), targets[name], titles)
         histories = full_histories(ds, frame)
-        cases[name] = EvalSet(frame["user"].to_numpy(np.int64), histories, targets[name].numpy(), None)
-        masks[name] = history_masks(histories, ds.n_items) if cfg["eval"]["mask_history"] else None
+        cases[name] = Cases(frame["user"].to_numpy(np.int64), histories, targets[name].numpy(), None)
+        masks[name] = history_mask(histories, ds.n_items) if cfg["eval"]["mask_history"] else None
         if name == "test":
             per_case = {"user": frame["user"].tolist(), "target": targets[name].tolist(),
                         "generated": [clean_generation(row[0]) for row in generated["texts"]],
@@ -469,9 +370,15 @@ def _report(metrics: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-METHOD = Method("bigrec", "Generate the next item's title (LoRA), ground it to items by L2 distance of frozen "
-                          "embeddings; popularity / collaborative injection (BIGRec).",
-                DEFAULTS, _run, report=_report, validate=validate)
+METHODS = [Method("bigrec", "Generate the next item's title (LoRA), ground it to items by L2 distance of frozen "
+                            "embeddings; popularity / collaborative injection (BIGRec).",
+                  DEFAULTS, run, report=_report, validate=validate, nullable=MODEL_NULLABLE,
+                  moved={"inject.cf_epochs": "inject.cf_train.epochs",
+                         "inject.cf_max_minutes": "inject.cf_train.max_minutes"},
+                  smoke={"model.name": "tiny-random", "train.shots": 8, "train.epochs": 1, "train.valid_loss_size": 4,
+                         "samples.valid_size": 6, "samples.test_size": 8, "generate.beams": 2,
+                         "generate.max_new_tokens": 4, "inject.cf_model": "mf", "inject.cf_train.epochs": 1,
+                         "inject.gammas": [0.0, 1.0]})]
 
 _TABLE = "BIGRec: generation + grounding (few-shot), with injections"
 EXPERIMENTS = [
@@ -479,9 +386,9 @@ EXPERIMENTS = [
                # a smoke test of the whole pipeline (~6 min on the shared 2-core CPU with 64/20/40; now smaller)
                quick={"train.shots": 32, "train.epochs": 1, "train.valid_loss_size": 0, "samples.valid_size": 16,
                       "samples.test_size": 32, "generate.beams": 2, "generate.max_new_tokens": 20,
-                      "inject.cf_epochs": 3}),
+                      "inject.cf_train.epochs": 3}),
     # the benchmark's setting (docs/benchmarks-bigrec.md): about 1.5 h on a shared 2-core CPU
     Experiment("bigrec-1024", "bigrec", table=_TABLE, profiles=("full",),
                full={"train.shots": 1024, "train.epochs": 1, "train.valid_loss_size": 32, "samples.valid_size": 100,
-                     "samples.test_size": 200, "generate.beams": 4, "inject.cf_max_minutes": 3.0}),
+                     "samples.test_size": 200, "generate.beams": 4, "inject.cf_train.max_minutes": 3.0}),
 ]

@@ -16,7 +16,9 @@ import time
 
 from recalign.cf import MODELS as CF_MODELS
 from recalign.errors import InputError
-from recalign.methods import Experiment, Method, RunContext
+from recalign.methods.api import Experiment, Method, RunContext
+from recalign.eval.metrics import check_metric_name
+from recalign.tasks.ctr import check_split, ctr_report, tallrec_protocol
 
 PROTOCOL_DEFAULTS = {
     "protocol": "loo",  # loo | ctr
@@ -63,9 +65,8 @@ def _validate(name: str):
                     raise InputError(f"train.{key}: must be >= 1, got {train[key]}")
             if train["lr"] <= 0:
                 raise InputError(f"train.lr: must be > 0, got {train['lr']}")
-        split = config["ctr"]["split"]
-        if len(split) != 3 or abs(sum(split) - 1) > 1e-6 or min(split) < 0:
-            raise InputError(f"ctr.split: three non-negative fractions summing to 1, got {split}")
+            check_metric_name(train["valid_metric"], "train.valid_metric")
+        check_split(config["ctr"]["split"], "ctr.split")
         if config["ctr"]["history_len"] < 1:
             raise InputError(f"ctr.history_len: must be >= 1, got {config['ctr']['history_len']}")
         model = config.get("model", {})
@@ -76,21 +77,19 @@ def _validate(name: str):
     return validate
 
 
-def _run(ctx: RunContext) -> dict:
-    from recalign.cf import EvalSet, evaluate_ctr, evaluate_ranking, leave_one_out_sets, train_cf_model
+def run(ctx: RunContext) -> dict:
+    from recalign.cf import EvalSet, evaluate_ranking, leave_one_out_sets, score_pairs, train_cf_model
 
     cfg, ds, name = ctx.config, ctx.dataset, ctx.method
     train_cfg = dict(cfg.get("train", {}))
     if cfg["protocol"] == "ctr":
-        from recalign.data import history_samples, mark_warm_cold, temporal_split
-
-        samples = history_samples(ds, cfg["ctr"]["history_len"], liked_history_only=cfg["ctr"]["liked_history_only"])
-        split = temporal_split(samples, tuple(cfg["ctr"]["split"]))
-        data, valid, test = split.train, EvalSet.from_samples(split.valid), EvalSet.from_samples(split.test)
+        samples = tallrec_protocol(ds, {**cfg["ctr"], "valid_size": 0, "test_size": 0},
+                                   liked_history_only=cfg["ctr"]["liked_history_only"])
+        data, valid, test = samples.train, EvalSet.from_samples(samples.valid), EvalSet.from_samples(samples.test)
         if train_cfg:
             train_cfg["objective"] = train_cfg["objective"] or "bce"
             train_cfg["valid_metric"] = "auc"
-        ctx.log(f"ctr samples: train {len(split.train)}, valid {len(split.valid)}, test {len(split.test)}")
+        ctx.log(f"ctr samples: train {len(data)}, valid {len(valid)}, test {len(test)}")
     else:
         data, valid, test = leave_one_out_sets(ds.interactions, ds.n_users, ds.n_items)
         ctx.log(f"leave-one-out: {data.n_pairs} training interactions, {len(valid)} valid, {len(test)} test users")
@@ -102,16 +101,9 @@ def _run(ctx: RunContext) -> dict:
     started = time.perf_counter()
     out = {}
     if cfg["protocol"] == "ctr":
-        out["valid"] = evaluate_ctr(model, valid)
-        out["test"] = evaluate_ctr(model, test)
-        marked = mark_warm_cold(split.test, split.train)
-        for part, rows in (("_warm", marked["warm"].to_numpy()), ("_cold", ~marked["warm"].to_numpy())):
-            if rows.any():
-                subset = EvalSet(test.users[rows], [h for h, r in zip(test.histories, rows) if r],
-                                 test.targets[rows], test.labels[rows])
-                metrics = evaluate_ctr(model, subset)
-                out["test"].update({f"{k}{part}": v for k, v in metrics.items()})
-        out["test"]["warm_fraction"] = float(marked["warm"].mean())
+        out["valid"] = ctr_report(samples.valid, score_pairs(model, valid))
+        out["test"] = ctr_report(samples.test, score_pairs(model, test))
+        out["test"]["warm_fraction"] = float(samples.test["warm"].mean())
     else:
         ks = tuple(cfg["eval"]["ks"])
         out["valid"] = evaluate_ranking(model, valid, ks, cfg["eval"]["batch_size"])
@@ -125,10 +117,12 @@ def _run(ctx: RunContext) -> dict:
 def _make(name: str) -> Method:
     from recalign.cf import model_class
 
-    return Method(name, model_class(name).description, _defaults(name), _run, validate=_validate(name))
+    cls = model_class(name)
+    smoke = {"train.epochs": 1} if cls.kind != "memory" else {}
+    return Method(name, cls.description, _defaults(name), run, validate=_validate(name), smoke=smoke)
 
 
-METHODS = {name: _make(name) for name in CF_MODELS}
+METHODS = [_make(name) for name in CF_MODELS]
 
 _TABLE = "CF baselines (leave-one-out, full ranking)"
 EXPERIMENTS = [

@@ -7,7 +7,7 @@ embeddings at the <UserID> / <TargetItemID> placeholders. Score = logit("Yes") â
 answer position, loss = binary cross-entropy.
 
 Two steps: (1) LoRA only, on the text prompt without IDs (= TALLRec on CoLLM's prompt); (2) CIE only, LoRA
-frozen, on the ID prompt. Data: CoLLM's CTR protocol (`recalign.hybrid.protocol`): every interaction a
+frozen, on the ID prompt. Data: CoLLM's CTR protocol (`recalign.tasks.ctr.collm_protocol`): every interaction a
 sample, history = last 10 liked items, split on the time axis, AUC / UAUC on all, warm and cold cases.
 
 Besides CoLLM's own metrics the run reports, on the same test cases: the CF model alone in CTR mode
@@ -17,6 +17,7 @@ Besides CoLLM's own metrics the run reports, on the same test cases: the CF mode
 
 from __future__ import annotations
 
+import copy
 import time
 
 import numpy as np
@@ -24,19 +25,23 @@ import torch
 from torch import nn
 
 from recalign.errors import InputError
-from recalign.hybrid.modules import CIE
-from recalign.hybrid.protocol import PROTOCOL_DEFAULTS, build_ctr_data, check_protocol, warm_cold_metrics
-from recalign.hybrid.recipe import (LORA_DEFAULTS, MODEL_DEFAULTS, Evaluator, Prompter, labels_of, load_backbone,
-                                    text_lora_step, train_config, train_slot_modules, valid_auc_fn)
-from recalign.methods import Experiment, Method, RunContext
+from recalign.eval.metrics import check_metric_name
+from recalign.llm import (CIE, LORA_CONFIG, MODEL_CONFIG, MODEL_NULLABLE, Backbone, Prompter, Scorer, TrainConfig,
+                          check_lora, check_model, check_train, check_yes_no, lora_step, train_section,
+                          train_slot_modules)
+from recalign.llm.prompts import check_template
+from recalign.methods.api import Experiment, Method, RunContext
+from recalign.tasks.ctr import (COLLM_NULLABLE, COLLM_PROTOCOL, check_collm_protocol, collm_protocol, ctr_report,
+                                summary_line, valid_auc)
+from recalign.tasks.text import SAMPLE_FIELDS, frame_fields
 
 CF_MODELS = ("mf", "lightgcn", "sasrec")
 INSTRUCTION = 'Answer with "Yes" or "No".'
 
 
 DEFAULTS = {
-    "model": dict(MODEL_DEFAULTS),
-    "data_protocol": dict(PROTOCOL_DEFAULTS),
+    "model": copy.deepcopy(MODEL_CONFIG),
+    "data_protocol": copy.deepcopy(COLLM_PROTOCOL),
     "prompt": {
         "wrapper": "auto",  # auto | chat | alpaca | plain
         "system": "",  # chat system message ("" = empty; null = the tokenizer's default)
@@ -62,20 +67,21 @@ DEFAULTS = {
         "tune": False,  # also tune the CF model in step 2 (default: frozen)
     },
     "cie": {"tokens": 1, "hidden_mult": 10},
-    "lora": dict(LORA_DEFAULTS),
-    "step1": {"init_from": None, "loss": "bce", "epochs": 1, "batch_size": 4, "grad_accum": 2, "lr": 1e-3,
-              "warmup_steps": 0, "schedule": "constant", "eval_every": 0, "patience": 2, "max_steps": 0},
-    "step2": {"epochs": 1, "batch_size": 4, "grad_accum": 2, "lr": 1e-3, "warmup_steps": 0,
-              "schedule": "constant", "eval_every": 0, "patience": 2, "max_steps": 0},
+    "lora": copy.deepcopy(LORA_CONFIG),
+    # step 1 (LoRA on the text prompt); epochs 0 = skip; init_from = a peft adapter dir or a CoLLM run dir
+    "step1": train_section(epochs=1, grad_accum=2, lr=1e-3, patience=2, init_from=None, loss="bce"),
+    "step2": train_section(epochs=1, grad_accum=2, lr=1e-3, patience=2),  # step 2 (the CIE)
     "eval": {"batch_size": 8, "cf": True, "step1": True, "icl": False, "zero_cf": False},
 }
 
 
 def validate(config: dict) -> None:
-    check_protocol(config["data_protocol"])
+    check_model(config["model"])
+    check_collm_protocol(config["data_protocol"])
     cf = config["cf"]
     if cf["valid"] not in ("all", "warm"):
         raise InputError(f"cf.valid: expected 'all' or 'warm', got {cf['valid']!r}")
+    check_metric_name(cf["train"]["valid_metric"], "cf.train.valid_metric")
     if cf["model"] not in CF_MODELS:
         raise InputError(f"cf.model: expected one of {', '.join(CF_MODELS)}, got {cf['model']!r}")
     for key in ("tokens", "hidden_mult"):
@@ -85,11 +91,12 @@ def validate(config: dict) -> None:
     prompt = config["prompt"]
     if prompt["user_slot"] == prompt["item_slot"] or not prompt["user_slot"] or not prompt["item_slot"]:
         raise InputError("prompt.user_slot and prompt.item_slot must be two different non-empty strings")
-    for step in ("step1", "step2"):
-        if not isinstance(config[step]["epochs"], int) or config[step]["epochs"] < (0 if step == "step1" else 1):
-            raise InputError(f"{step}.epochs: expected an integer >= {0 if step == 'step1' else 1}")
-    if config["step1"]["loss"] not in ("bce", "lm"):
-        raise InputError(f"step1.loss: expected 'bce' or 'lm', got {config['step1']['loss']!r}")
+    for key in ("text", "ids"):
+        check_template({**prompt[key], "wrapper": prompt["wrapper"]}, f"prompt.{key}", SAMPLE_FIELDS)
+    check_yes_no(prompt["yes"], prompt["no"])
+    check_lora(config["lora"])
+    check_train(config["step1"], "step1", min_epochs=0)
+    check_train(config["step2"], "step2")
 
 
 def train_cf(ctx: RunContext, section: dict, data, ds):
@@ -149,8 +156,7 @@ class CoLLMSlots(nn.Module):
 
 def run(ctx: RunContext) -> dict:
     cfg, ds, seed = ctx.config, ctx.dataset, ctx.seed
-    validate(cfg)
-    data = build_ctr_data(ds, cfg["data_protocol"], seed)
+    data = collm_protocol(ds, cfg["data_protocol"], seed)
     ctx.log(f"CTR protocol: {data.summary()}")
     seconds = {"cf": 0.0, "step1": 0.0, "step2": 0.0}
 
@@ -159,48 +165,50 @@ def run(ctx: RunContext) -> dict:
     cf.eval()
     seconds["cf"] = time.perf_counter() - started
 
-    backbone = load_backbone(cfg["model"])
+    backbone = Backbone.from_config(cfg["model"])
     pcfg = cfg["prompt"]
     slots = (pcfg["user_slot"], pcfg["item_slot"])
-    common = dict(wrapper=pcfg["wrapper"], system=pcfg["system"], empty_history=pcfg["empty_history"])
-    text_prompter = Prompter(backbone, pcfg["text"], ds.titles(), ds.domain, where="prompt.text", forbid=slots,
-                             **common)
-    ids_prompter = Prompter(backbone, pcfg["ids"], ds.titles(), ds.domain, where="prompt.ids", require=slots,
-                            **common)
-    evaluator = Evaluator(ctx.run, backbone, pcfg["yes"], pcfg["no"], cfg["eval"]["batch_size"], ctx.log)
     frames = {"train": data.train, "valid": data.valid, "test": data.test}
-    text = {k: text_prompter(f) for k, f in frames.items()}
-    ids = {k: ids_prompter(f) for k, f in frames.items()}
-    baselines: dict = {}
+    text = prompts_of(backbone, pcfg, "text", frames, ds, forbid=slots)
+    ids = prompts_of(backbone, pcfg, "ids", frames, ds, require=slots)
+    scorer = Scorer(ctx.run, backbone, pcfg["yes"], pcfg["no"], cfg["eval"]["batch_size"])
 
+    def evaluate(name: str, frame, compute) -> dict:
+        metrics = ctr_report(frame, scorer.cached(name, len(frame), compute))
+        ctx.log(f"{name}: {summary_line(metrics)}")
+        return metrics
+
+    baselines: dict = {}
     if cfg["eval"]["cf"]:
         from recalign.cf import EvalSet, score_pairs
 
-        baselines["cf"] = {split: warm_cold_metrics(frames[split], score_pairs(cf, EvalSet.from_samples(frames[split])))
-                           for split in ("valid", "test")}
-        baselines["cf"]["test_full"] = warm_cold_metrics(data.test_full,
-                                                         score_pairs(cf, EvalSet.from_samples(data.test_full)))
+        baselines["cf"] = {split: ctr_report(frame, score_pairs(cf, EvalSet.from_samples(frame)))
+                           for split, frame in (("valid", data.valid), ("test", data.test),
+                                                ("test_full", data.test_full))}
         ctx.log(f"cf {cf.name} alone: test auc {baselines['cf']['test']['auc']:.4f}")
     if cfg["eval"]["icl"]:
-        baselines["icl"] = {"test": evaluator.cached("icl-test", data.test,
-                                                     lambda: evaluator.scores(text["test"], progress="ICL test"))}
+        baselines["icl"] = {"test": evaluate("icl-test", data.test,
+                                             lambda: scorer.scores(text["test"], progress="ICL test"))}
 
     # ---- step 1: LoRA on the text prompt (TALLRec); LoRA frozen afterwards
     training = {"cf": getattr(cf, "train_summary", {})}
-    if cfg["step1"]["epochs"] > 0 or cfg["step1"]["init_from"]:
-        training["step1"] = text_lora_step(ctx, backbone, cfg["step1"], cfg["lora"], text["train"],
-                                           labels_of(data.train), text["valid"], data.valid, evaluator)
+    step1 = cfg["step1"]
+    if step1["epochs"] > 0 or step1["init_from"]:
+        examples = [(p, pcfg["yes"] if y else pcfg["no"]) for p, y in zip(text["train"], data.train["label"])]
+        training["step1"] = lora_step(
+            ctx.run, backbone, examples, cfg["lora"], step1, seed, "step1", ctx.run.path / "step1_adapter",
+            evaluate=lambda: valid_auc(data.valid, scorer.scores(text["valid"])), log=ctx.log,
+            init_from=step1_adapter(step1["init_from"]), yes=pcfg["yes"], no=pcfg["no"])
         seconds["step1"] = training["step1"]["seconds"]
         if cfg["eval"]["step1"]:
-            baselines["step1"] = {"test": evaluator.cached("step1-test", data.test,
-                                                           lambda: evaluator.scores(text["test"], progress="step-1 test"))}
+            baselines["step1"] = {"test": evaluate("step1-test", data.test,
+                                                   lambda: scorer.scores(text["test"], progress="step-1 test"))}
 
     # ---- step 2: CIE only (LoRA frozen; CF frozen unless cf.tune)
     torch.manual_seed(seed)
-    cf_dim = cf.item_embeddings().shape[1]
-    cie = CIE(cf_dim, backbone.hidden_size, cfg["cie"]["tokens"], cfg["cie"]["hidden_mult"])
+    cie = CIE(cf.item_embeddings().shape[1], backbone.hidden_size, cfg["cie"]["tokens"], cfg["cie"]["hidden_mult"])
     slot_module = CoLLMSlots(cf, cie, *slots, tune_cf=cfg["cf"]["tune"])
-    labels = labels_of(data.train)
+    labels = torch.tensor(data.train["label"].to_numpy(bool), dtype=torch.float32)
 
     def loss_fn(batch: list[int]):
         rows = data.train.iloc[batch]
@@ -210,28 +218,52 @@ def run(ctx: RunContext) -> dict:
     def score_ids(split: str, zero_cf: bool = False, progress: str | None = None) -> np.ndarray:
         with torch.no_grad():
             fills = slot_module(frames[split], zero_cf=zero_cf)
-        return evaluator.scores(ids[split], slots=fills, progress=progress)
+        return scorer.scores(ids[split], slots=fills, progress=progress)
 
-    training["step2"] = train_slot_modules(ctx, backbone, slot_module, train_config(cfg["step2"], seed, "step2"),
-                                           len(data.train), loss_fn, valid_auc_fn(data.valid, lambda: score_ids("valid")),
-                                           "step2")
+    training["step2"] = train_slot_modules(
+        ctx.run, backbone, slot_module, TrainConfig.from_config(cfg["step2"], seed, "step2"), len(data.train),
+        loss_fn, lambda: valid_auc(data.valid, score_ids("valid")), "step2", log=ctx.log)
     seconds["step2"] = training["step2"]["seconds"]
     ctx.run.save_checkpoint("collm-slots", {k: v.detach().clone() for k, v in slot_module.state_dict().items()})
 
     slot_module.eval()
-    eval_started = evaluator.seconds
-    test = evaluator.cached("test", data.test, lambda: score_ids("test", progress="CoLLM test"))
-    valid = evaluator.cached("valid", data.valid, lambda: score_ids("valid"))
+    eval_started = scorer.seconds
+    test = evaluate("test", data.test, lambda: score_ids("test", progress="CoLLM test"))
+    valid = evaluate("valid", data.valid, lambda: score_ids("valid"))
     ablation = {}
     if cfg["eval"]["zero_cf"]:
-        ablation["zero_cf"] = {"test": evaluator.cached("zero-cf-test", data.test,
-                                                        lambda: score_ids("test", zero_cf=True, progress="zero-CF test"))}
+        ablation["zero_cf"] = {"test": evaluate("zero-cf-test", data.test,
+                                                lambda: score_ids("test", zero_cf=True, progress="zero-CF test"))}
     return {
         "test": test, "valid": valid,
         "seconds": {"train": seconds["cf"] + seconds["step1"] + seconds["step2"],
-                    "eval": evaluator.seconds - eval_started, **seconds, "eval_all": evaluator.seconds},
+                    "eval": scorer.seconds - eval_started, **seconds, "eval_all": scorer.seconds},
         "baselines": baselines, "ablation": ablation, "data": data.summary(), "training": training,
     }
+
+
+def prompts_of(backbone: Backbone, pcfg: dict, key: str, frames: dict, ds, **slot_rules) -> dict[str, list[str]]:
+    """CoLLM's prompt `key` (text | ids) for each frame; {liked} = the last L liked titles or `empty_history`."""
+    prompter = Prompter(pcfg[key], backbone.tokenizer, pcfg["wrapper"], pcfg["system"], where=f"prompt.{key}",
+                        **slot_rules)
+    return {name: prompter.render_all(frame_fields(frame, ds.titles(), ds.domain, quote_target=False,
+                                                   empty_history=pcfg["empty_history"]))
+            for name, frame in frames.items()}
+
+
+def step1_adapter(init_from: str | None) -> str | None:
+    """`step1.init_from`: a peft adapter directory, or a CoLLM run directory holding step1_adapter/."""
+    if not init_from:
+        return None
+    from pathlib import Path
+
+    path = Path(init_from)
+    if (path / "step1_adapter").is_dir():
+        path = path / "step1_adapter"
+    if not (path / "adapter_config.json").is_file():
+        raise InputError(f"step1.init_from: {init_from} is neither a peft adapter directory nor a run "
+                         "directory with step1_adapter/")
+    return str(path)
 
 
 def report(metrics: dict) -> str:
@@ -250,9 +282,13 @@ def report(metrics: dict) -> str:
     return "## Test cases: CoLLM and baselines\n\n" + metrics_table(rows, columns)
 
 
-METHODS = {"collm": Method("collm", "CoLLM: CF embeddings mapped by the CIE into <UserID>/<TargetItemID> tokens; "
-                                    "step 1 LoRA on text, step 2 CIE only; AUC/UAUC on all/warm/cold.",
-                           DEFAULTS, run, report=report, validate=validate)}
+SMOKE = {"model.name": "tiny-random", "data_protocol.max_train": 8, "data_protocol.max_valid": 8,
+         "data_protocol.max_test_warm": 6, "data_protocol.max_test_cold": 6, "data_protocol.max_per_user": 4,
+         "cf.train.epochs": 1, "step1.grad_accum": 1, "step2.grad_accum": 1}
+METHODS = [Method("collm", "CoLLM: CF embeddings mapped by the CIE into <UserID>/<TargetItemID> tokens; "
+                           "step 1 LoRA on text, step 2 CIE only; AUC/UAUC on all/warm/cold.",
+                  DEFAULTS, run, report=report, validate=validate,
+                  nullable={**MODEL_NULLABLE, **COLLM_NULLABLE, "step1.init_from": ""}, smoke=SMOKE)]
 
 _TABLE = "CoLLM: AUC / UAUC on all, warm and cold test cases (ML-100K, CoLLM's CTR protocol)"
 _QUICK = {"data_protocol.max_train": 32, "data_protocol.max_valid": 16, "data_protocol.max_test_warm": 24,

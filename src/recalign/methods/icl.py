@@ -7,40 +7,55 @@ from __future__ import annotations
 import copy
 import time
 
-from recalign.llm import MODEL_CONFIG, Backbone, ctr
-from recalign.methods import Experiment, Method, RunContext
+from recalign.llm import MODEL_CONFIG, MODEL_NULLABLE, Backbone, Prompter, check_model, check_yes_no
+from recalign.llm.prompts import check_template
+from recalign.methods.api import Experiment, Method, RunContext
+from recalign.tasks.ctr import TALLREC_PROMPT, TALLREC_SAMPLES, check_tallrec_samples, ctr_report, tallrec_protocol
+from recalign.tasks.text import SAMPLE_FIELDS, frame_fields
 
 DEFAULTS = {
     "model": copy.deepcopy(MODEL_CONFIG),
-    "prompt": copy.deepcopy(ctr.TALLREC_PROMPT),
-    "samples": copy.deepcopy(ctr.SAMPLE_DEFAULTS),
+    "prompt": copy.deepcopy(TALLREC_PROMPT),
+    "samples": copy.deepcopy(TALLREC_SAMPLES),
 }
 
 
-def _run(ctx: RunContext) -> dict:
-    cfg = ctx.config
-    ds = ctx.dataset
+def validate(config: dict) -> None:
+    check_model(config["model"])
+    check_template(config["prompt"], "prompt", SAMPLE_FIELDS)
+    check_yes_no(config["prompt"]["yes"], config["prompt"]["no"])
+    check_tallrec_samples(config["samples"])
+
+
+def prompter_for(backbone: Backbone, prompt: dict) -> Prompter:
+    return Prompter(prompt, backbone.tokenizer, prompt["wrapper"], prompt["system"], prompt["max_tokens"],
+                    backbone.count_tokens)
+
+
+def run(ctx: RunContext) -> dict:
+    cfg, ds = ctx.config, ctx.dataset
     started = time.perf_counter()
     backbone = Backbone.from_config(cfg["model"])
-    data = ctr.prepare(ds, cfg["samples"])
-    noun = cfg["data"].get("domain") or ds.domain
+    data = tallrec_protocol(ds, cfg["samples"])
     ctx.log(f"ICL with {cfg['model']['name']}: {len(data.valid)} valid / {len(data.test)} test samples "
-            f"(of {len(data.split.valid)} / {len(data.split.test)})")
+            f"(of {len(data.valid_full)} / {len(data.test_full)})")
+    prompter = prompter_for(backbone, cfg["prompt"])
     out = {}
     for name, frame in (("valid", data.valid), ("test", data.test)):
-        prompts = ctr.render_prompts(ds, frame, cfg["prompt"], backbone.tokenizer, backbone.count_tokens, noun)
+        prompts = prompter.render_all(frame_fields(frame, ds.titles(), ctx.noun))
         scores = backbone.score_yes_no(prompts, cfg["prompt"]["yes"], cfg["prompt"]["no"], progress=f"ICL {name}")
-        out[name] = ctr.evaluate(frame, scores.numpy())
+        out[name] = ctr_report(frame, scores.numpy())
         if name == "test":
             ctx.run.write_json("predictions.json", {"user": frame["user"].tolist(), "item": frame["item"].tolist(),
                                                     "label": frame["label"].tolist(), "score": scores.tolist()})
     ctx.log(f"ICL test AUC {out['test']['auc']:.4f} UAUC {out['test']['uauc']:.4f}")
     return {**out, "seconds": {"train": 0.0, "eval": time.perf_counter() - started},
-            "samples": {**data.split.sizes(), "valid_scored": len(data.valid), "test_scored": len(data.test)}}
+            "samples": {**data.sizes(), "valid_scored": len(data.valid), "test_scored": len(data.test)}}
 
 
-METHOD = Method("icl", "Zero-shot LLM (TALLRec prompt, Yes/No logit score), no tuning.", DEFAULTS, _run,
-                validate=lambda c: ctr.validate(c))
+METHODS = [Method("icl", "Zero-shot LLM (TALLRec prompt, Yes/No logit score), no tuning.", DEFAULTS, run,
+                  validate=validate, nullable=MODEL_NULLABLE,
+                  smoke={"model.name": "tiny-random", "samples.valid_size": 8, "samples.test_size": 12})]
 
 EXPERIMENTS = [
     Experiment("icl", "icl", table="TALLRec: ICL vs instruction tuning (AUC)",

@@ -8,6 +8,7 @@ logit("Yes") − logit("No"). Same CTR protocol, test cases and metrics as `coll
 
 from __future__ import annotations
 
+import copy
 import time
 
 import numpy as np
@@ -15,16 +16,18 @@ import torch
 from torch import nn
 
 from recalign.errors import InputError
-from recalign.hybrid.modules import SoftPrompt, soft_prompt_init
-from recalign.hybrid.protocol import PROTOCOL_DEFAULTS, build_ctr_data, check_protocol
-from recalign.hybrid.recipe import (LORA_DEFAULTS, MODEL_DEFAULTS, Evaluator, Prompter, labels_of, load_backbone,
-                                    train_config, train_slot_modules, valid_auc_fn)
-from recalign.llm import LoraSettings
-from recalign.methods import Experiment, Method, RunContext
+from recalign.llm import (LORA_CONFIG, MODEL_CONFIG, MODEL_NULLABLE, Backbone, LoraSettings, Prompter, Scorer,
+                          SoftPrompt, TrainConfig, check_lora, check_model, check_train, check_yes_no,
+                          soft_prompt_init, train_section, train_slot_modules)
+from recalign.llm.prompts import check_template
+from recalign.methods.api import Experiment, Method, RunContext
+from recalign.tasks.ctr import (COLLM_NULLABLE, COLLM_PROTOCOL, check_collm_protocol, collm_protocol, ctr_report,
+                                summary_line, valid_auc)
+from recalign.tasks.text import SAMPLE_FIELDS, frame_fields
 
 DEFAULTS = {
-    "model": dict(MODEL_DEFAULTS),
-    "data_protocol": dict(PROTOCOL_DEFAULTS),
+    "model": copy.deepcopy(MODEL_CONFIG),
+    "data_protocol": copy.deepcopy(COLLM_PROTOCOL),
     "prompt": {
         "wrapper": "auto",
         "system": "",
@@ -42,20 +45,25 @@ DEFAULTS = {
         "init_text": "Predict whether the user will like the item, based on the items the user liked.",  # "" = random tokens
         "lora": False,  # also tune LoRA (jointly); default: the LLM stays frozen
     },
-    "lora": dict(LORA_DEFAULTS),
-    "train": {"epochs": 1, "batch_size": 4, "grad_accum": 2, "lr": 3e-3, "warmup_steps": 0, "schedule": "constant",
-              "eval_every": 0, "patience": 2, "max_steps": 0},
+    "lora": copy.deepcopy(LORA_CONFIG),
+    "train": train_section(epochs=1, grad_accum=2, lr=3e-3, patience=2),
     "eval": {"batch_size": 8},
 }
 
 
 def validate(config: dict) -> None:
-    check_protocol(config["data_protocol"])
+    check_model(config["model"])
+    check_collm_protocol(config["data_protocol"])
     tokens = config["softprompt"]["tokens"]
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
         raise InputError(f"softprompt.tokens: expected an integer >= 1, got {tokens!r}")
-    if not config["prompt"]["slot"]:
+    prompt = config["prompt"]
+    if not prompt["slot"]:
         raise InputError("prompt.slot: the soft-prompt placeholder must be a non-empty string")
+    check_template({**prompt["template"], "wrapper": prompt["wrapper"]}, "prompt.template", SAMPLE_FIELDS)
+    check_yes_no(prompt["yes"], prompt["no"])
+    check_lora(config["lora"])
+    check_train(config["train"])
 
 
 class TunedPrompt(nn.Module):
@@ -74,17 +82,17 @@ class TunedPrompt(nn.Module):
 
 def run(ctx: RunContext) -> dict:
     cfg, ds, seed = ctx.config, ctx.dataset, ctx.seed
-    validate(cfg)
-    data = build_ctr_data(ds, cfg["data_protocol"], seed)
+    data = collm_protocol(ds, cfg["data_protocol"], seed)
     ctx.log(f"CTR protocol: {data.summary()}")
-    backbone = load_backbone(cfg["model"])
+    backbone = Backbone.from_config(cfg["model"])
     pcfg, scfg = cfg["prompt"], cfg["softprompt"]
-    prompter = Prompter(backbone, pcfg["template"], ds.titles(), ds.domain, wrapper=pcfg["wrapper"],
-                        system=pcfg["system"], empty_history=pcfg["empty_history"], where="prompt.template",
-                        require=(pcfg["slot"],))
-    evaluator = Evaluator(ctx.run, backbone, pcfg["yes"], pcfg["no"], cfg["eval"]["batch_size"], ctx.log)
+    prompter = Prompter(pcfg["template"], backbone.tokenizer, pcfg["wrapper"], pcfg["system"],
+                        where="prompt.template", require=(pcfg["slot"],))
+    scorer = Scorer(ctx.run, backbone, pcfg["yes"], pcfg["no"], cfg["eval"]["batch_size"])
     frames = {"train": data.train, "valid": data.valid, "test": data.test}
-    prompts = {k: prompter(f) for k, f in frames.items()}
+    prompts = {k: prompter.render_all(frame_fields(f, ds.titles(), ds.domain, quote_target=False,
+                                                   empty_history=pcfg["empty_history"]))
+               for k, f in frames.items()}
 
     torch.manual_seed(seed)
     if scfg["lora"]:
@@ -94,7 +102,7 @@ def run(ctx: RunContext) -> dict:
     for parameter in backbone.model.parameters():
         parameter.requires_grad_(False)
     tuned = TunedPrompt(prompt, backbone.model if scfg["lora"] else None)
-    labels = labels_of(data.train)
+    labels = torch.tensor(data.train["label"].to_numpy(bool), dtype=torch.float32)
 
     def fills(n: int) -> dict[str, torch.Tensor]:
         return {pcfg["slot"]: prompt(n)}
@@ -106,24 +114,33 @@ def run(ctx: RunContext) -> dict:
     def score(split: str, progress: str | None = None) -> np.ndarray:
         with torch.no_grad():
             values = fills(len(prompts[split]))
-        return evaluator.scores(prompts[split], slots={k: v.detach() for k, v in values.items()}, progress=progress)
+        return scorer.scores(prompts[split], slots={k: v.detach() for k, v in values.items()}, progress=progress)
+
+    def evaluate(name: str, frame, compute) -> dict:
+        metrics = ctr_report(frame, scorer.cached(name, len(frame), compute))
+        ctx.log(f"{name}: {summary_line(metrics)}")
+        return metrics
 
     started = time.perf_counter()
-    training = train_slot_modules(ctx, backbone, tuned, train_config(cfg["train"], seed, "train"), len(data.train),
-                                  loss_fn, valid_auc_fn(data.valid, lambda: score("valid")), "softprompt")
+    training = train_slot_modules(ctx.run, backbone, tuned, TrainConfig.from_config(cfg["train"], seed),
+                                  len(data.train), loss_fn, lambda: valid_auc(data.valid, score("valid")),
+                                  "softprompt", log=ctx.log)
     train_seconds = time.perf_counter() - started
     tuned.eval()
-    eval_started = evaluator.seconds
-    test = evaluator.cached("test", data.test, lambda: score("test", progress="soft-prompt test"))
-    valid = evaluator.cached("valid", data.valid, lambda: score("valid"))
+    eval_started = scorer.seconds
+    test = evaluate("test", data.test, lambda: score("test", progress="soft-prompt test"))
+    valid = evaluate("valid", data.valid, lambda: score("valid"))
     return {"test": test, "valid": valid,
-            "seconds": {"train": train_seconds, "eval": evaluator.seconds - eval_started},
+            "seconds": {"train": train_seconds, "eval": scorer.seconds - eval_started},
             "data": data.summary(), "training": training}
 
 
-METHODS = {"softprompt": Method("softprompt", "Soft-Prompt: learned prompt vectors (prompt tuning), no CF; "
-                                              "CoLLM's CTR protocol, AUC/UAUC on all/warm/cold.",
-                                DEFAULTS, run, validate=validate)}
+METHODS = [Method("softprompt", "Soft-Prompt: learned prompt vectors (prompt tuning), no CF; "
+                                "CoLLM's CTR protocol, AUC/UAUC on all/warm/cold.",
+                  DEFAULTS, run, validate=validate, nullable={**MODEL_NULLABLE, **COLLM_NULLABLE},
+                  smoke={"model.name": "tiny-random", "data_protocol.max_train": 8, "data_protocol.max_valid": 8,
+                         "data_protocol.max_test_warm": 6, "data_protocol.max_test_cold": 6,
+                         "data_protocol.max_per_user": 4, "train.grad_accum": 1, "softprompt.tokens": 2})]
 
 _QUICK = {"data_protocol.max_train": 32, "data_protocol.max_valid": 16, "data_protocol.max_test_warm": 24,
           "data_protocol.max_test_cold": 24, "data_protocol.max_per_user": 6}

@@ -15,43 +15,50 @@ import copy
 import time
 
 import numpy as np
-import torch
 
 from recalign.data import few_shot
 from recalign.errors import InputError
-from recalign.llm import MODEL_CONFIG, Backbone, Checkpointer, LoraSettings, TrainConfig, ctr, train_lora
-from recalign.methods import Experiment, Method, RunContext
+from recalign.llm import (LORA_CONFIG, MODEL_CONFIG, MODEL_NULLABLE, Backbone, Prompter, check_lora, check_model,
+                          check_train, check_yes_no, lora_step, train_section)
+from recalign.llm.prompts import check_template
+from recalign.methods.api import Experiment, Method, RunContext
+from recalign.tasks.ctr import (TALLREC_PROMPT, TALLREC_SAMPLES, check_tallrec_samples, ctr_report, domain_datasets,
+                                mean_std, tallrec_protocol)
+from recalign.tasks.text import SAMPLE_FIELDS, frame_fields
 
 DEFAULTS = {
     "model": copy.deepcopy(MODEL_CONFIG),
-    "prompt": copy.deepcopy(ctr.TALLREC_PROMPT),
-    "samples": copy.deepcopy(ctr.SAMPLE_DEFAULTS),
-    "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]},
-    "train": {
-        "shots": 64,  # N training samples drawn from the training period (0 = all)
-        "seeds": 1,  # number of training seeds (seed, seed+1, ...); metrics are mean (and *_std) over them
-        "epochs": 3,
-        "batch_size": 4,
-        "grad_accum": 1,
-        "lr": 1e-3,
-        "weight_decay": 0.0,
-        "warmup_steps": 0,
-        "schedule": "constant",
-        "max_grad_norm": 1.0,
-        "eval_every": 0,  # also validate every N optimizer steps within an epoch (each epoch end always does)
-        "patience": 3,  # validations without a better valid AUC before stopping
-        "max_steps": 0,
-        "loss": "lm",  # lm: causal-LM loss on the answer tokens | bce: BCE on logit(Yes) - logit(No)
-        "answer_only": True,  # false: LM loss on every token, as the reference code does
-    },
+    "prompt": copy.deepcopy(TALLREC_PROMPT),
+    "samples": copy.deepcopy(TALLREC_SAMPLES),
+    "lora": copy.deepcopy(LORA_CONFIG),
+    "train": train_section(
+        shots=64,  # N training samples drawn from the training period (0 = all)
+        seeds=1,  # number of training seeds (seed, seed+1, ...); metrics are mean (and *_std) over them
+        lr=1e-3,
+        loss="lm",  # lm: causal-LM loss on the answer tokens | bce: BCE on logit(Yes) - logit(No)
+        answer_only=True,  # false: LM loss on every token, as the reference code does
+    ),
     "cross": {
         "domains": [],  # e.g. ["genre:Action|Thriller", "genre:Comedy|Romance"] or dataset names/paths
     },
 }
 
 
-def _backbone(ctx: RunContext) -> Backbone:
-    return Backbone.from_config(ctx.config["model"])
+def validate(config: dict) -> None:
+    check_model(config["model"])
+    check_template(config["prompt"], "prompt", SAMPLE_FIELDS)
+    check_yes_no(config["prompt"]["yes"], config["prompt"]["no"])
+    check_tallrec_samples(config["samples"])
+    check_lora(config["lora"])
+    check_train(config["train"])
+    if config["train"]["seeds"] < 1:
+        raise InputError(f"train.seeds must be >= 1, got {config['train']['seeds']}")
+
+
+def prompts_of(backbone: Backbone, prompt: dict, ds, frame, noun: str) -> list[str]:
+    prompter = Prompter(prompt, backbone.tokenizer, prompt["wrapper"], prompt["system"], prompt["max_tokens"],
+                        backbone.count_tokens)
+    return prompter.render_all(frame_fields(frame, ds.titles(), noun))
 
 
 def train_and_score(ctx: RunContext, backbone: Backbone, ds, train_pool, eval_sets: dict, seed: int,
@@ -64,35 +71,30 @@ def train_and_score(ctx: RunContext, backbone: Backbone, ds, train_pool, eval_se
         return done
     cfg = ctx.config
     prompt_cfg, train_cfg = cfg["prompt"], cfg["train"]
-    noun = cfg["data"].get("domain") or ds.domain
+    yes, no = prompt_cfg["yes"], prompt_cfg["no"]
+    domain = cfg["data"].get("domain")
     shots = few_shot(train_pool, int(train_cfg["shots"]) or None, seed)
     if shots["label"].nunique() < 2:
         ctx.log(f"{tag}: warning: all {len(shots)} training samples have the same label")
-    examples = list(zip(ctr.render_prompts(ds, shots, prompt_cfg, backbone.tokenizer, backbone.count_tokens, noun),
-                        ctr.answers(shots["label"], prompt_cfg)))
-    prompts = {name: ctr.render_prompts(ds_e, frame, prompt_cfg, backbone.tokenizer, backbone.count_tokens,
-                                        cfg["data"].get("domain") or ds_e.domain)
+    answers = [yes if label else no for label in shots["label"]]
+    examples = list(zip(prompts_of(backbone, prompt_cfg, ds, shots, domain or ds.domain), answers))
+    prompts = {name: prompts_of(backbone, prompt_cfg, ds_e, frame, domain or ds_e.domain)
                for name, (ds_e, frame) in eval_sets.items()}
-    yes, no = prompt_cfg["yes"], prompt_cfg["no"]
-
-    backbone.remove_lora()
-    torch.manual_seed(seed)
-    backbone.add_lora(LoraSettings.from_config(cfg["lora"]))
     valid_frame = eval_sets["valid"][1]
     best = {"auc": None, "scores": None}
 
     def evaluate() -> float:
         scores = backbone.score_yes_no(prompts["valid"], yes, no).numpy()
-        value = ctr.evaluate(valid_frame, scores)["auc"]
+        value = ctr_report(valid_frame, scores)["auc"]
         value = -1.0 if np.isnan(value) else value
         if best["auc"] is None or value > best["auc"]:
             best["auc"], best["scores"] = value, scores
         return value
 
     started = time.perf_counter()
-    result = train_lora(backbone, examples, TrainConfig.from_config(train_cfg, seed=seed), evaluate=evaluate,
-                        checkpointer=Checkpointer(ctx.run, f"train-{tag}"), answer_only=bool(train_cfg["answer_only"]),
-                        loss=train_cfg["loss"], yes=yes, no=no, log=lambda m: ctx.log(f"{tag}: {m}"))
+    result = lora_step(ctx.run, backbone, examples, cfg["lora"], train_cfg, seed, f"train-{tag}",
+                       ctx.run.checkpoints / f"adapter-{tag}", evaluate=evaluate,
+                       log=lambda m: ctx.log(f"{tag}: {m}"), yes=yes, no=no)
     train_seconds = time.perf_counter() - started
     started = time.perf_counter()
     metrics = {}
@@ -101,14 +103,14 @@ def train_and_score(ctx: RunContext, backbone: Backbone, ds, train_pool, eval_se
             scores = best["scores"]
         else:
             scores = backbone.score_yes_no(prompts[name], yes, no, progress=f"{tag} {name}").numpy()
-        metrics[name] = ctr.evaluate(frame, scores)
+        metrics[name] = ctr_report(frame, scores)
     eval_seconds = time.perf_counter() - started
-    backbone.save_adapter(ctx.run.checkpoints / f"adapter-{tag}")
-    out = {"tag": tag, "seed": seed, "shots": len(shots), "metrics": metrics, "train": result.as_dict(),
+    out = {"tag": tag, "seed": seed, "shots": len(shots), "metrics": metrics,
+           "train": result,
            "seconds": {"train": train_seconds, "eval": eval_seconds}}
     ctx.run.save_checkpoint(f"result-{tag}", out)
     summary = ", ".join(f"{n} AUC {m['auc']:.4f}" for n, m in metrics.items())
-    ctx.log(f"{tag}: {len(shots)} shots, {result.steps} steps in {train_seconds:.0f}s; {summary}")
+    ctx.log(f"{tag}: {len(shots)} shots, {result['steps']} steps in {train_seconds:.0f}s; {summary}")
     return out
 
 
@@ -120,26 +122,24 @@ def _aggregate(rows: list[dict], split: str) -> dict:
         if key.startswith(("n", "uauc_skipped")):
             out[key] = values[0] if len(set(values)) == 1 else float(np.mean(values))
             continue
-        mean, std = ctr.mean_std(values)
+        mean, std = mean_std(values)
         out[key] = mean
         if len(rows) > 1 and key in ("auc", "uauc", "auc_warm", "auc_cold"):
             out[f"{key}_std"] = std
     return out
 
 
-def _run(ctx: RunContext) -> dict:
+def run(ctx: RunContext) -> dict:
     cfg = ctx.config
     n_seeds = int(cfg["train"]["seeds"])
-    if n_seeds < 1:
-        raise InputError(f"train.seeds must be >= 1, got {n_seeds}")
     if cfg["cross"]["domains"]:
         return _run_cross(ctx)
     ds = ctx.dataset
-    data = ctr.prepare(ds, cfg["samples"])
-    backbone = _backbone(ctx)
+    data = tallrec_protocol(ds, cfg["samples"])
+    backbone = Backbone.from_config(cfg["model"])
     ctx.log(f"TALLRec with {cfg['model']['name']}: {cfg['train']['shots']} shots x {n_seeds} seed(s); "
             f"{len(data.valid)} valid / {len(data.test)} test samples")
-    rows = [train_and_score(ctx, backbone, ds, data.split.train,
+    rows = [train_and_score(ctx, backbone, ds, data.train,
                             {"valid": (ds, data.valid), "test": (ds, data.test)}, ctx.seed + k, f"seed{ctx.seed + k}")
             for k in range(n_seeds)]
     return {
@@ -150,7 +150,7 @@ def _run(ctx: RunContext) -> dict:
         "per_seed": [{"seed": r["seed"], "shots": r["shots"], "test": r["metrics"]["test"],
                       "valid": r["metrics"]["valid"], "steps": r["train"]["steps"],
                       "best_step": r["train"]["best_step"], "history": r["train"]["history"]} for r in rows],
-        "samples": {**data.split.sizes(), "valid_scored": len(data.valid), "test_scored": len(data.test)},
+        "samples": {**data.sizes(), "valid_scored": len(data.valid), "test_scored": len(data.test)},
     }
 
 
@@ -160,9 +160,9 @@ def _run_cross(ctx: RunContext) -> dict:
     specs = list(cfg["cross"]["domains"])
     if len(specs) < 2 or len(set(specs)) != len(specs):
         raise InputError(f"cross.domains: need at least two distinct domains, got {specs}")
-    domains = ctr.domain_datasets(ctx.dataset, specs, cfg["data"])
-    prepared = [(name, ds, ctr.prepare(ds, cfg["samples"])) for name, ds in domains]
-    backbone = _backbone(ctx)
+    domains = domain_datasets(ctx.dataset, specs, cfg["data"])
+    prepared = [(name, ds, tallrec_protocol(ds, cfg["samples"])) for name, ds in domains]
+    backbone = Backbone.from_config(cfg["model"])
     n = len(prepared)
     auc = [[float("nan")] * n for _ in range(n)]
     uauc = [[float("nan")] * n for _ in range(n)]
@@ -170,11 +170,11 @@ def _run_cross(ctx: RunContext) -> dict:
     for i, (name, ds, data) in enumerate(prepared):
         eval_sets = {"valid": (ds, data.valid)}
         eval_sets.update({f"test{j}": (ds_j, data_j.test) for j, (_, ds_j, data_j) in enumerate(prepared)})
-        per_seed = [train_and_score(ctx, backbone, ds, data.split.train, eval_sets, ctx.seed + k,
+        per_seed = [train_and_score(ctx, backbone, ds, data.train, eval_sets, ctx.seed + k,
                                     f"domain{i}-seed{ctx.seed + k}") for k in range(int(cfg["train"]["seeds"]))]
         for j in range(n):
-            auc[i][j] = ctr.mean_std([r["metrics"][f"test{j}"]["auc"] for r in per_seed])[0]
-            uauc[i][j] = ctr.mean_std([r["metrics"][f"test{j}"]["uauc"] for r in per_seed])[0]
+            auc[i][j] = mean_std([r["metrics"][f"test{j}"]["auc"] for r in per_seed])[0]
+            uauc[i][j] = mean_std([r["metrics"][f"test{j}"]["uauc"] for r in per_seed])[0]
         train_seconds += sum(r["seconds"]["train"] for r in per_seed)
         eval_seconds += sum(r["seconds"]["eval"] for r in per_seed)
         ctx.log(f"trained on {name}: test AUC " + ", ".join(f"{prepared[j][0]} {auc[i][j]:.4f}" for j in range(n)))
@@ -186,7 +186,7 @@ def _run_cross(ctx: RunContext) -> dict:
         "valid": {},
         "seconds": {"train": train_seconds, "eval": eval_seconds},
         "cross_domain": {"domains": specs, "auc": auc, "uauc": uauc,
-                         "samples": {name: data.split.sizes() for name, _, data in prepared}},
+                         "samples": {name: data.sizes() for name, _, data in prepared}},
     }
 
 
@@ -209,8 +209,10 @@ def _report(metrics: dict) -> str:
     return "\n".join(lines) + ("\n" if lines else "")
 
 
-METHOD = Method("tallrec", "Few-shot LoRA instruction tuning with Yes/No answers (TALLRec).", DEFAULTS, _run,
-                report=_report, validate=lambda c: ctr.validate(c, training=True))
+METHODS = [Method("tallrec", "Few-shot LoRA instruction tuning with Yes/No answers (TALLRec).", DEFAULTS, run,
+                  report=_report, validate=validate, nullable=MODEL_NULLABLE,
+                  smoke={"model.name": "tiny-random", "samples.valid_size": 8, "samples.test_size": 12,
+                         "train.shots": 8, "train.epochs": 1})]
 
 _TABLE = "TALLRec: ICL vs instruction tuning (AUC)"
 # per shot count (bench/tallrec.py uses it too): learning is step-limited at lr 1e-3 and batch 4, so fewer shots

@@ -1,4 +1,5 @@
-"""The small trainable modules whose outputs fill placeholder slots in a prompt.
+"""Slot modules: the small trainable modules whose outputs fill placeholder slots in a prompt
+(`Backbone` replaces the placeholder's input embeddings with them; gradients flow back to the module).
 
 - `CIE` (CoLLM's collaborative information encoder): Linear(d, m·d) → ReLU → Linear(m·d, hidden·k), mapping a
   CF user/item embedding to k input-token embeddings of the LLM.

@@ -1,0 +1,163 @@
+"""The LLM steps every LLM method composes, each resumable through a checkpoint store (any object with
+`save_checkpoint(name, state)` / `load_checkpoint(name)`: a run directory, `recalign.io.Checkpoints`):
+
+- `lora_step`: fresh LoRA adapters tuned on (prompt, answer) pairs (or loaded from `init_from`), early
+  stopping on a validation callback, the adapter saved as a peft directory;
+- `train_slot_modules`: train slot modules (CIE, soft prompts, projectors) with every LLM weight frozen;
+- `generate_step`: beam search over many prompts, checkpointed every block of prompts;
+- `Scorer`: Yes/No scores of prompt lists, timed, and cached in the store so a resumed run does not score
+  a set twice.
+
+Config vocabulary: `LORA_CONFIG` is the `lora:` section and `train_section(...)` builds a `train:`-style
+section (every `TrainConfig` key once, in one spelling) for every LLM method.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import fields
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from recalign.errors import InputError
+from recalign.llm.backbone import Backbone, LoraSettings
+from recalign.llm.train import Checkpointer, TrainConfig, train_lora, train_loop
+
+LORA_CONFIG = {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
+
+
+def train_section(**overrides) -> dict:
+    """Every `TrainConfig` key with its default, then `overrides` (which may add method keys, e.g. shots)."""
+    base = {f.name: f.default for f in fields(TrainConfig) if f.name != "seed"}
+    return {**base, **overrides}
+
+
+def check_model(section: Mapping, where: str = "model") -> None:
+    from recalign.llm.loading import check_source
+
+    check_source(section["name"])
+    if section["batch_size"] < 1:
+        raise InputError(f"{where}.batch_size must be >= 1, got {section['batch_size']}")
+
+
+def check_yes_no(yes: str, no: str, where: str = "prompt") -> None:
+    if not yes or not no or yes == no:
+        raise InputError(f"{where}.yes / {where}.no must be two different non-empty answers, got {yes!r} / {no!r}")
+
+
+def check_lora(section: Mapping, where: str = "lora") -> None:
+    if section["r"] < 1 or section["alpha"] <= 0 or not 0 <= section["dropout"] < 1:
+        raise InputError(f"{where}: need r >= 1, alpha > 0, 0 <= dropout < 1; got r={section['r']}, "
+                         f"alpha={section['alpha']}, dropout={section['dropout']}")
+    targets = section["target_modules"]
+    if not targets or not all(isinstance(t, str) for t in targets):
+        raise InputError(f"{where}.target_modules must be a non-empty list of module names, got {targets}")
+
+
+def check_train(section: Mapping, where: str = "train", min_epochs: int = 1) -> None:
+    """The TrainConfig keys of a section (epochs may be allowed to be 0: the step is skipped)."""
+    epochs = section["epochs"]
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < min_epochs:
+        raise InputError(f"{where}.epochs: expected an integer >= {min_epochs}, got {epochs!r}")
+    TrainConfig.from_config({**section, "epochs": max(1, epochs)}, where=where)
+    if "loss" in section and section["loss"] not in ("lm", "bce"):
+        raise InputError(f"{where}.loss must be 'lm' or 'bce', got {section['loss']!r}")
+    if "shots" in section and section["shots"] < 0:
+        raise InputError(f"{where}.shots must be >= 0 (0 = all training samples), got {section['shots']}")
+
+
+def lora_step(store, backbone: Backbone, examples: Sequence[tuple[str, str]], lora: Mapping, train: Mapping,
+              seed: int, name: str, adapter_dir: str | Path, evaluate: Callable[[], float] | None = None,
+              log: Callable[[str], None] = lambda m: None, init_from: str | None = None, yes: str = "Yes",
+              no: str = "No") -> dict:
+    """Fresh LoRA adapters (seeded), tuned on `examples` with `train` (a train section: TrainConfig keys plus
+    `loss` lm|bce and `answer_only`; `yes`/`no` are the answers the bce loss contrasts), best state by
+    `evaluate` (higher = better), checkpointed under `name` (a rerun resumes exactly). The adapter is saved to `adapter_dir`. With `init_from` (a peft adapter
+    directory) the adapter is loaded instead of trained. The adapter is frozen afterwards. Returns the
+    training summary."""
+    backbone.remove_lora()
+    torch.manual_seed(seed)
+    backbone.add_lora(LoraSettings.from_config(lora))
+    started = time.perf_counter()
+    if init_from:
+        backbone.load_adapter(init_from)
+        log(f"{name}: LoRA adapter loaded from {init_from}")
+        freeze(backbone)
+        return {"loaded_from": str(init_from), "seconds": time.perf_counter() - started}
+    result = train_lora(backbone, examples, TrainConfig.from_config(train, seed=seed), evaluate=evaluate,
+                        checkpointer=Checkpointer(store, name), answer_only=bool(train.get("answer_only", True)),
+                        loss=train.get("loss", "lm"), yes=yes, no=no, log=log)
+    backbone.save_adapter(adapter_dir)
+    freeze(backbone)
+    return {**result.as_dict(), "seconds": time.perf_counter() - started}
+
+
+def freeze(backbone: Backbone) -> None:
+    for parameter in backbone.model.parameters():
+        parameter.requires_grad_(False)
+
+
+def train_slot_modules(store, backbone: Backbone, modules: torch.nn.Module, config: TrainConfig, n_train: int,
+                       loss_fn: Callable[[list[int]], torch.Tensor], valid_score: Callable[[], float], name: str,
+                       log: Callable[[str], None] = lambda m: None) -> dict:
+    """Train the parameters of `modules` that require a gradient; every other backbone weight (LoRA included)
+    is frozen. The state of `modules` is what is checkpointed and restored (best `valid_score`)."""
+    own = {id(p) for p in modules.parameters() if p.requires_grad}
+    for parameter in backbone.model.parameters():
+        if id(parameter) not in own:
+            parameter.requires_grad_(False)
+    backbone.model.eval()  # no dropout in the frozen LLM; gradients still flow to the slot embeddings
+    parameters = [p for p in modules.parameters() if p.requires_grad]
+    started = time.perf_counter()
+    result = train_loop(parameters, list(range(n_train)), loss_fn, config, evaluate=valid_score,
+                        get_state=lambda: {k: v.detach().clone() for k, v in modules.state_dict().items()},
+                        set_state=modules.load_state_dict, checkpointer=Checkpointer(store, name),
+                        log=log, set_train_mode=modules.train)
+    return {**result.as_dict(), "seconds": time.perf_counter() - started}
+
+
+def generate_step(store, backbone: Backbone, prompts: list[str], name: str, beams: int, max_new_tokens: int,
+                  batch_size: int | None = None, block: int = 32) -> dict:
+    """Beam search for every prompt -> {"texts": [[beam texts]], "scores": [[beam scores]]}, checkpointed
+    as `generations-NAME` every `block` prompts (a rerun continues where it stopped)."""
+    from recalign.progress import track
+
+    state = store.load_checkpoint(f"generations-{name}") or {"texts": [], "scores": []}
+    if len(state["texts"]) > len(prompts):
+        raise InputError(f"checkpoint generations-{name} holds more cases than this run has; use a new --out")
+    starts = range(len(state["texts"]), len(prompts), block)
+    for start in track(starts, f"generating {name} ({beams} beams)"):
+        out = backbone.generate(prompts[start:start + block], num_beams=beams, max_new_tokens=max_new_tokens,
+                                batch_size=batch_size or None)
+        state["texts"].extend(out.texts)
+        state["scores"].extend(out.scores.tolist())
+        store.save_checkpoint(f"generations-{name}", state)
+    return state
+
+
+class Scorer:
+    """Yes/No scores (logit(yes) - logit(no)) of prompt lists; `seconds` adds up the scoring time."""
+
+    def __init__(self, store, backbone: Backbone, yes: str, no: str, batch_size: int | None = None):
+        self.store, self.backbone, self.yes, self.no, self.batch_size = store, backbone, yes, no, batch_size
+        self.seconds = 0.0
+
+    def scores(self, prompts: Sequence[str], slots: Mapping[str, torch.Tensor] | None = None,
+               progress: str | None = None) -> np.ndarray:
+        started = time.perf_counter()
+        out = self.backbone.score_yes_no(list(prompts), yes=self.yes, no=self.no, slots=slots,
+                                         batch_size=self.batch_size, progress=progress).numpy()
+        self.seconds += time.perf_counter() - started
+        return out
+
+    def cached(self, name: str, n: int, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        """`compute()`'s scores, kept as checkpoint `eval-NAME` and read back on resume (when it holds n)."""
+        saved = self.store.load_checkpoint(f"eval-{name}") if getattr(self.store, "resume", False) else None
+        if saved is not None and len(saved["scores"]) == n:
+            return np.asarray(saved["scores"])
+        scores = compute()
+        self.store.save_checkpoint(f"eval-{name}", {"scores": scores, "seconds": self.seconds})
+        return scores
