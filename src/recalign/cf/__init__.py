@@ -29,6 +29,9 @@ MODELS: dict[str, str] = {
     "gru4rec": "gru4rec:GRU4Rec",
     "caser": "caser:Caser",
     "sasrec": "sasrec:SASRec",
+    "dros": "dros:DROS",
+    "acvae": "acvae:ACVAE",
+    "dreamrec": "dreamrec:DreamRec",
 }
 
 

@@ -39,15 +39,18 @@ class SequentialModel(CFModel):
     def score(self, query: Query, items: torch.Tensor | None = None) -> torch.Tensor:
         return dot_scores(self.sequence_representation(query), self.item_table(), items)
 
-    def loss(self, batch: dict, objective: str) -> torch.Tensor:
+    def target_states(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(states [T, d], targets [T], labels [T]) at the training targets of a window batch: every masked
+        position, or the last one for a model with one output per window. Losses built on top of a
+        model (DROS) read it."""
         query = Query(batch["users"], batch["inputs"])
-        mask = batch["mask"]
         if self.last_position_only:
-            states = self.sequence_representation(query)  # [B, d]
-            targets, labels = batch["targets"][:, -1], batch["labels"][:, -1]
-        else:
-            states = self.hidden_states(query)[mask]  # [T, d], only the positions that are targets
-            targets, labels = batch["targets"][mask], batch["labels"][mask]
+            return self.sequence_representation(query), batch["targets"][:, -1], batch["labels"][:, -1]
+        mask = batch["mask"]
+        return self.hidden_states(query)[mask], batch["targets"][mask], batch["labels"][mask]
+
+    def loss(self, batch: dict, objective: str) -> torch.Tensor:
+        states, targets, labels = self.target_states(batch)
         if objective == "bce":
             logits = (states * self.item_table()[targets]).sum(-1)
             return bce_loss(logits, labels)
