@@ -3,8 +3,10 @@
 Prints a table (NDCG@10, HR@10, NDCG@20, HR@20, epochs, seconds/epoch, eval seconds) and writes
 bench/results/cf.json. `--peer` also runs RecBole 1.2.1 (from a throwaway venv outside the repo, see
 docs/benchmarks-cf.md) on the identical data file and protocol, one model at a time under a time bound.
+The seed's sequential baselines (dros, dros-gru4rec, dros-caser, acvae, dreamrec) have no RecBole peer;
+DreamRec's guidance weight is chosen on the valid split from `--guidance-grid`.
 
-    OMP_WAIT_POLICY=PASSIVE nice -n 10 .venv/bin/python bench/cf.py [--models sasrec,mf] [--peer]
+    OMP_WAIT_POLICY=PASSIVE nice -n 10 .venv/bin/python bench/cf.py [--models sasrec,mf] [--peer] [--max-minutes M]
 """
 
 from __future__ import annotations
@@ -26,6 +28,12 @@ RESULTS = ROOT / "bench" / "results" / "cf.json"
 PEER_NAMES = {"pop": "Pop", "itemcf": "ItemKNN", "mf": "BPR", "lightgcn": "LightGCN", "gru4rec": "GRU4Rec",
               "sasrec": "SASRec", "caser": "Caser", "fism": "FISM"}
 DEFAULT_PEERS = ["pop", "itemcf", "mf", "lightgcn", "gru4rec", "sasrec"]
+# rows without a RecBole peer: name -> (registry model, model keys over its defaults)
+OURS_ONLY = {"caser": ("caser", {}), "fism": ("fism", {}), "dros": ("dros", {}),
+             "dros-gru4rec": ("dros", {"backbone": "gru4rec"}), "dros-caser": ("dros", {"backbone": "caser"}),
+             "acvae": ("acvae", {}), "dreamrec": ("dreamrec", {})}
+ROWS = [*PEER_NAMES, *[n for n in OURS_ONLY if n not in PEER_NAMES]]
+DEFAULT_MODELS = [n for n in ROWS if n not in ("dros-gru4rec", "dros-caser")]
 COLUMNS = ["ndcg@10", "hr@10", "ndcg@20", "hr@20"]
 
 
@@ -44,9 +52,11 @@ def export_recbole(ds, directory: Path, name: str = "ml100k-loo") -> Path:
     return directory
 
 
-def run_ours(names: list[str], seed: int, max_epochs: int | None, fixed_epochs: dict | None = None) -> dict:
+def run_ours(names: list[str], seed: int, max_epochs: int | None, fixed_epochs: dict | None = None,
+             max_minutes: float = 0.0, guidance_grid: tuple[float, ...] = (2.0,)) -> dict:
     """Train and test each model with its method defaults; `fixed_epochs` {name: n} trains exactly n
-    epochs instead (no early stopping) to compare with a peer that was stopped by its time bound."""
+    epochs instead (no early stopping) to compare with a peer that was stopped by its time bound;
+    `max_minutes` caps each model's training time (the best valid epoch so far is kept)."""
     import torch
 
     from recalign.cf import evaluate_ranking, leave_one_out_sets, train_cf_model
@@ -59,14 +69,22 @@ def run_ours(names: list[str], seed: int, max_epochs: int | None, fixed_epochs: 
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # the first optimiser imports torch._dynamo (~5 s)
     out = {}
     for name in names:
-        config = model_config(name)
+        model_name, overrides = OURS_ONLY.get(name, (name, {}))
+        config = model_config(model_name)
+        config["model"].update(overrides)
         if max_epochs:
             config["train"]["epochs"] = min(config["train"]["epochs"], max_epochs)
+        if max_minutes:
+            config["train"]["max_minutes"] = max_minutes
         if fixed_epochs:
             config["train"].update(epochs=fixed_epochs[name], patience=0)
         started = time.perf_counter()
-        model = train_cf_model(name, data, config, valid=valid, seed=seed)
+        model = train_cf_model(model_name, data, config, valid=valid, seed=seed)
         train_seconds = time.perf_counter() - started
+        extra = {}
+        if model_name == "dreamrec":
+            extra["guidance_valid"] = choose_guidance(model, valid, guidance_grid)
+            config["model"]["guidance"] = model.params["guidance"]
         started = time.perf_counter()
         metrics = evaluate_ranking(model, test, ks=(10, 20))
         eval_seconds = time.perf_counter() - started
@@ -74,10 +92,24 @@ def run_ours(names: list[str], seed: int, max_epochs: int | None, fixed_epochs: 
         out[name] = {"test": metrics, "epochs": summary["epochs"], "best_epoch": summary["best_epoch"],
                      "seconds_per_epoch": summary["seconds_per_epoch"], "train_seconds": train_seconds,
                      "valid_eval_seconds": summary["valid_eval_seconds"], "test_eval_seconds": eval_seconds,
-                     "stopped": summary["stopped"], "config": config}
+                     "stopped": summary["stopped"], "config": config, **extra}
         print(f"ours {name}: ndcg@10 {metrics['ndcg@10']:.4f} hr@10 {metrics['hr@10']:.4f} "
               f"epochs {summary['epochs']} s/epoch {summary['seconds_per_epoch']:.2f}", file=sys.stderr, flush=True)
     return out
+
+
+def choose_guidance(model, valid, grid: tuple[float, ...]) -> dict:
+    """Set DreamRec's guidance weight to the grid value with the best valid NDCG@10 (the model was trained
+    with its default; guidance only changes sampling). Returns {weight: valid NDCG@10}."""
+    from recalign.cf import evaluate_ranking
+
+    scores = {}
+    for weight in grid:
+        model.params["guidance"] = float(weight)
+        scores[float(weight)] = evaluate_ranking(model, valid, ks=(10,))["ndcg@10"]
+    model.params["guidance"] = max(scores, key=scores.get)
+    print(f"dreamrec guidance on valid: {scores} -> {model.params['guidance']}", file=sys.stderr, flush=True)
+    return scores
 
 
 def run_peer(names: list[str], python: str, budget: float, seed: int) -> dict:
@@ -111,7 +143,7 @@ def table(results: dict) -> str:
             "|---|---|---|---|---|---|---|---|---|---|")
     rows = [head]
     matched = results.get("ours_at_peer_epochs", {})
-    for name in [n for n in PEER_NAMES if n in ours or n in peer]:
+    for name in [n for n in ROWS if n in ours or n in peer]:
         sides = [("recalign", ours.get(name)), ("RecBole 1.2.1", peer.get(name))]
         if name in matched:
             sides.append((f"recalign, same {matched[name]['epochs']} epochs", matched[name]))
@@ -125,6 +157,10 @@ def table(results: dict) -> str:
             note = side.get("stopped") or ""
             if side.get("bounded"):
                 note = f"bounded at {side['budget_minutes']:g} min (not converged)"
+            if side.get("stopped") == "time budget":
+                note = f"time cap {side['config']['train']['max_minutes']:g} min"
+            if "guidance_valid" in side:
+                note += f", guidance w={side['config']['model']['guidance']:g} (valid)"
             rows.append(f"| {name} | {impl} | " + " | ".join(f"{m[c]:.4f}" for c in COLUMNS)
                         + f" | {side['epochs']} | {side['seconds_per_epoch']:.2f} | {side['test_eval_seconds']:.2f} | {note} |")
     return "\n".join(rows)
@@ -132,12 +168,16 @@ def table(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default=",".join(PEER_NAMES), help="recalign models to run ('' = none)")
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                        help=f"recalign models to run ('' = none) out of {', '.join(ROWS)}")
     parser.add_argument("--peer", action="store_true", help="also run RecBole on the same protocol")
     parser.add_argument("--peer-models", default=",".join(DEFAULT_PEERS))
     parser.add_argument("--peer-python", default="/tmp/recbole-venv/bin/python")
     parser.add_argument("--peer-budget-minutes", type=float, default=15.0)
     parser.add_argument("--max-epochs", type=int, default=None)
+    parser.add_argument("--max-minutes", type=float, default=0.0, help="training time cap per model (0 = none)")
+    parser.add_argument("--guidance-grid", default="0,0.5,1,2,4",
+                        help="DreamRec guidance weights tried on the valid split")
     parser.add_argument("--matched", action="store_true",
                         help="for every peer run stopped by its time bound, also train recalign's model for the "
                              "same number of epochs")
@@ -153,7 +193,12 @@ def main() -> None:
                           "processor": platform.processor(), "python": platform.python_version()}
     names = [n for n in args.models.split(",") if n]
     if names:
-        results.setdefault("ours", {}).update(run_ours(names, args.seed, args.max_epochs))
+        unknown = sorted(set(names) - set(ROWS))
+        if unknown:
+            parser.error(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(ROWS)}")
+        grid = tuple(float(w) for w in args.guidance_grid.split(","))
+        results.setdefault("ours", {}).update(run_ours(names, args.seed, args.max_epochs,
+                                                       max_minutes=args.max_minutes, guidance_grid=grid))
         results["ours_date"] = time.strftime("%Y-%m-%d %H:%M")
     if args.peer:
         peers = [n for n in args.peer_models.split(",") if n]

@@ -105,7 +105,7 @@ class DreamRec(SequentialModel):
     name = "dreamrec"
     description = ("DreamRec: generates the next item's embedding by classifier-free guided diffusion conditioned "
                    "on a Transformer encoding of the history.")
-    train_overrides = {"epochs": 200, "patience": 10, "lr": 0.005}
+    train_overrides = {"epochs": 200, "patience": 10, "lr": 0.005, "batch_size": 256}  # the reference's
     objectives = ("diffusion",)  # x0-prediction squared error; no CTR (bce) form
     defaults = {"embedding_size": 64, "n_layers": 1, "n_heads": 1, "inner_size": 256, "dropout": 0.1,
                 "max_len": 50, "timesteps": 200, "schedule": "exp", "beta_start": 0.0001, "beta_end": 0.02,
