@@ -340,7 +340,8 @@ def write_one_bad_line(fmt, folder: Path, user: str, item: str):
     folder.mkdir(parents=True, exist_ok=True)
     if fmt == "recbole":
         target = folder / "t.inter"
-        text, line = f"user_id:token\titem_id:token\trating:float\ttimestamp:float\n1\t1\t5\t1\n{user}\t{item}\t5\t2\n", 3
+        header = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+        text, line = f"{header}1\t1\t5\t1\n{user}\t{item}\t5\t2\n", 3
     elif fmt == "ml-100k-raw":
         target, text, line = folder / "u.data", f"1\t1\t5\t1\n{user}\t{item}\t5\t2\n", 2
     elif fmt == "ml-1m":
@@ -349,10 +350,12 @@ def write_one_bad_line(fmt, folder: Path, user: str, item: str):
         target = folder / "BX-Book-Ratings.csv"
         text, line = f'"User-ID";"ISBN";"Book-Rating"\n"1";"1";"5"\n"{user}";"{item}";"5"\n', 3
     elif fmt == "amazon":
-        review = lambda u, i, t: json.dumps({"reviewerID": u, "asin": i, "overall": 5, "unixReviewTime": t})  # noqa: E731
+        def review(u, i, t):
+            return json.dumps({"reviewerID": u, "asin": i, "overall": 5, "unixReviewTime": t})
         target, text, line = folder / "x.json", review("1", "1", 1) + "\n" + review(user, item, 2) + "\n", 2
     else:
-        review = lambda u, i: repr({"username": u, "product_id": i, "date": "2020-01-01"})  # noqa: E731
+        def review(u, i):
+            return repr({"username": u, "product_id": i, "date": "2020-01-01"})
         target, text, line = folder / "reviews.json", review("1", "1") + "\n" + review(user, item) + "\n", 2
     target.write_bytes(text.encode("latin-1" if fmt in ("ml-100k-raw", "ml-1m", "book-crossing") else "utf-8"))
     return folder, target, line

@@ -262,6 +262,17 @@ def numeric_column(values, column: str, path: Path, line_nos=None, first_line: i
     return out
 
 
+def integer_column(values, column: str, path: Path, line_nos, low: int, high: int) -> np.ndarray:
+    """`numeric_column` for whole numbers in low..high (ages, codes): int64, no silent wrap-around."""
+    numbers = numeric_column(values, column, path, line_nos)
+    bad = (numbers < low) | (numbers > high) | (numbers != np.floor(numbers))
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise InputError(f"{path}:{line_nos[row]}: column '{column}' must be a whole number in {low}..{high}, "
+                         f"got {values[row]!r}")
+    return numbers.astype(np.int64)
+
+
 def split_title_year(title: str) -> tuple[str, float]:
     """"Toy Story (1995)" -> ("Toy Story", 1995.0); "X (1995) (V)" -> ("X (V)", 1995.0); else (title, NaN)."""
     title = str(title).strip()

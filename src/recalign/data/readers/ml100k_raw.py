@@ -10,7 +10,7 @@ import pandas as pd
 
 from recalign.data.dataset import Dataset, Origin, build_dataset
 from recalign.data.readers._common import (
-    numeric_column, only_interacted, present, read_columns, read_delimited, split_title_year,
+    integer_column, numeric_column, only_interacted, present, read_columns, read_delimited, split_title_year,
 )
 from recalign.errors import InputError
 
@@ -65,7 +65,7 @@ def read_ml100k_raw(path: str | Path, name: str | None = None, like_threshold: f
         columns, line_nos = read_columns(user_path, "|", 5, "latin-1", "u.user")
         users = pd.DataFrame({
             "user_id": columns[0],
-            "age": numeric_column(columns[1], "age", user_path, line_nos).astype(np.int64),
+            "age": integer_column(columns[1], "age", user_path, line_nos, 0, 150),
             "gender": list(columns[2]),
             "occupation": list(columns[3]),
             "zip_code": list(columns[4]),

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from recalign.data.dataset import Dataset, Origin, build_dataset
 from recalign.data.readers._common import (
-    iter_lines, numeric_column, only_interacted, present, read_columns, require_file, split_title_year,
+    integer_column, iter_lines, numeric_column, only_interacted, present, read_columns, require_file,
+    split_title_year,
 )
 from recalign.errors import InputError
 
@@ -63,15 +63,11 @@ def read_ml1m(path: str | Path, name: str | None = None, like_threshold: float |
     users_path = directory / "users.dat"
     if present(users_path):
         columns, line_nos = read_columns(users_path, SEP, 5, "latin-1", "users.dat")
-        codes = numeric_column(columns[3], "Occupation", users_path, line_nos).astype(int)
-        bad = (codes < 0) | (codes >= len(OCCUPATIONS))
-        if bad.any():
-            row = int(np.argmax(bad))
-            raise InputError(f"{users_path}:{line_nos[row]}: occupation code {codes[row]} is not in 0..20")
+        codes = integer_column(columns[3], "Occupation", users_path, line_nos, 0, len(OCCUPATIONS) - 1)
         users = pd.DataFrame({
             "user_id": columns[0],
             "gender": list(columns[1]),
-            "age": numeric_column(columns[2], "Age", users_path, line_nos).astype(np.int64),
+            "age": integer_column(columns[2], "Age", users_path, line_nos, 0, 150),
             "occupation": [OCCUPATIONS[c] for c in codes],
             "zip_code": list(columns[4]),
         })
