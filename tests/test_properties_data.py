@@ -42,7 +42,8 @@ def rarely(odd, usual, one_in: int = 12):
 
 
 ids = rarely(st.sampled_from(ODD_CELLS) | st.text(max_size=4), small_ids, 20)
-json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5)
+                           | st.sampled_from([2 ** 64, -2 ** 63 - 1, 10 ** 400]),
                            lambda inner: st.lists(inner, max_size=2) | st.dictionaries(st.text(max_size=3), inner,
                                                                                        max_size=2),
                            max_leaves=4)
@@ -119,6 +120,10 @@ def amazon_reviews(draw) -> bytes:
             line = json.dumps(draw(json_values))  # valid JSON, not an object
         elif choice == 2 and record.get("asin") is not None:
             line = line[:-1] + f', "asin": {json.dumps(draw(json_values))}}}'  # a duplicate key
+        elif choice == 3 and key in record:  # a huge number (past float, or past Python's 4300-digit limit)
+            line = json.dumps({**record, key: "@"}).replace('"@"', "1" + "0" * draw(st.sampled_from([400, 5000])))
+        elif choice == 4:
+            line = line[:-1] + ', "x": ' + "[" * 50000 + "]" * 50000 + "}"  # nested past the recursion limit
         lines.append(line)
     return draw(mutated("\n".join(lines) + "\n"))
 
@@ -248,11 +253,11 @@ def scratch(tmp_path):
 
 
 @SETTINGS
-@given(fmt=st.sampled_from(["recbole", "ml-100k-raw", "ml-1m", "amazon", "book-crossing", "steam", None]),
-       name=st.sampled_from(["t.inter", "u.data", "ratings.dat", "BX-Book-Ratings.csv", "x.json", "x.json.gz",
-                             "steam_reviews.json"]),
-       data=st.binary(max_size=200), compress=st.integers(0, 5))
-def test_random_bytes(fmt, name, data, compress, scratch, monkeypatch, capsys):
+@given(fmt=st.sampled_from([*MAIN_FILES, None]), data=st.binary(max_size=200), compress=st.integers(0, 5),
+       name=rarely(st.sampled_from([*MAIN_FILES.values(), "x.json.gz"]), st.none(), 4))
+def test_random_bytes(fmt, data, compress, name, scratch, monkeypatch, capsys):
+    """Random bytes as the format's main file (now and then under another name, or as .json.gz)."""
+    name = name or MAIN_FILES.get(fmt, "x.json.gz")
     folder = scratch()
     if compress == 0:
         data = gzip.compress(data)

@@ -223,13 +223,23 @@ def to_int(value: str, path: Path, line_no: int, column: str) -> int:
     return int(number)
 
 
+def shown(value, limit: int = 60) -> str:
+    """repr() for an error message, cut short; an int too long to print (Python's 4300-digit limit) too."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return "an integer of thousands of digits"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def record_id(record: dict, key: str, path: Path, line_no: int, null: str = "null") -> str:
-    """An id in a JSON or Python-literal record: a string or an integer. null, true, 1.5 or a list
-    would otherwise become ids such as "None" or "True"."""
+    """An id in a JSON or Python-literal record: a string or an integer of up to 64 bits. null, true, 1.5
+    or a list would otherwise become ids such as "None" or "True"."""
     value = record[key]
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        shown = null if value is None else repr(value)
-        raise InputError(f"{path}:{line_no}: '{key}' must be a string or an integer, got {shown:.60}")
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or (
+            isinstance(value, int) and not -2 ** 63 <= value < 2 ** 64):
+        raise InputError(f"{path}:{line_no}: '{key}' must be a string or an integer, "
+                         f"got {null if value is None else shown(value)}")
     return str(value)
 
 

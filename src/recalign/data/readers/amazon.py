@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from recalign.data.dataset import Dataset, Origin, build_dataset
-from recalign.data.readers._common import iter_lines, only_interacted, present, record_id, require_file
+from recalign.data.readers._common import iter_lines, only_interacted, present, record_id, require_file, shown
 from recalign.errors import InputError
 
 _SUFFIXES = (".json", ".json.gz", ".jsonl", ".jsonl.gz")
@@ -63,6 +63,8 @@ def _records(path: Path, required: tuple[str, ...]):
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise InputError(f"{path}:{line_no}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        except (ValueError, RecursionError) as exc:  # an integer of over 4300 digits, nesting too deep
+            raise InputError(f"{path}:{line_no}: invalid JSON ({type(exc).__name__}: {exc})") from None
         if not isinstance(record, dict):
             raise InputError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
         missing = [key for key in required if key not in record]
@@ -84,13 +86,13 @@ def _unique_keys(pairs: list, keys: tuple[str, ...], path: Path, line_no: int) -
 def _number(record: dict, key: str, path: Path, line_no: int) -> float:
     value = record[key]
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise InputError(f"{path}:{line_no}: '{key}' is not a number: {value!r}")
+        raise InputError(f"{path}:{line_no}: '{key}' is not a number: {shown(value)}")
     try:
         number = float(value)
-    except ValueError:
+    except (ValueError, OverflowError):
         number = float("nan")
     if not math.isfinite(number):
-        raise InputError(f"{path}:{line_no}: '{key}' is not a number: {value!r}")
+        raise InputError(f"{path}:{line_no}: '{key}' is not a number: {shown(value)}")
     return number
 
 
@@ -133,7 +135,7 @@ def read_amazon(path: str | Path, name: str | None = None, like_threshold: float
                 continue
             categories = record.get("category") or []
             if not isinstance(categories, list):
-                raise InputError(f"{meta_path}:{line_no}: 'category' must be a list, got {categories!r}")
+                raise InputError(f"{meta_path}:{line_no}: 'category' must be a list, got {shown(categories)}")
             year = _DATE_YEAR.match(str(record.get("date", "")).strip())
             records.append({
                 "item_id": asin,

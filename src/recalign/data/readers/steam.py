@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from recalign.data.dataset import Dataset, Origin, build_dataset
-from recalign.data.readers._common import iter_lines, only_interacted, present, record_id, require_file
+from recalign.data.readers._common import iter_lines, only_interacted, present, record_id, require_file, shown
 from recalign.errors import InputError
 
 IMPLICIT_RATING = 5.0  # no ratings in Steam: a review is a positive at every like threshold below 5
@@ -59,13 +59,13 @@ def _literals(path: Path, required: tuple[str, ...]):
 
 
 def _day(value, path: Path, line_no: int) -> int:
-    text = str(value).strip()
     try:
+        text = str(value).strip()  # ValueError too for an int of over 4300 digits
         if not _DATE.match(text):
             raise ValueError
         return calendar.timegm(datetime.strptime(text, "%Y-%m-%d").timetuple())
     except ValueError:
-        raise InputError(f"{path}:{line_no}: 'date' must be YYYY-MM-DD, got {value!r}") from None
+        raise InputError(f"{path}:{line_no}: 'date' must be YYYY-MM-DD, got {shown(value)}") from None
 
 
 def read_steam(path: str | Path, name: str | None = None, like_threshold: float | None = None,
@@ -99,7 +99,7 @@ def read_steam(path: str | Path, name: str | None = None, like_threshold: float 
                 continue
             genres = record.get("genres") or record.get("tags") or []
             if not isinstance(genres, list):
-                raise InputError(f"{games_path}:{line_no}: 'genres' must be a list, got {genres!r}")
+                raise InputError(f"{games_path}:{line_no}: 'genres' must be a list, got {shown(genres)}")
             release = str(record.get("release_date", ""))
             records.append({
                 "item_id": record_id(record, "id", games_path, line_no, null="None").strip(),
