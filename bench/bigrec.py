@@ -155,14 +155,12 @@ KS = [1, 3, 5, 10, 20]
 CF_MODELS = ["gru4rec", "caser", "sasrec"]
 
 
-def _cf_config(name: str, args) -> dict:
-    try:  # the CF engineer's tuned per-model config, when present
-        from recalign.methods.cf_baseline import model_config
+def cf_config(name: str, args) -> dict:
+    """The registered CF method's model and trainer sections (what `recalign run NAME` trains with)."""
+    from recalign.methods import get_method
 
-        config = model_config(name)
-    except ImportError:
-        config = {"model": {}, "train": {}}
-    config = {"model": dict(config.get("model", {})), "train": dict(config.get("train", {}))}
+    defaults = get_method(name).defaults
+    config = {"model": dict(defaults.get("model", {})), "train": dict(defaults.get("train", {}))}
     if args.cf_epochs:
         config["train"]["epochs"] = args.cf_epochs
     if args.cf_minutes:
@@ -173,11 +171,11 @@ def _cf_config(name: str, args) -> dict:
 def run_cf_baselines(args, ds, split, shots, valid, test) -> dict:
     """GRU4Rec / Caser / SASRec (and Pop) trained on the N few-shot samples and on all training-period
     interactions; evaluated on BIGRec's own valid/test cases (full histories masked, every case counted)."""
-    from recalign.cf import EvalSet, evaluate_ranking, train_cf_model
-    from recalign.methods.bigrec import full_histories
+    from recalign.cf import evaluate_ranking, train_cf_model
+    from recalign.tasks.next_item import Cases, full_histories
 
-    cases = {name: EvalSet(frame["user"].to_numpy(np.int64), full_histories(ds, frame),
-                           frame["item"].to_numpy(np.int64)) for name, frame in (("valid", valid), ("test", test))}
+    cases = {name: Cases(frame["user"].to_numpy(np.int64), full_histories(ds, frame),
+                         frame["item"].to_numpy(np.int64)) for name, frame in (("valid", valid), ("test", test))}
     cutoff = split.train["timestamp"].max()
     period = ds.interactions[ds.interactions["timestamp"] <= cutoff]
     data = {"shots": shots, "all": period}
@@ -186,7 +184,7 @@ def run_cf_baselines(args, ds, split, shots, valid, test) -> dict:
         for tag, train in data.items():
             if name == "pop" and tag == "shots":
                 continue
-            config = _cf_config(name, args) if name != "pop" else {}
+            config = cf_config(name, args) if name != "pop" else {}
             started = time.perf_counter()
             model = train_cf_model(name, train, config, catalog=ds, valid=cases["valid"], seed=args.seed)
             seconds = time.perf_counter() - started
@@ -202,13 +200,14 @@ def run_cf_baselines(args, ds, split, shots, valid, test) -> dict:
 
 def run_quality(args) -> dict:
     from recalign.data import few_shot, load_dataset
-    from recalign.methods.bigrec import DEFAULTS, build_samples
+    from recalign.methods import get_method
     from recalign.runner import run_method
+    from recalign.tasks.next_item import generative_samples
 
     started_all = time.perf_counter()
     ds = load_dataset("ml-100k")
-    samples_cfg = {**DEFAULTS["samples"], "valid_size": args.valid, "test_size": args.test}
-    split, valid, test = build_samples(ds, samples_cfg)
+    samples_cfg = {**get_method("bigrec").defaults["samples"], "valid_size": args.valid, "test_size": args.test}
+    split, valid, test = generative_samples(ds, samples_cfg)
     shots = few_shot(split.train, args.shots, args.seed)
     result = {"machine": machine(), "command": " ".join(sys.argv), "args": vars(args),
               "samples": {**split.sizes(), "shots": len(shots), "valid_cases": len(valid), "test_cases": len(test)}}
@@ -283,35 +282,49 @@ def _move_article(title: str) -> str:
     return f"{match.group(2)} {match.group(1)} {match.group(3)}" if match else title
 
 
+def ground(backbone, texts: list[list[str]], catalogue: torch.Tensor, g: dict) -> torch.Tensor:
+    """BIGRec's grounding from public pieces: distances [cases, beams, items] of every generated beam to every
+    catalogue item, both embedded by the frozen base model (`grounding.pooling` / `grounding.batch_size`)."""
+    from recalign.eval.grounding import clean_generation, l2_distances
+
+    beams = len(texts[0])
+    flat = [clean_generation(t) or " " for row in texts for t in row]
+    queries = backbone.embed(flat, pooling=g["pooling"], batch_size=int(g["batch_size"]), adapter=False)
+    return l2_distances(queries, catalogue).view(len(texts), beams, -1)
+
+
 def diagnostics(run_dir: Path) -> dict:
     """From a finished run's checkpoints (no generation): (1) beam aggregation variants of the same beams;
     (2) how well L2 grounding with the frozen base model recovers the TARGET from perturbed forms of its
     title (no year / article moved to the front / lower case) — the grounding step on its own."""
     import yaml
 
+    from recalign import assets
     from recalign.data import load_dataset
     from recalign.eval.grounding import CatalogueCache, aggregate_beams, l2_distances, model_fingerprint, rank_metrics
-    from recalign.llm import Backbone
-    from recalign.methods.bigrec import build_samples, full_histories, ground, history_masks
+    from recalign.io import Checkpoints
+    from recalign.llm import Backbone, fill
+    from recalign.tasks.next_item import full_histories, generative_samples, history_mask
 
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     ds = load_dataset("ml-100k")
-    _, _, test = build_samples(ds, cfg["samples"])
+    _, _, test = generative_samples(ds, cfg["samples"])
+    generated = Checkpoints(run_dir / "checkpoints").load_checkpoint("generations-test")
+    if generated is None or len(generated["texts"]) != len(test):
+        raise SystemExit(f"{run_dir}: no finished test generations (checkpoints/generations-test.safetensors)")
     backbone = Backbone.from_config(cfg["model"])
     base_id = model_fingerprint(backbone.causal_lm, cfg["model"]["name"])
-    from recalign import assets
-
-    generated = torch.load(run_dir / "checkpoints" / "generations-test.pt", weights_only=False)
     targets = torch.from_numpy(test["item"].to_numpy(np.int64).copy())
-    mask = history_masks(full_histories(ds, test), ds.n_items)
+    mask = history_mask(full_histories(ds, test), ds.n_items)
     titles = ds.titles()
+    item_texts = [fill(cfg["grounding"]["item_text"], "grounding.item_text", title=t) for t in titles]
     forms = {"exact title": lambda t: t, "no year": lambda t: t.rsplit(" (", 1)[0],
              "article moved to front": _move_article, "lower case": str.lower}
     out = {"beams": {}, "grounding_from_target_title": {}}
     for pooling in ("last", "mean"):  # the run's pooling and the other one, on the same generations
         g = {**cfg["grounding"], "pooling": pooling}
         cache = CatalogueCache(g["cache_dir"] or assets.home() / "grounding")
-        catalogue, _ = cache.get(titles, lambda t: backbone.embed(t, pooling=pooling, adapter=False), base_id,
+        catalogue, _ = cache.get(item_texts, lambda t: backbone.embed(t, pooling=pooling, adapter=False), base_id,
                                  extra=f"pooling={pooling}")
         per_beam = ground(backbone, generated["texts"], catalogue, g)
         for mode in ("top", "min", "weighted"):

@@ -34,30 +34,49 @@ def run(method: str, out: Path, sets: list[str]) -> dict:
 
 def mf_ctr(shots: list[int], seeds: int, test_size: int, valid_size: int) -> dict:
     """MF (BCE) on the same N-shot samples and on all training samples, scored on the same test subset."""
-    try:
-        from recalign.cf import train_cf_model
-        from recalign.cf.evaluate import EvalSet, score_pairs
-    except ImportError:
-        return {}
+    from recalign.cf import score_pairs, train_cf_model
     from recalign.data import few_shot, load_dataset
-    from recalign.llm import ctr
+    from recalign.tasks.ctr import TALLREC_SAMPLES, ctr_report, tallrec_protocol
+    from recalign.tasks.next_item import Cases
 
     ds = load_dataset("ml-100k")
-    data = ctr.prepare(ds, {**ctr.SAMPLE_DEFAULTS, "test_size": test_size, "valid_size": valid_size})
-    valid = EvalSet.from_samples(data.split.valid)  # the whole valid period for the CF model's early stopping
+    data = tallrec_protocol(ds, {**TALLREC_SAMPLES, "test_size": test_size, "valid_size": valid_size})
+    valid = Cases.from_samples(data.valid_full)  # the whole valid period for the CF model's early stopping
     config = {"train": {"objective": "bce", "valid_metric": "auc"}}
     out = {}
     for n in [*shots, 0]:
         aucs, started = [], time.perf_counter()
         for seed in range(seeds if n else 1):
-            train = few_shot(data.split.train, n or None, seed)
+            train = few_shot(data.train, n or None, seed)
             model = train_cf_model("mf", train, config, catalog=ds, valid=valid, seed=seed)
-            scores = score_pairs(model, EvalSet.from_samples(data.test))
-            aucs.append(ctr.evaluate(data.test, scores))
+            scores = score_pairs(model, Cases.from_samples(data.test))
+            aucs.append(ctr_report(data.test, scores))
         out[str(n or "all")] = {"auc": [a["auc"] for a in aucs], "uauc": [a["uauc"] for a in aucs],
                                 "auc_cold": [a.get("auc_cold") for a in aucs],
                                 "auc_warm": [a.get("auc_warm") for a in aucs],
                                 "seconds": time.perf_counter() - started}
+    return out
+
+
+# the TALLRec settings the bench leaves to the registered experiment of each shot count (train.shots, train.seeds
+# and the sample sizes come from the bench's own arguments)
+BENCH_KEYS = ("train.shots", "train.seeds", "samples.")
+FALLBACK_SCHEDULE = {"train.epochs": 3}  # a shot count without a registered `tallrec-N` experiment
+
+
+def schedules(shots: list[int]) -> dict[int, dict]:
+    """Per shot count N, the training schedule of the registered full-profile experiment `tallrec-N`
+    (epochs, eval_every: fewer shots get more epochs), or FALLBACK_SCHEDULE when there is none."""
+    from recalign.methods import all_experiments
+
+    registered = {e.name: e for e in all_experiments() if e.method == "tallrec"}
+    out = {}
+    for n in shots:
+        experiment = registered.get(f"tallrec-{n}")
+        if experiment is None:
+            out[n] = dict(FALLBACK_SCHEDULE)
+            continue
+        out[n] = {k: v for k, v in experiment.full.items() if not k.startswith(BENCH_KEYS)}
     return out
 
 
@@ -84,11 +103,10 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from recalign.methods.tallrec import SCHEDULE
-
     torch.set_num_threads(int(os.environ.get("RECALIGN_THREADS", "2")))
     os.environ.setdefault("RECALIGN_QUIET", "1")
     shots = [int(s) for s in args.shots.split(",") if s]
+    schedule = schedules(shots)  # + the method defaults: batch 4, lr 1e-3, patience 3
     work = Path(args.work)
     common = [f"samples.test_size={args.test_size}", f"samples.valid_size={args.valid_size}"]
     common += [s for s in args.sets if s.startswith("model.")]  # model settings apply to ICL too
@@ -96,8 +114,7 @@ def main() -> None:
     results = {"icl": run("icl", work / "icl", common)}
     print(f"ICL: test AUC {results['icl']['test']['auc']:.4f}", flush=True)
     for n in shots:
-        schedule = SCHEDULE.get(n, {"train.epochs": 3})  # + the method defaults: batch 4, lr 1e-3, patience 3
-        sets = common + [f"train.shots={n}", f"train.seeds={args.seeds}"] + [f"{k}={v}" for k, v in schedule.items()]
+        sets = common + [f"train.shots={n}", f"train.seeds={args.seeds}"] + [f"{k}={v}" for k, v in schedule[n].items()]
         sets += [s for s in args.sets if not s.startswith("model.")]
         results[f"tallrec-{n}"] = run("tallrec", work / f"tallrec-{n}", sets)
         print(f"TALLRec {n}: test AUC {results[f'tallrec-{n}']['test']['auc']:.4f}", flush=True)
@@ -130,7 +147,7 @@ def main() -> None:
     atomic_write_json(Path(args.results), {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                     "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
-        "args": vars(args), "schedule": {str(n): SCHEDULE.get(n, {}) for n in shots},
+        "args": vars(args), "schedule": {str(n): schedule[n] for n in shots},
         "wall_seconds": wall,
         "runs": {name: {"test": m["test"], "valid": m["valid"], "seconds": m["seconds"],
                         "per_seed": [{k: v for k, v in row.items() if k != "history"} for row in m.get("per_seed", [])]}
