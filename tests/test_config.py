@@ -57,3 +57,34 @@ def test_non_mapping_yaml(tmp_path):
     path.write_text("- a\n- b\n")
     with pytest.raises(InputError, match="must be a mapping"):
         cfg.resolve(DEFAULTS, path)
+
+
+def test_a_section_of_the_wrong_shape_says_so(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train: [1, 2]\n")
+    with pytest.raises(InputError, match="'train' is a section and expects a mapping"):
+        cfg.resolve(DEFAULTS, path)
+    with pytest.raises(InputError, match="'eval' is a section"):
+        cfg.resolve(DEFAULTS, None, ["eval=10"])
+    out = cfg.resolve(DEFAULTS, None, ["train={epochs: 9}"])  # a mapping on --set is read key by key
+    assert out["train"]["epochs"] == 9 and out["train"]["lr"] == 0.001
+
+
+def test_a_key_given_twice_in_a_config_file_is_an_error_with_its_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 5\n  epochs: 6\n")
+    with pytest.raises(InputError, match=r"c.yaml:3: invalid YAML \(duplicate key 'epochs' \(first on line 2\)\)"):
+        cfg.resolve(DEFAULTS, path)
+
+
+def test_a_mapping_valued_setting_is_not_split_into_unknown_keys(tmp_path):
+    defaults = cfg.merge_defaults(cfg.BASE_DEFAULTS, {"cf": {"params": {}, "model": "mf"}})
+    path = tmp_path / "c.yaml"
+    path.write_text("cf:\n  params:\n    embedding_size: 32\n")
+    assert cfg.resolve(defaults, path)["cf"]["params"] == {"embedding_size": 32}
+    assert cfg.resolve(defaults, None, ["cf.params={embedding_size: 16}"])["cf"]["params"] == {"embedding_size": 16}
+
+
+def test_a_directory_as_config_file_says_so(tmp_path):
+    with pytest.raises(InputError, match="is a directory"):
+        cfg.resolve(DEFAULTS, tmp_path)

@@ -31,12 +31,24 @@ BASE_DEFAULTS: dict[str, Any] = {
 BASE_NULLABLE: dict[str, Any] = {"data.like_threshold": 0.0, "data.format": "", "data.domain": ""}
 
 
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+def check_base(config: dict) -> None:
+    """The keys every method has."""
+    seed = config["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise InputError(f"seed: expected an integer in 0..{2**32 - 1}, got {seed!r}")
+    data = config["data"]
+    for key in ("k_core_users", "k_core_items"):
+        if isinstance(data[key], bool) or not isinstance(data[key], int) or data[key] < 0:
+            raise InputError(f"data.{key}: expected an integer >= 0, got {data[key]!r}")
+
+
+def flatten(tree: dict, prefix: str = "", leaves: set[str] | None = None) -> dict[str, Any]:
+    """Dotted keys of a nested mapping; a key in `leaves` (a mapping-valued setting) is not descended into."""
     out = {}
     for key, value in tree.items():
         path = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, path + "."))
+        if isinstance(value, dict) and value and not (leaves and path in leaves):
+            out.update(flatten(value, path + ".", leaves))
         else:
             out[path] = value
     return out
@@ -71,12 +83,30 @@ def parse_set(item: str) -> tuple[str, Any]:
     return key, value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, not a config file")
     if not path.is_file():
         raise InputError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -130,9 +160,9 @@ def resolve(defaults: dict, file: str | Path | None = None, sets: list[str] | No
     valid = flatten(defaults)
     layers: list[tuple[str, dict[str, Any]]] = []
     if file:
-        layers.append((str(file), flatten(load_yaml(file))))
+        layers.append((str(file), flatten(load_yaml(file), leaves=set(valid))))
     if sets:
-        layers.append(("--set", dict(parse_set(item) for item in sets)))
+        layers.append(("--set", flatten(dict(parse_set(item) for item in sets), leaves=set(valid))))
     for where, flat in layers:
         for key, value in flat.items():
             if key in moved:
@@ -141,6 +171,10 @@ def resolve(defaults: dict, file: str | Path | None = None, sets: list[str] | No
                 prefix_matches = [k for k in valid if k.startswith(key + ".")]
                 if prefix_matches and isinstance(value, dict) and not value:
                     continue
+                if prefix_matches:
+                    raise InputError(f"{where}: '{key}' is a section and expects a mapping of its keys "
+                                     f"({', '.join(sorted(prefix_matches)[:6])}{', ...' if len(prefix_matches) > 6 else ''}), "
+                                     f"got {value!r}")
                 raise InputError(
                     f"{where}: unknown config key '{key}'; valid keys: {', '.join(sorted(valid))}"
                 )

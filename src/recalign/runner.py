@@ -18,9 +18,17 @@ def resolve_config(method: str, config_file: str | None, sets: list[str] | None)
     spec = get_method(method)
     defaults = cfg.merge_defaults(cfg.BASE_DEFAULTS, spec.defaults)
     config = cfg.resolve(defaults, config_file, sets, nullable=spec.nullable, moved=spec.moved)
+    cfg.check_base(config)
     if spec.validate is not None:
         spec.validate(config)
     return config
+
+
+def dataset_warnings(spec, config: dict, ds) -> list[str]:
+    """One InputError for every need the dataset does not meet; the thin-data warnings otherwise."""
+    from recalign.data import Needs, check_dataset
+
+    return check_dataset(ds, spec.needs(config) if spec.needs else Needs())
 
 
 def run_method(method: str, dataset: str, out: str | Path, config_file: str | None = None,
@@ -34,7 +42,7 @@ def run_method(method: str, dataset: str, out: str | Path, config_file: str | No
     run = RunDir(out, resume=resume, overwrite=overwrite)
     run.check()  # --out itself (under a file, /proc, unwritable...) before the dataset is read
     context = RunContext(method=method, dataset_name=dataset, config=config, run=run)
-    context.dataset  # load (and validate) the dataset before creating the run directory
+    warnings = dataset_warnings(spec, config, context.dataset)  # load + check before anything is written
     config_text = cfg.dump(config)
     run.prepare(config_text, origin=f"{method} on {dataset}")  # new, continued (same config), kept (finished
     # + resume) or replaced (overwrite); a run of another method or dataset is never continued
@@ -64,6 +72,9 @@ def run_method(method: str, dataset: str, out: str | Path, config_file: str | No
                     "total": time.perf_counter() - started},
     }
     metrics.update({k: v for k, v in result.items() if k not in metrics})
+    metrics["warnings"] = warnings + list(result.get("warnings", []))
+    for warning in metrics["warnings"]:
+        context.log(f"warning: {warning}")
     from recalign.report.markdown import run_report
 
     run.write_text("report.md", run_report(metrics, config, spec))

@@ -32,6 +32,9 @@ class Method:
     nullable: dict[str, Any] = field(default_factory=dict)  # dotted key with a null default -> example value
     moved: dict[str, str] = field(default_factory=dict)  # old dotted key -> its new name (a clear error)
     smoke: dict[str, Any] = field(default_factory=dict)  # --set overrides: seconds on tiny-random (tests)
+    # the least the dataset must offer for this config (`recalign.data.Needs`), checked before anything is
+    # written: unmet needs are one error, thin-but-valid data becomes warnings in metrics.json / report.md
+    needs: Callable[[dict], Any] | None = None
 
 
 @dataclass

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from recalign.data import few_shot
+from recalign.data import Needs, few_shot
 from recalign.errors import InputError
 from recalign.eval import check_ks
 from recalign.eval.grounding import (
@@ -373,6 +373,8 @@ def _report(metrics: dict) -> str:
 METHODS = [Method("bigrec", "Generate the next item's title (LoRA), ground it to items by L2 distance of frozen "
                             "embeddings; popularity / collaborative injection (BIGRec).",
                   DEFAULTS, run, report=_report, validate=validate, nullable=MODEL_NULLABLE,
+                  needs=lambda c: Needs.next_item(c["samples"]["history_len"], c["samples"]["targets"] == "liked",
+                                                  max(c["eval"]["ks"])),
                   moved={"inject.cf_epochs": "inject.cf_train.epochs",
                          "inject.cf_max_minutes": "inject.cf_train.max_minutes"},
                   smoke={"model.name": "tiny-random", "train.shots": 8, "train.epochs": 1, "train.valid_loss_size": 4,

@@ -119,7 +119,15 @@ def _make(name: str) -> Method:
 
     cls = model_class(name)
     smoke = {"train.epochs": 1} if cls.kind != "memory" else {}
-    return Method(name, cls.description, _defaults(name), run, validate=_validate(name), smoke=smoke)
+    return Method(name, cls.description, _defaults(name), run, validate=_validate(name), smoke=smoke, needs=_needs)
+
+
+def _needs(config: dict):
+    from recalign.data import Needs
+
+    if config["protocol"] == "ctr":
+        return Needs.ctr(config["ctr"]["history_len"], liked_history=config["ctr"]["liked_history_only"])
+    return Needs.leave_one_out(top_k=max(config["eval"]["ks"]))
 
 
 METHODS = [_make(name) for name in CF_MODELS]

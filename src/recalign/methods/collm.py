@@ -30,6 +30,7 @@ from recalign.llm import (CIE, LORA_CONFIG, MODEL_CONFIG, MODEL_NULLABLE, Backbo
                           check_lora, check_model, check_train, check_yes_no, lora_step, train_section,
                           train_slot_modules)
 from recalign.llm.prompts import check_template
+from recalign.data import Needs
 from recalign.methods.api import Experiment, Method, RunContext
 from recalign.tasks.ctr import (COLLM_NULLABLE, COLLM_PROTOCOL, check_collm_protocol, collm_protocol, ctr_report,
                                 summary_line, valid_auc)
@@ -288,6 +289,7 @@ SMOKE = {"model.name": "tiny-random", "data_protocol.max_train": 8, "data_protoc
 METHODS = [Method("collm", "CoLLM: CF embeddings mapped by the CIE into <UserID>/<TargetItemID> tokens; "
                            "step 1 LoRA on text, step 2 CIE only; AUC/UAUC on all/warm/cold.",
                   DEFAULTS, run, report=report, validate=validate,
+                  needs=lambda c: Needs.ctr(min_history=c["data_protocol"]["min_history"], liked_history=True),
                   nullable={**MODEL_NULLABLE, **COLLM_NULLABLE, "step1.init_from": ""}, smoke=SMOKE)]
 
 _TABLE = "CoLLM: AUC / UAUC on all, warm and cold test cases (ML-100K, CoLLM's CTR protocol)"

@@ -9,6 +9,7 @@ import time
 
 from recalign.llm import MODEL_CONFIG, MODEL_NULLABLE, Backbone, Prompter, check_model, check_yes_no
 from recalign.llm.prompts import check_template
+from recalign.data import Needs
 from recalign.methods.api import Experiment, Method, RunContext
 from recalign.tasks.ctr import TALLREC_PROMPT, TALLREC_SAMPLES, check_tallrec_samples, ctr_report, tallrec_protocol
 from recalign.tasks.text import SAMPLE_FIELDS, frame_fields
@@ -55,6 +56,7 @@ def run(ctx: RunContext) -> dict:
 
 METHODS = [Method("icl", "Zero-shot LLM (TALLRec prompt, Yes/No logit score), no tuning.", DEFAULTS, run,
                   validate=validate, nullable=MODEL_NULLABLE,
+                  needs=lambda c: Needs.ctr(c["samples"]["history_len"]),
                   smoke={"model.name": "tiny-random", "samples.valid_size": 8, "samples.test_size": 12})]
 
 EXPERIMENTS = [

@@ -20,6 +20,7 @@ from recalign.llm import (LORA_CONFIG, MODEL_CONFIG, MODEL_NULLABLE, Backbone, L
                           SoftPrompt, TrainConfig, check_lora, check_model, check_train, check_yes_no,
                           soft_prompt_init, train_section, train_slot_modules)
 from recalign.llm.prompts import check_template
+from recalign.data import Needs
 from recalign.methods.api import Experiment, Method, RunContext
 from recalign.tasks.ctr import (COLLM_NULLABLE, COLLM_PROTOCOL, check_collm_protocol, collm_protocol, ctr_report,
                                 summary_line, valid_auc)
@@ -138,6 +139,7 @@ def run(ctx: RunContext) -> dict:
 METHODS = [Method("softprompt", "Soft-Prompt: learned prompt vectors (prompt tuning), no CF; "
                                 "CoLLM's CTR protocol, AUC/UAUC on all/warm/cold.",
                   DEFAULTS, run, validate=validate, nullable={**MODEL_NULLABLE, **COLLM_NULLABLE},
+                  needs=lambda c: Needs.ctr(min_history=c["data_protocol"]["min_history"], liked_history=True),
                   smoke={"model.name": "tiny-random", "data_protocol.max_train": 8, "data_protocol.max_valid": 8,
                          "data_protocol.max_test_warm": 6, "data_protocol.max_test_cold": 6,
                          "data_protocol.max_per_user": 4, "train.grad_accum": 1, "softprompt.tokens": 2})]

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from recalign.data import few_shot
+from recalign.data import Needs, few_shot
 from recalign.errors import InputError
 from recalign.llm import (LORA_CONFIG, MODEL_CONFIG, MODEL_NULLABLE, Backbone, Prompter, check_lora, check_model,
                           check_train, check_yes_no, lora_step, train_section)
@@ -146,7 +146,9 @@ def run(ctx: RunContext) -> dict:
         "test": _aggregate(rows, "test"), "valid": _aggregate(rows, "valid"),
         "seconds": {"train": sum(r["seconds"]["train"] for r in rows),
                     "eval": sum(r["seconds"]["eval"] for r in rows)},
-        "shots": int(cfg["train"]["shots"]),
+        "shots": rows[0]["shots"],  # drawn; fewer than train.shots when the training period is smaller
+        "warnings": [f"train.shots={cfg['train']['shots']} but the training period holds {rows[0]['shots']} samples; "
+                     f"all of them were used"] if 0 < cfg["train"]["shots"] != rows[0]["shots"] else [],
         "per_seed": [{"seed": r["seed"], "shots": r["shots"], "test": r["metrics"]["test"],
                       "valid": r["metrics"]["valid"], "steps": r["train"]["steps"],
                       "best_step": r["train"]["best_step"], "history": r["train"]["history"]} for r in rows],
@@ -211,6 +213,7 @@ def _report(metrics: dict) -> str:
 
 METHODS = [Method("tallrec", "Few-shot LoRA instruction tuning with Yes/No answers (TALLRec).", DEFAULTS, run,
                   report=_report, validate=validate, nullable=MODEL_NULLABLE,
+                  needs=lambda c: Needs.ctr(c["samples"]["history_len"]),
                   smoke={"model.name": "tiny-random", "samples.valid_size": 8, "samples.test_size": 12,
                          "train.shots": 8, "train.epochs": 1})]
 

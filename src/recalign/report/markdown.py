@@ -34,6 +34,7 @@ def run_report(metrics: dict, config: dict, spec) -> str:
         "",
         spec.description,
         "",
+        *[line for warning in metrics.get("warnings", []) for line in (f"> **Warning:** {warning}", "")],
         "## Metrics",
         "",
         metrics_table([("valid", metrics.get("valid", {})), ("test", metrics.get("test", {}))]),
