@@ -56,20 +56,21 @@ def generate_scores(backbone, prompts, yes, no, max_new_tokens, batch_size):
 def linear_flops(backbone, prompts, prefix_cache: bool, batch_size: int) -> float:
     """FLOPs of the linear layers in one `score_yes_no` call: decoder weights x tokens run (the shared prefix
     once when cached, padded suffix batches) + the LM head at one position per prompt."""
-    from recalign.llm.backbone import _common_prefix_length
-
     body = getattr(backbone.causal_lm, backbone.causal_lm.base_model_prefix)
-    linear = (torch.nn.Linear, torch.ao.nn.quantized.dynamic.Linear)
-    weights = sum(m.in_features * m.out_features for m in body.modules() if isinstance(m, linear))
+    weights = sum(m.in_features * m.out_features for m in body.modules() if isinstance(m, torch.nn.Linear))
     head = backbone.hidden_size * len(backbone.tokenizer)
-    ids = [backbone.tokenize(p) for p in prompts]
-    prefix = _common_prefix_length(ids) if prefix_cache else 0
-    if prefix < backbone.min_prefix_tokens:
-        prefix = 0
-    tokens = prefix
-    for batch in backbone._batches([len(r) for r in ids], batch_size):
-        tokens += len(batch) * max(len(ids[i]) - prefix for i in batch)
+    prefix, tokens = backbone.scoring_tokens(prompts, prefix_cache, batch_size)
     return 2.0 * (weights * tokens + head * (len(prompts) + (1 if prefix else 0)))
+
+
+def render(backbone, prompt_cfg, ds, frame) -> list[str]:
+    """TALLRec prompts of a sample frame, as the TALLRec method renders them."""
+    from recalign.llm import Prompter
+    from recalign.tasks.text import frame_fields
+
+    prompter = Prompter(prompt_cfg, backbone.tokenizer, prompt_cfg["wrapper"], prompt_cfg["system"],
+                        prompt_cfg["max_tokens"], backbone.count_tokens)
+    return prompter.render_all(frame_fields(frame, ds.titles(), ds.domain))
 
 
 def main() -> None:
@@ -92,9 +93,10 @@ def main() -> None:
 
     from recalign.data import load_dataset
     from recalign.io import atomic_write_json
-    from recalign.llm import Backbone, LoraSettings, TrainConfig, ctr, train_lora
+    from recalign.llm import Backbone, LoraSettings, TrainConfig, train_lora
     from recalign.llm.loading import pick_device
     from recalign.llm.precision import cpu_info, matmul_rate
+    from recalign.tasks.ctr import TALLREC_PROMPT, TALLREC_SAMPLES, tallrec_protocol
 
     device = pick_device(args.device)
     names = args.formats or args.dtype or ("fp32,bf16,int8" if device.type == "cpu" else "fp32,bf16")
@@ -110,7 +112,7 @@ def main() -> None:
             print(f"matmul {fmt} (model-shaped {FORMATS[fmt][2]} kernel): {rates[fmt]:.0f} GFLOP/s", flush=True)
 
     ds = load_dataset("ml-100k")
-    data = ctr.prepare(ds, {**ctr.SAMPLE_DEFAULTS, "valid_size": args.samples, "test_size": args.train_examples})
+    data = tallrec_protocol(ds, {**TALLREC_SAMPLES, "valid_size": args.samples, "test_size": args.train_examples})
     backbones = {}
     for fmt in formats:
         dtype, quantize, _ = FORMATS[fmt]
@@ -119,12 +121,12 @@ def main() -> None:
         if args.adapter:
             backbones[fmt].load_adapter(args.adapter)
     first = backbones[formats[0]]
-    prompt_cfg = ctr.TALLREC_PROMPT
-    prompts = ctr.render_prompts(ds, data.valid, prompt_cfg, first.tokenizer, first.count_tokens)
+    prompt_cfg = TALLREC_PROMPT
+    prompts = render(first, prompt_cfg, ds, data.valid)
     yes, no = prompt_cfg["yes"], prompt_cfg["no"]
     tokens = [first.count_tokens(p) for p in prompts]
     print(f"{len(prompts)} prompts, {statistics.mean(tokens):.0f} tokens on average "
-          f"(shared prefix {_prefix(first, prompts)} tokens), batch {args.batch_size}", flush=True)
+          f"(shared prefix {first.scoring_tokens(prompts, True)[0]} tokens), batch {args.batch_size}", flush=True)
 
     evaluators = {}  # (format, evaluator name) -> (fn, prefix cache or None)
     for fmt, backbone in backbones.items():
@@ -166,8 +168,8 @@ def main() -> None:
 
     train_rows = []
     shots = data.test
-    examples = list(zip(ctr.render_prompts(ds, shots, prompt_cfg, first.tokenizer, first.count_tokens),
-                        ctr.answers(shots["label"], prompt_cfg)))
+    examples = list(zip(render(first, prompt_cfg, ds, shots),
+                        [prompt_cfg["yes"] if label else prompt_cfg["no"] for label in shots["label"]]))
     for fmt, backbone in backbones.items():
         if backbone.quantize != "none":
             continue  # int8 is for scoring only
@@ -213,12 +215,6 @@ def main() -> None:
         "generate_steps_last_round": steps[reference],
     })
     print(f"\nwrote {args.results}")
-
-
-def _prefix(backbone, prompts) -> int:
-    from recalign.llm.backbone import _common_prefix_length
-
-    return _common_prefix_length([backbone.tokenize(p) for p in prompts])
 
 
 if __name__ == "__main__":

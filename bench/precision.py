@@ -42,8 +42,10 @@ def main() -> None:
 
     from recalign.data import load_dataset
     from recalign.io import atomic_write_json
-    from recalign.llm import Backbone, ctr
+    from recalign.llm import Backbone, Prompter
     from recalign.llm.precision import cpu_info
+    from recalign.tasks.ctr import ctr_report, tallrec_protocol
+    from recalign.tasks.text import frame_fields
 
     run = Path(args.run)
     cfg = yaml.safe_load((run / "config.yaml").read_text())
@@ -58,7 +60,7 @@ def main() -> None:
     ds = load_dataset(dataset, fmt=data_cfg.get("format"), like_threshold=data_cfg.get("like_threshold"),
                       k_core_users=data_cfg.get("k_core_users", 0), k_core_items=data_cfg.get("k_core_items", 0),
                       domain=data_cfg.get("domain"))
-    data = ctr.prepare(ds, {**cfg["samples"], "test_size": args.test_size})
+    data = tallrec_protocol(ds, {**cfg["samples"], "test_size": args.test_size})
     frame = data.test
     prompt_cfg = cfg["prompt"]
     noun = data_cfg.get("domain") or ds.domain
@@ -69,11 +71,13 @@ def main() -> None:
         backbone = Backbone.load(cfg["model"]["name"], dtype=dtype, quantize=quantize,
                                  batch_size=int(cfg["model"]["batch_size"]), prefix_cache=cfg["model"]["prefix_cache"])
         backbone.load_adapter(adapter)
-        prompts = ctr.render_prompts(ds, frame, prompt_cfg, backbone.tokenizer, backbone.count_tokens, noun)
+        prompter = Prompter(prompt_cfg, backbone.tokenizer, prompt_cfg["wrapper"], prompt_cfg["system"],
+                            prompt_cfg["max_tokens"], backbone.count_tokens)
+        prompts = prompter.render_all(frame_fields(frame, ds.titles(), noun))
         started = time.perf_counter()
         scores[name] = backbone.score_yes_no(prompts, prompt_cfg["yes"], prompt_cfg["no"], progress=name).numpy()
         seconds = time.perf_counter() - started
-        metrics = ctr.evaluate(frame, scores[name])
+        metrics = ctr_report(frame, scores[name])
         rows.append({"format": name, "auc": metrics["auc"], "uauc": metrics["uauc"], "seconds": seconds,
                      "samples_per_s": len(prompts) / seconds, "precision": backbone.precision})
         print(f"{name}: AUC {metrics['auc']:.4f} UAUC {metrics['uauc']:.4f}, {len(prompts) / seconds:.2f} samples/s",

@@ -58,9 +58,6 @@ def test_explicit_env_and_fixed_rules(no_env, monkeypatch):
     assert precision.decide("auto", "cuda").dtype == torch.bfloat16
     tiny = precision.decide("auto", "cpu", source="tiny-random")
     assert tiny.dtype == torch.float32 and "tiny-random" in tiny.reason
-    int8 = precision.decide("auto", "cpu", quantize="int8")
-    assert int8.dtype == torch.float32 and int8.as_dict() == {"dtype": "float32", "reason": int8.reason,
-                                                              "quantize": "int8"}
     with pytest.raises(InputError, match="model.dtype"):
         precision.decide("float64", "cpu")
     with pytest.raises(InputError, match="model.quantize"):
@@ -207,6 +204,7 @@ def test_bf16_scores_are_float32_and_close_to_float32(tok):
 
 # ------------------------------------------------------------------ int8
 def test_int8_scoring_merges_the_adapter_and_refuses_training(tok, tmp_path):
+    pytest.importorskip("torchao", reason="model.quantize: int8 needs torchao")
     prompts = texts(tok)
     fp32 = with_adapter(tok)
     fp32.save_adapter(tmp_path / "adapter")
@@ -222,17 +220,19 @@ def test_int8_scoring_merges_the_adapter_and_refuses_training(tok, tmp_path):
     scores = int8.score_yes_no(prompts)
     assert not int8.is_peft  # merged into the weights, then quantised
     layer = int8.causal_lm.model.layers[0]
-    assert isinstance(layer.self_attn.q_proj, torch.ao.nn.quantized.dynamic.Linear)
-    assert isinstance(layer.mlp.down_proj, torch.ao.nn.quantized.dynamic.Linear)
-    assert type(int8.causal_lm.lm_head) is torch.nn.Linear  # the Yes/No logits come from a float32 head
+    assert layer.self_attn.q_proj.weight.qdata.dtype == torch.int8
+    assert layer.mlp.down_proj.weight.qdata.dtype == torch.int8
+    head = int8.causal_lm.lm_head.weight
+    assert type(head) is torch.nn.Parameter and head.dtype == torch.float32  # Yes/No logits: a float32 head
     assert scores.dtype == torch.float32
     spread = float(reference.max() - reference.min())
     assert float((scores - reference).abs().max()) < 0.1 * spread
     assert torch.corrcoef(torch.stack([scores, reference]))[0, 1] > 0.95
     plain = Backbone(tiny_llama(tok), tok, batch_size=4).score_yes_no(prompts)
     assert float((scores - plain).abs().max()) > 0.1 * spread  # the adapter was applied
-    # activations are quantised per batch tensor, so batching moves the scores a little (unlike float32)
-    assert float((int8.score_yes_no(prompts, prefix_cache=False) - scores).abs().max()) < 0.2 * spread
+    # activation scales are per token: batching and the prefix cache change (almost) nothing
+    assert torch.allclose(int8.score_yes_no(prompts, batch_size=1), scores, atol=1e-5)
+    assert torch.allclose(int8.score_yes_no(prompts, prefix_cache=False), scores, atol=2e-3)
     with pytest.raises(InputError, match="before the first"):
         int8.load_adapter(tmp_path / "adapter")
     with pytest.raises(InputError, match="model.quantize"):
@@ -240,8 +240,12 @@ def test_int8_scoring_merges_the_adapter_and_refuses_training(tok, tmp_path):
 
 
 def test_from_config_records_precision(tok, no_env):
+    pytest.importorskip("torchao", reason="model.quantize: int8 needs torchao")
     backbone = Backbone.from_config({**MODEL_CONFIG, "name": "tiny-random", "quantize": "int8"})
-    assert backbone.precision["dtype"] == "float32" and backbone.precision["quantize"] == "int8"
+    int8 = precision.decide("auto", "cpu", quantize="int8")
+    assert int8.dtype == torch.float32 and int8.as_dict() == {"dtype": "float32", "reason": int8.reason,
+                                                              "quantize": "int8"}
+    assert backbone.precision == int8.as_dict()
     assert "int8" in backbone.precision["reason"]
     assert backbone.score_yes_no(texts(tok, 2)).shape == (2,)
     with pytest.raises(InputError, match="model.quantize"):

@@ -370,6 +370,18 @@ class Backbone:
                 out[torch.tensor(batch)] = (last[:, y] - last[:, n]).cpu()
         return out
 
+    def scoring_tokens(self, prompts: Sequence[str], prefix_cache: bool | None = None,
+                       batch_size: int | None = None) -> tuple[int, int]:
+        """(shared prefix length, token positions run) of `score_yes_no(prompts)` without slots: the prefix once
+        when it is cached, then every batch at its padded width. For FLOP accounting (benchmarks)."""
+        ids = [self.tokenize(p) for p in prompts]
+        use = self.prefix_cache if prefix_cache is None else prefix_cache
+        length = _common_prefix_length(ids) if use else 0
+        length = length if length >= self.min_prefix_tokens else 0
+        tokens = length + sum(len(batch) * max(len(ids[i]) - length for i in batch)
+                              for batch in self._batches([len(r) for r in ids], batch_size))
+        return length, tokens
+
     def _shared_prefix(self, rows: Sequence[Sequence[int]]) -> "_Prefix | None":
         """The token prefix every row shares, run once (batch of one) for its KV cache; None when it is shorter
         than `min_prefix_tokens`. Differentiable when grad is enabled (`lm_loss` trains through it)."""
@@ -491,6 +503,7 @@ class Backbone:
     def add_lora(self, settings: LoraSettings | None = None) -> None:
         """Wrap the model with fresh LoRA adapters (the base stays frozen). The adapter weights (and so the
         optimizer state) are float32 whatever the base dtype (peft's `autocast_adapter_dtype`)."""
+        _import_peft()
         from peft import LoraConfig, get_peft_model
 
         # peft 0.21 calls a transformers property that transformers 5 deprecates; nothing to act on here
@@ -518,11 +531,13 @@ class Backbone:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
+        _import_peft()
         from peft import get_peft_model_state_dict
 
         return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.model).items()}
 
     def set_adapter_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        _import_peft()
         from peft import set_peft_model_state_dict
 
         set_peft_model_state_dict(self.model, {k: v.to(self.device) for k, v in state.items()})
@@ -540,6 +555,7 @@ class Backbone:
     def load_adapter(self, path: str | Path, trainable: bool = False) -> None:
         """Read a peft adapter (float32 weights whatever the base dtype). With `model.quantize: int8` it is
         merged into the weights before they are quantised, so it must be loaded before the first scoring."""
+        _import_peft()
         from peft import PeftModel
 
         path = Path(path)
@@ -565,6 +581,13 @@ class _Prefix:
 
     length: int
     cache: object
+
+
+def _import_peft() -> None:
+    """Import peft once without the warnings of the torchao import it makes when torchao is installed."""
+    from recalign.llm.precision import quiet_import
+
+    quiet_import("peft")
 
 
 def _common_prefix_length(rows: Sequence[Sequence[int]]) -> int:

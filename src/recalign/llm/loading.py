@@ -85,11 +85,15 @@ def converted_dir(name: str) -> Path:
 
 
 def _quiet_transformers() -> None:
+    from recalign.llm.precision import quiet_import
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
+    # its model code imports torchao when that is installed (model.quantize: int8), which chatters on a CPU build
+    quiet_import("transformers.modeling_utils")
 
 
 def _convert_embedded(name: str) -> Path:
@@ -173,6 +177,7 @@ def _finish_tokenizer(tokenizer):
 def tiny_llama(tokenizer, hidden_size: int = 64, layers: int = 2, heads: int = 4, seed: int = 0,
                max_positions: int = 2048):
     """A randomly initialised Llama sized for tests (vocab = the tokenizer's)."""
+    _quiet_transformers()
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
