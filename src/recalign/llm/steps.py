@@ -120,9 +120,10 @@ def train_slot_modules(store, backbone: Backbone, modules: torch.nn.Module, conf
 
 
 def generate_step(store, backbone: Backbone, prompts: list[str], name: str, beams: int, max_new_tokens: int,
-                  batch_size: int | None = None, block: int = 32) -> dict:
+                  batch_size: int | None = None, block: int = 32, **generate_kwargs) -> dict:
     """Beam search for every prompt -> {"texts": [[beam texts]], "scores": [[beam scores]]}, checkpointed
-    as `generations-NAME` every `block` prompts (a rerun continues where it stopped)."""
+    as `generations-NAME` every `block` prompts (a rerun continues where it stopped). `generate_kwargs` go
+    to `Backbone.generate` (e.g. `stopping_criteria`, `logits_processor`)."""
     from recalign.progress import track
 
     state = store.load_checkpoint(f"generations-{name}") or {"texts": [], "scores": []}
@@ -131,7 +132,7 @@ def generate_step(store, backbone: Backbone, prompts: list[str], name: str, beam
     starts = range(len(state["texts"]), len(prompts), block)
     for start in track(starts, f"generating {name} ({beams} beams)"):
         out = backbone.generate(prompts[start:start + block], num_beams=beams, max_new_tokens=max_new_tokens,
-                                batch_size=batch_size or None)
+                                batch_size=batch_size or None, **generate_kwargs)
         state["texts"].extend(out.texts)
         state["scores"].extend(out.scores.tolist())
         store.save_checkpoint(f"generations-{name}", state)
