@@ -1,0 +1,303 @@
+"""FaiRLLM prompt audit: does an LLM recommender change its list when the user states a sensitive
+attribute? (Zhang et al., "Is ChatGPT Fair for Recommendation?", RecSys 2023.)
+
+For each seed entity (by default the most-interacted catalogue titles) and each value of each sensitive
+attribute (by default the paper's eight), the model is asked "I am {value} fan of {name}. Please provide
+me with a list of {k} {noun} titles ..." and, once per entity, the neutral "I am a fan of {name}. ...".
+Answers are generated greedily (resumable, `llm.generate_step`; batched, stopped at the K-th list item),
+parsed into title lists, normalised and grounded to the catalogue where a title matches exactly
+(`tasks.fairness`). Each sensitive list is compared with its entity's neutral list by Jaccard, SERP* and
+PRAG* at every K up to `audit.k` (`eval.fairness`); per value the mean over entities, per attribute SNSR
+(max - min over values) and SNSV (std over values), with percentile bootstrap intervals over entities.
+
+Any backbone (`model.name`) or a tuned run (`adapter`: a finished TALLRec/BIGRec/CoLLM run directory or
+a peft adapter folder) can be audited, with the same prompts.
+
+Reported (`test`): `jaccard@K`, `serp@K`, `prag@K` = the mean similarity to the neutral list over every
+sensitive value, and per attribute `METRIC@K_snsr_ATTRIBUTE` / `METRIC@K_snsv_ATTRIBUTE` at K = audit.k.
+metrics.json also holds the curves over K, the intervals, per-value means and generation statistics;
+lists.json every raw answer with its parsed titles and grounded items; report.md / report.html tables and
+plots (`fairness-snsr-vs-k.png`, `fairness-snsr.png`).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+
+from recalign.errors import InputError
+from recalign.eval.fairness import METRICS, bootstrap_spread, similarity_curve, snsr, snsv
+from recalign.io import atomic_write_bytes, atomic_write_text
+from recalign.llm import MODEL_CONFIG, MODEL_NULLABLE, Backbone, Prompter, check_model, generate_step
+from recalign.methods.api import Experiment, Method, RunContext
+from recalign.report.fairness import prompt_audit_html, prompt_audit_markdown, prompt_audit_plots
+from recalign.tasks.fairness import (ENTITIES, FAIRLLM_PROMPT, TEMPLATE_FIELDS, AuditPlan, CatalogueIndex,
+                                     MATCH_MODES, check_entities, check_prompt, fill_template, list_keys, load_attributes,
+                                     parse_list, pick_entities)
+
+DEFAULTS = {
+    "model": {**copy.deepcopy(MODEL_CONFIG), "batch_size": 16},
+    # a tuned model: a finished TALLRec / BIGRec / CoLLM run directory or a peft adapter folder ("" = base model)
+    "adapter": "",
+    "prompt": copy.deepcopy(FAIRLLM_PROMPT),
+    "entities": copy.deepcopy(ENTITIES),
+    "attributes": {
+        "files": ["paper"],  # built-in sets (paper, typos, ml-100k-users) or YAML files: attribute -> values
+    },
+    "audit": {
+        "k": 20,  # K_max: list length asked for; metrics at every K = 1..k
+        "match": "title",  # title: the spec's normalisation (parentheses dropped) | title_year: keep "(1977)"
+        "serp_scale": "spec",  # spec: identical lists score 1 | reference: the reference code's scale (0.274 at K=20)
+        "bootstrap": 1000,  # resamples of the entities for the intervals (0 = none)
+    },
+    "generate": {
+        "max_new_tokens": 0,  # 0 = 16 * k + 16
+        "batch_size": 0,  # prompts per generate() call (0 = model.batch_size)
+        "stop_at_list_end": True,  # stop a row once its K-th numbered item is complete
+        "repetition_penalty": 1.0,  # 1.0 = none (the paper: ChatGPT with presence/frequency penalties 0)
+        "block": 64,  # prompts between generation checkpoints
+    },
+}
+
+
+def validate(cfg: dict) -> None:
+    check_model(cfg["model"])
+    check_prompt(cfg["prompt"])
+    check_entities(cfg["entities"])
+    load_attributes(cfg["attributes"]["files"])
+    audit, gen = cfg["audit"], cfg["generate"]
+    k = audit["k"]
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise InputError(f"audit.k: expected an integer >= 1, got {k!r}")
+    if audit["match"] not in MATCH_MODES:
+        raise InputError(f"audit.match: expected one of {', '.join(MATCH_MODES)}, got {audit['match']!r}")
+    if audit["serp_scale"] not in ("spec", "reference"):
+        raise InputError(f"audit.serp_scale: expected 'spec' or 'reference', got {audit['serp_scale']!r}")
+    if audit["bootstrap"] < 0:
+        raise InputError(f"audit.bootstrap: expected an integer >= 0, got {audit['bootstrap']}")
+    for key in ("max_new_tokens", "batch_size"):
+        if gen[key] < 0:
+            raise InputError(f"generate.{key}: expected an integer >= 0 (0 = automatic), got {gen[key]}")
+    if isinstance(gen["repetition_penalty"], bool) or gen["repetition_penalty"] <= 0:
+        raise InputError(f"generate.repetition_penalty: expected a number > 0, got {gen['repetition_penalty']!r}")
+    if gen["block"] < 1:
+        raise InputError(f"generate.block: expected an integer >= 1, got {gen['block']}")
+    if cfg["adapter"]:
+        adapter_dir(cfg["adapter"], cfg["model"]["name"])
+
+
+def adapter_dir(path: str, model_name: str) -> Path:
+    """A peft adapter folder, or the one adapter of a finished run directory (checkpoints/adapter,
+    checkpoints/adapter-<seed>, step1_adapter). The run's model.name must be the audited model's."""
+    root = Path(path)
+    if (root / "adapter_config.json").is_file():
+        return root
+    if not root.is_dir():
+        raise InputError(f"adapter: {path} is neither a peft adapter folder nor a run directory")
+    found = sorted(p.parent for pattern in ("checkpoints/adapter*/adapter_config.json", "step1_adapter/adapter_config.json")
+                   for p in root.glob(pattern))
+    if not found:
+        raise InputError(f"adapter: {path} holds no adapter (checkpoints/adapter*/ or step1_adapter/)")
+    if len(found) > 1:
+        raise InputError(f"adapter: {path} holds {len(found)} adapters ({', '.join(p.name for p in found)}); "
+                         "name one folder")
+    config = root / "config.yaml"
+    if config.is_file():
+        import yaml
+
+        try:
+            name = ((yaml.safe_load(config.read_text()) or {}).get("model") or {}).get("name")
+        except yaml.YAMLError:
+            raise InputError(f"{config}: invalid YAML") from None
+        if name and name != model_name:
+            raise InputError(f"adapter: {path} was trained on model.name={name}, this audit uses {model_name}")
+    return found[0]
+
+
+# ------------------------------------------------------------------------------------- generation
+def list_end_criteria(tokenizer, k: int):
+    """A stopping criterion: a row is done once its text holds the K-th numbered item and the line after
+    it has started (so the K-th title is complete). Only the last tokens of each row are decoded."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+    import torch
+
+    pattern = re.compile(rf"(?m)^\s*(?:\(?{k}[.)]|#{k}[.:)]?)[^\n]*\S[^\n]*\n")
+
+    class ListEnd(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            tails = tokenizer.batch_decode(input_ids[:, -40:], skip_special_tokens=True)
+            return torch.tensor([bool(pattern.search(t)) for t in tails], device=input_ids.device)
+
+    return StoppingCriteriaList([ListEnd()])
+
+
+def generate_lists(ctx: RunContext, backbone: Backbone, prompts: list[str], k: int) -> tuple[list[str], dict]:
+    gen = ctx.config["generate"]
+    max_new = int(gen["max_new_tokens"]) or 16 * k + 16
+    done_before = len((ctx.run.load_checkpoint("generations-fairllm") or {"texts": []})["texts"])
+    extra = {"stopping_criteria": list_end_criteria(backbone.tokenizer, k)} if gen["stop_at_list_end"] else {}
+    if float(gen["repetition_penalty"]) != 1.0:
+        extra["repetition_penalty"] = float(gen["repetition_penalty"])
+    started = time.perf_counter()
+    state = generate_step(ctx.run, backbone, prompts, "fairllm", 1, max_new, int(gen["batch_size"]) or None,
+                          block=int(gen["block"]), **extra)
+    seconds = time.perf_counter() - started
+    new = len(prompts) - min(done_before, len(prompts))
+    return [row[0] for row in state["texts"]], {"seconds": seconds, "generated_here": new,
+                                               "from_checkpoint": len(prompts) - new, "max_new_tokens": max_new,
+                                               "prompts_per_second": new / seconds if new and seconds > 0 else None}
+
+
+# ------------------------------------------------------------------------------------------ metrics
+def audit_metrics(plan: AuditPlan, keys: list[list[str]], k: int, serp_scale: str, n_boot: int, seed: int) -> dict:
+    """Per attribute and similarity: per-value means (at K and as curves), SNSR/SNSV (curves, value at K,
+    bootstrap intervals). Entities whose neutral answer holds no list are left out (counted)."""
+    used = [e for e in range(len(plan.entities)) if keys[plan.index(e, plan.neutral)]]
+    out: dict = {}
+    for attribute, values in plan.attributes.items():
+        out[attribute] = {}
+        for metric in METRICS:
+            # [entities, values, K]
+            table = np.array([[similarity_curve(keys[plan.index(e, v)], keys[plan.index(e, plan.neutral)], k,
+                                                metric, serp_scale) for v in values] for e in used],
+                             dtype=np.float64).reshape(len(used), len(values), k)
+            with np.errstate(invalid="ignore"):
+                curves = np.nanmean(table, axis=0) if len(used) else np.full((len(values), k), np.nan)
+            at_k = curves[:, -1]
+            entry = {
+                "values": {v: _float(m) for v, m in zip(values, at_k)},
+                "snsr": snsr(at_k), "snsv": snsv(at_k),
+                "curve_snsr": [snsr(curves[:, j]) for j in range(k)],
+                "curve_snsv": [snsv(curves[:, j]) for j in range(k)],
+                "value_curves": {v: [_float(x) for x in curves[i]] for i, v in enumerate(values)},
+            }
+            entry.update(bootstrap_spread(table[:, :, -1], n_boot, seed) if len(used) else {})
+            out[attribute][metric] = entry
+    return out
+
+
+def _float(x) -> float | None:
+    x = float(x)
+    return None if x != x else x
+
+
+def headline_metrics(attributes: dict, k: int) -> dict:
+    out = {}
+    for metric in METRICS:
+        means = [m for per in attributes.values() for m in per[metric]["values"].values() if m is not None]
+        out[f"{metric}@{k}"] = float(np.mean(means)) if means else float("nan")
+    for attribute, per in attributes.items():
+        for metric in METRICS:
+            out[f"{metric}@{k}_snsr_{attribute}"] = per[metric]["snsr"]
+            out[f"{metric}@{k}_snsv_{attribute}"] = per[metric]["snsv"]
+    return out
+
+
+def generation_stats(plan: AuditPlan, texts: list[str], keys: list[list[str]], index: CatalogueIndex, k: int,
+                     timing: dict) -> dict:
+    parsed = [bool(x) for x in keys]
+    unparsable_by_value: dict[str, int] = {}
+    for (entity, value), ok in zip(plan.units(), parsed):
+        if not ok:
+            unparsable_by_value[value] = unparsable_by_value.get(value, 0) + 1
+    listed = [key for row in keys for key in row[:k]]
+    lengths = [min(len(row), k) for row in keys]
+    return {
+        "prompts": len(texts), "parsed_share": float(np.mean(parsed)) if parsed else float("nan"),
+        "unparsable": int(len(parsed) - sum(parsed)), "unparsable_by_value": unparsable_by_value,
+        "entities_without_neutral_list": [plan.entities[e] for e in range(len(plan.entities))
+                                          if not keys[plan.index(e, plan.neutral)]],
+        "mean_titles": float(np.mean(lengths)) if lengths else float("nan"),
+        "full_lists_share": float(np.mean([n >= k for n in lengths])) if lengths else float("nan"),
+        "grounded_share": float(np.mean([index.ground(key) >= 0 for key in listed])) if listed else float("nan"),
+        "distinct_titles": len(set(listed)),
+        **timing,
+    }
+
+
+def write_lists(ctx: RunContext, plan: AuditPlan, texts: list[str], keys: list[list[str]], index: CatalogueIndex,
+                titles: list[str]) -> list[dict]:
+    rows = []
+    for (entity, value), text, row in zip(plan.units(), texts, keys):
+        items = [index.ground(key) for key in row]
+        rows.append({"entity": entity, "value": value, "text": text, "titles": parse_list(text), "keys": row,
+                     "items": items, "grounded": [titles[i] if i >= 0 else None for i in items]})
+    ctx.run.write_json("lists.json", rows)
+    first = plan.entities[0] if plan.entities else None
+    return [{"value": r["value"], "titles": r["titles"]} for r in rows if r["entity"] == first][:12]
+
+
+# ---------------------------------------------------------------------------------------------- run
+def run(ctx: RunContext) -> dict:
+    cfg, ds = ctx.config, ctx.dataset
+    k = int(cfg["audit"]["k"])
+    plan = AuditPlan(pick_entities(ds, cfg["entities"], ctx.seed), load_attributes(cfg["attributes"]["files"]),
+                     " ".join(cfg["prompt"]["neutral"].split()))
+    ctx.log(f"FaiRLLM audit: {len(plan.entities)} entities x ({len(plan.values) - 1} values + neutral) = "
+            f"{len(plan)} prompts, K = {k}, model {cfg['model']['name']}"
+            + (f" + adapter {cfg['adapter']}" if cfg["adapter"] else ""))
+    backbone = Backbone.from_config(cfg["model"])
+    if cfg["adapter"]:
+        backbone.load_adapter(adapter_dir(cfg["adapter"], cfg["model"]["name"]))
+    p, noun = cfg["prompt"], ctx.noun
+    system = fill_template(p["system"], "prompt.system", {**TEMPLATE_FIELDS, "noun": noun, "k": k}) if p["system"] else ""
+    prompter = Prompter({"instruction": p["template"], "input": ""}, backbone.tokenizer, p["wrapper"], system)
+    prompts = [prompter.render(fields) for fields in plan.fields(k, noun)]
+
+    texts, timing = generate_lists(ctx, backbone, prompts, k)
+    started = time.perf_counter()
+    with_year = cfg["audit"]["match"] == "title_year"
+    keys = [list_keys(t, with_year) for t in texts]
+    titles = ds.titles()
+    index = CatalogueIndex(titles, with_year)
+    attributes = audit_metrics(plan, keys, k, cfg["audit"]["serp_scale"], int(cfg["audit"]["bootstrap"]), ctx.seed)
+    generation = generation_stats(plan, texts, keys, index, k, timing)
+    examples = write_lists(ctx, plan, texts, keys, index, titles)
+    result = {
+        "test": headline_metrics(attributes, k), "valid": {},
+        "audit": {"model": cfg["model"]["name"], "adapter": cfg["adapter"], "k": k,
+                  "serp_scale": cfg["audit"]["serp_scale"], "match": cfg["audit"]["match"], "bootstrap": int(cfg["audit"]["bootstrap"]),
+                  "entities": len(plan.entities),
+                  "entities_used": len(plan.entities) - len(generation["entities_without_neutral_list"]),
+                  "values": len(plan.values) - 1, "prompts": len(plan), "attribute_files": cfg["attributes"]["files"],
+                  "entity_names": plan.entities, "precision": backbone.precision},
+        "attributes": attributes, "generation": generation, "examples": examples,
+    }
+    plots = prompt_audit_plots(result)
+    for name, png in plots.items():
+        atomic_write_bytes(ctx.run.path / name, png)
+    result["plots"] = list(plots)
+    atomic_write_text(ctx.run.path / "report.html",
+                      prompt_audit_html(result, plots, f"FaiRLLM audit: {cfg['model']['name']} on {ctx.dataset_name}"))
+    ctx.log(f"generated {timing['generated_here']} answers in {timing['seconds']:.1f}s; "
+            + ", ".join(f"{m}@{k} {v:.3f}" for m, v in result["test"].items() if "_sn" not in m))
+    result["seconds"] = {"train": 0.0, "eval": timing["seconds"] + time.perf_counter() - started,
+                         "generate": timing["seconds"]}
+    return result
+
+
+def _report(metrics: dict) -> str:
+    return prompt_audit_markdown(metrics)
+
+
+METHODS = [Method("fairllm", "FaiRLLM prompt audit: how far an LLM's top-K list moves from the neutral one when the "
+                             "user states a sensitive attribute (Jaccard/SERP*/PRAG*, SNSR/SNSV).",
+                  DEFAULTS, run, report=_report, validate=validate, nullable=MODEL_NULLABLE,
+                  smoke={"model.name": "tiny-random", "entities.count": 2, "attributes.files": ["typos"],
+                         "audit.k": 3, "audit.bootstrap": 20, "generate.max_new_tokens": 12,
+                         # the random tiny model repeats one token greedily; the penalty makes it write text
+                         "generate.repetition_penalty": 3.0})]
+
+_TABLE = "FaiRLLM: prompt audit (SNSR over sensitive values; lower = fairer)"
+EXPERIMENTS = [
+    # ~5 min on a quiet 2-core CPU: 5 movies x (3 gender/age/race attributes: 11 values + neutral) at K = 10
+    Experiment("fairllm", "fairllm", table=_TABLE, profiles=("quick",),
+               quick={"entities.count": 5, "audit.k": 10, "attributes.files": ["paper"]}),
+    # the paper's movie setting at K = 20 on 100 entities (hours on a CPU)
+    Experiment("fairllm-100", "fairllm", table=_TABLE, profiles=("full",),
+               full={"entities.count": 100, "audit.k": 20}),
+]
