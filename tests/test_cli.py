@@ -82,3 +82,24 @@ def test_unexpected_error_is_one_line_exit_1(tmp_path, monkeypatch, capsys):
 def test_no_arguments_prints_help_and_exits_2(monkeypatch, capsys):
     code, stdout, err = invoke(monkeypatch, capsys)
     assert code == 2 and "Usage" in stdout + err and "error:" not in err
+
+
+def test_reproduce_overwrite_reruns_only_experiments_whose_settings_changed(tmp_path, monkeypatch, capsys):
+    import recalign.methods as methods
+
+    original = methods.all_experiments
+    out = tmp_path / "repro"
+    code, _, err = invoke(monkeypatch, capsys, "reproduce", "--only", "pop", "--out", str(out))
+    assert code == 0, err
+    changed = [e for e in original() if e.name == "pop"]
+    changed[0].quick = {"model.positives_only": True}
+    monkeypatch.setattr(methods, "all_experiments", lambda: changed)
+    monkeypatch.setattr("recalign.runner.all_experiments", lambda: changed)
+    code, _, err = invoke(monkeypatch, capsys, "reproduce", "--only", "pop", "--out", str(out))
+    assert code == 2 and "--overwrite" in err
+    code, _, err = invoke(monkeypatch, capsys, "reproduce", "--only", "pop", "--out", str(out), "--overwrite")
+    assert code == 0, err
+    assert "positives_only: true" in (out / "pop" / "config.yaml").read_text()
+    again = (out / "pop" / "metrics.json").read_text()
+    code, _, err = invoke(monkeypatch, capsys, "reproduce", "--only", "pop", "--out", str(out), "--overwrite")
+    assert code == 0 and (out / "pop" / "metrics.json").read_text() == again  # same settings: kept

@@ -1,4 +1,4 @@
-"""The `recalign` command line: data, run, reproduce, report, assets.
+"""The `recalign` command line: data, run, reproduce, report, assets, serve, route.
 
 Bad input exits with code 2 and one line on stderr; set RECALIGN_DEBUG=1 for a traceback."""
 
@@ -132,11 +132,16 @@ def reproduce(
     out: Path = typer.Option(Path("runs/reproduce"), "--out", "-o"),
     profile: str = typer.Option("quick", "--profile", "-p", help="quick (~10 min on 2 idle CPU cores) or full (hours)"),
     only: Optional[List[str]] = typer.Option(None, "--only", help="run just these experiments"),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="rerun experiments whose directories hold a run of another config"),
 ):
-    """Run every registered experiment of the seed's tables in miniature and write a report."""
+    """Run every registered experiment of the seed's tables in miniature and write a report.
+
+    Finished experiments are kept and unfinished ones continued, so the command can be rerun after an
+    interruption; an experiment whose settings changed is refused unless --overwrite."""
     from recalign.runner import reproduce as do_reproduce
 
-    report = do_reproduce(out, profile, only)
+    report = do_reproduce(out, profile, only, overwrite=overwrite)
     print(f"report: {report} (and {report.with_suffix('.html')})")
 
 
@@ -162,6 +167,71 @@ def report(run_dirs: List[Path] = typer.Argument(..., help="run directories"),
 
         atomic_write_text(out, text)
     print(text, end="")
+
+
+def _load_options(quantize, dtype, device, max_batch, max_wait_ms, rerank):
+    from recalign.serve import LoadOptions
+
+    if quantize is not None and quantize not in ("none", "int8"):
+        raise InputError(f"--quantize: expected none or int8, got {quantize!r}")
+    return LoadOptions(quantize=quantize, dtype=dtype, device=device, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                       rerank=rerank)
+
+
+@app.command("serve")
+def serve(
+    run_dirs: List[Path] = typer.Argument(..., help="finished run directories (CF, tallrec, icl, collm, bigrec)"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on"),
+    port: int = typer.Option(8000, "--port", min=1, max=65535),
+    route: str = typer.Option("auto", "--route", help="auto: CF answers warm requests, the LLM cold ones | cf | llm"),
+    warm_user_min: int = typer.Option(1, "--warm-user-min", min=0, help="training interactions that make a user warm"),
+    warm_item_min: int = typer.Option(1, "--warm-item-min", min=0, help="training interactions that make an item warm"),
+    max_batch: int = typer.Option(32, "--max-batch", min=1, help="rows per micro-batch (1 = no batching)"),
+    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", min=0.0, help="how long a micro-batch waits to fill"),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="none | int8 (LLM runs, CPU)"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="override model.dtype of LLM runs"),
+    device: Optional[str] = typer.Option(None, "--device", help="override model.device of LLM runs"),
+    rerank: int = typer.Option(50, "--rerank", min=1, help="popular candidates a Yes/No LLM re-ranks in /recommend"),
+    max_items: int = typer.Option(256, "--max-items", min=1, help="items or candidates per request"),
+):
+    """Serve finished runs over HTTP: POST /recommend, POST /score, GET /health, /models, /metrics."""
+    from recalign.serve import Router, create_app, listen, load_runs, run_server
+    from recalign.serve.app import Settings
+
+    options = _load_options(quantize, dtype, device, max_batch, max_wait_ms, rerank)
+    sock = listen(host, port)  # a busy port is refused before any model is loaded
+    try:
+        models = load_runs(run_dirs, options)
+        router = Router(models, route, warm_user_min, warm_item_min)
+        app_ = create_app(models, router, Settings(max_items=max_items))
+    except BaseException:
+        sock.close()
+        raise
+    shown = host if ":" not in host else f"[{host}]"
+    print(f"serving {', '.join(f'{m.name} ({m.method})' for m in models)} on http://{shown}:{sock.getsockname()[1]} "
+          f"(route {route}{'' if router.routing else ', no routing'}); Ctrl-C stops", flush=True)
+    run_server(app_, sock)
+
+
+@app.command("route")
+def route(
+    run_cf: Path = typer.Argument(..., help="a finished CF run (ideally --set protocol=ctr)"),
+    run_llm: Path = typer.Argument(..., help="a finished tallrec, icl or collm run on the same dataset"),
+    requests: int = typer.Option(8, "--requests", min=1, help="single requests timed per model for the latency"),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="none | int8 for the LLM"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="write the result as JSON here"),
+):
+    """Offline study of the warm/cold router: thresholds chosen on valid, AUC/UAUC of the routed system beside
+    each model on the LLM run's test samples, the LLM's share of requests, and the cost per extra millisecond."""
+    from recalign.serve import evaluate_routing, load_runs, routing_markdown
+
+    models = load_runs([run_cf, run_llm], _load_options(quantize, None, None, 32, 0.0, 50))
+    result = evaluate_routing(models[0], models[1], latency_requests=requests)
+    if out:
+        from recalign.io import atomic_write_json
+
+        atomic_write_json(out, result)
+    print(routing_markdown(result), end="")
 
 
 def main() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -84,7 +83,7 @@ def run_method(method: str, dataset: str, out: str | Path, config_file: str | No
 
 
 def reproduce(out: str | Path, profile: str = "quick", only: list[str] | None = None,
-              resume: bool = True) -> Path:
+              resume: bool = True, overwrite: bool = False) -> Path:
     """Run every registered experiment of `profile` into OUT/<experiment>/, then write the report.
 
     Finished experiments are kept (the command can be re-run to continue after an interruption)."""
@@ -106,7 +105,9 @@ def reproduce(out: str | Path, profile: str = "quick", only: list[str] | None = 
         sets = [f"{k}={_yaml_value(v)}" for k, v in overrides.items()]
         if not os.environ.get("RECALIGN_QUIET"):
             console.rule(f"[{index}/{len(experiments)}] {exp.name}: {exp.method} on {exp.dataset}")
-        metrics = run_method(exp.method, exp.dataset, out / exp.name, sets=sets, resume=resume)
+        replace = overwrite and not _same_run(out / exp.name, exp, sets)
+        metrics = run_method(exp.method, exp.dataset, out / exp.name, sets=sets, resume=resume and not replace,
+                             overwrite=replace)
         results.append((exp, metrics))
     from recalign.report.summary import write_reproduce_report
 
@@ -117,3 +118,15 @@ def _yaml_value(value) -> str:
     import yaml
 
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...").strip()
+
+
+def _same_run(path: Path, exp: Experiment, sets: list[str]) -> bool:
+    """True when PATH holds a finished run of exactly this experiment's config (kept by --overwrite too)."""
+    if not (path / "metrics.json").is_file() or not (path / "config.yaml").is_file():
+        return False
+    try:
+        config = resolve_config(exp.method, None, sets)
+    except InputError:
+        return False
+    saved = (path / "config.yaml").read_text()
+    return saved.startswith(cfg.dump(config))
