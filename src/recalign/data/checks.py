@@ -100,8 +100,15 @@ def check_dataset(ds: Dataset, needs: Needs = Needs()) -> list[str]:
     """Raise one InputError listing every unmet need of `needs`; return the warnings (possibly empty)."""
     report = degeneracy(ds, needs)
     if report.problems:
-        raise InputError(f"{ds.name}: " + "; ".join(report.problems))
+        raise InputError(f"{describe(ds)}: " + "; ".join(report.problems))
     return report.warnings
+
+
+def describe(ds: Dataset) -> str:
+    """The dataset as the user named it: `ml-100k`, or `tiny (data/tiny)` for one read from a path."""
+    from recalign.data.registry import EMBEDDED
+
+    return ds.name if ds.name in EMBEDDED or not ds.source or ds.source == ds.name else f"{ds.name} ({ds.source})"
 
 
 def samples_problem(ds: Dataset, min_history: int, liked_history: bool = False) -> str | None:

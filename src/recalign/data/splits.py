@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from recalign.data.checks import Needs, check_dataset, samples_problem
+from recalign.data.checks import Needs, check_dataset, describe, samples_problem
 from recalign.data.dataset import Dataset
 from recalign.errors import InputError
 
@@ -93,7 +93,7 @@ def history_samples(
             rows["history_labels"].append(tuple(bool(b) for b in u_labels[earlier]))
     if not rows["user"]:
         problem = samples_problem(ds, min_history, liked_history_only)
-        raise InputError(f"{ds.name}: {problem or f'no history samples (history_len={history_len})'}")
+        raise InputError(f"{describe(ds)}: {problem or f'no history samples (history_len={history_len})'}")
     return pd.DataFrame(rows)
 
 
