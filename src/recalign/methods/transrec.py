@@ -1,0 +1,577 @@
+"""TransRec: multi-facet identifiers and position-free constrained generation (Lin et al., KDD 2024).
+
+Identifiers. Every item has three facets, written with the reference's markers: ID (` || 12 ##`), attribute,
+one per category (` ## Comedy @@`), and title (` Toy Story (1995)`). An item's document is its identifiers
+one after the other, tokenised by the backbone; all documents form one corpus indexed by a suffix array
+(`eval.token_index`, cached on disk per tokenizer and catalogue).
+
+Step 1 (LoRA instruction tuning). Each training sample (a window of L watched items -> the next item, split
+by the target's time, N few-shot samples) is rendered three ways, one prompt per facet (the history as IDs,
+as categories, as titles), and the answer is the target's identifier of that facet: its ID, one of its
+categories, or a span of its title starting at a random word (so any part of a title can be an answer).
+
+Step 2 (generation). Per facet, beam search under `llm.constrained.IndexConstraint`: every generated token
+sequence occurs in the corpus. The ID and attribute facets start at their opening marker and end after the
+closing one; the title facet may start at any position of any document (position-free) and ends where a
+document ends. Every prefix of a title beam and every complete ID / attribute beam is a key n-gram with
+its log-probability.
+
+Step 3 (aggregated grounding, `eval.ngram_grounding`). Keys score the items whose documents contain them:
+max(0, log-odds of p(n|q) with facet bias against the smoothed corpus frequency)^gamma, summed per item
+with a coverage penalty; full ranking of the catalogue with each user's earlier items masked. gamma and the
+facet biases are config keys (the paper's 2 / ID 9, title 0, attribute 6) and are also chosen on the
+validation cases from a grid (`grounding.select_on_valid`): test is reported at both.
+
+Reported: NDCG / HR / Recall / MRR @ eval.ks on every test case; NDCG/Recall@5/10 on warm / cold target
+items (seen / not seen in the tuning samples) and dense / sparse users (earlier interactions >= / <
+eval.sparse_max_history); each facet alone (the paper's ablation); generation validity (the share of
+returned beams that occur in the corpus: 1.0 by construction, checked), per-case output in cases-test.json.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+
+from recalign.data import few_shot
+from recalign.data.splits import mark_warm_cold
+from recalign.errors import InputError
+from recalign.eval import check_ks, ranking_metrics, target_ranks
+from recalign.eval.metrics import check_metric_name
+from recalign.eval.ngram_grounding import GroundingParams, Key, evidence, item_scores
+from recalign.eval.token_index import TokenIndex, cached_index
+from recalign.llm import (LORA_CONFIG, MODEL_CONFIG, MODEL_NULLABLE, Backbone, Prompter, check_lora, check_model,
+                          check_train, lora_step, train_section)
+from recalign.llm.constrained import FacetRule, constrained_generate_step, keys_of
+from recalign.llm.prompts import check_template
+from recalign.methods.api import Experiment, Method, RunContext
+from recalign.tasks.next_item import (GENERATIVE_SAMPLES, check_generative_samples, full_histories,
+                                      generative_samples, history_mask)
+from recalign.tasks.text import SAMPLE_FIELDS, frame_fields
+
+FACETS = ("id", "title", "attribute")
+# a title span does not start at one of these words (the reference's banned span starts, abridged)
+SPAN_STOPWORDS = frozenset({"the", "a", "an", "and", "or", "of", "to", "in", "on", "for", "with", "at", "by"})
+
+PROMPT = {
+    "wrapper": "auto",  # auto | chat | alpaca | plain
+    "system": "",  # chat wrapper's system message ("" = empty, null = the chat template's default)
+    "max_tokens": 512,  # longer prompts drop their oldest history items
+    # one template per facet; {history}: the history items written in that facet (quoted, oldest first)
+    "id": {"instruction": "Given the IDs of the {noun}s a user watched, predict the ID of the next {noun} the "
+                          "user will watch.",
+           "input": "Watched {noun} IDs: {history}"},
+    "title": {"instruction": "Given the {noun}s a user watched, predict the title of the next {noun} the user "
+                             "will watch.",
+              "input": "Watched {noun}s: {history}"},
+    "attribute": {"instruction": "Given the categories of the {noun}s a user watched, predict a category of the "
+                                 "next {noun} the user will watch.",
+                  "input": "Categories of the watched {noun}s: {history}"},
+}
+
+DEFAULTS = {
+    "model": copy.deepcopy(MODEL_CONFIG),
+    "prompt": copy.deepcopy(PROMPT),
+    "samples": copy.deepcopy(GENERATIVE_SAMPLES),
+    "lora": copy.deepcopy(LORA_CONFIG),
+    "train": train_section(
+        shots=1024,  # N few-shot training samples (each rendered once per facet: 3N examples)
+        batch_size=8,
+        lr=1e-3,
+        patience=1,  # validations without a lower valid answer loss before stopping (0 = never)
+        valid_loss_size=64,  # valid samples (x facets) whose answer loss selects the best epoch (0 = none)
+        answer_only=True,
+    ),
+    "facets": {
+        "use": ["id", "title", "attribute"],
+        "markers": {"id": ["||", "##"], "attribute": ["##", "@@"]},  # opening / closing marker
+        "title_span_words": 10,  # a title answer is up to this many words from a random start word (0 = whole)
+    },
+    "generate": {
+        "beams": 15,
+        "max_new_tokens": {"id": 10, "title": 16, "attribute": 10},
+        "batch_size": 0,  # prompts per generate() call (0 = model.batch_size)
+    },
+    "grounding": {
+        "gamma": 2.0,  # the exponent on each key's log-odds score (the reference's intra_facet_exponent)
+        "bias": {"id": 9.0, "title": 0.0, "attribute": 6.0},  # added to a key's log p(n|q), per facet
+        "smoothing": 5.0,  # added to corpus counts
+        "coverage": 0.8,  # beta: a key whose tokens an item's better keys already cover counts (1 - beta)
+        "max_log_prob": -1.0,  # cap on the biased log p(n|q) (the log-odds need p < 1)
+        "select_on_valid": True,  # also choose gamma and the biases on the valid cases (generates them)
+        "select_metric": "ndcg@10",
+        "grid": {"gamma": [1.0, 2.0, 4.0], "id": [0.0, 3.0, 9.0], "title": [0.0], "attribute": [0.0, 3.0, 6.0]},
+        "cache_dir": "",  # where the token index is kept ("" = $RECALIGN_HOME/transrec-index)
+    },
+    "eval": {
+        "ks": [1, 5, 10, 20],
+        "mask_history": True,  # the user's earlier interactions are not candidates
+        "sparse_max_history": 50,  # users with fewer earlier interactions than this are "sparse"
+    },
+}
+
+GROUP_METRICS = ("ndcg@5", "ndcg@10", "recall@5", "recall@10")
+
+
+# ---------------------------------------------------------------------------------------- identifiers
+class Catalogue:
+    """Every item's identifier texts per facet, their tokens, the corpus documents and the facet rules."""
+
+    def __init__(self, ds, backbone: Backbone, facets_cfg: dict):
+        self.use = list(facets_cfg["use"])
+        markers = facets_cfg["markers"]
+        tok = backbone.tokenize_piece
+        eos = backbone.tokenizer.eos_token_id
+        raw_ids = [str(r) for r in ds.items["raw_id"]]
+        titles = [" ".join(str(t).split()) for t in ds.titles()]
+        categories = ds.items["categories"] if "categories" in ds.items else [[] for _ in raw_ids]
+        self.raw_ids = raw_ids
+        self.history_text = {"id": raw_ids, "title": titles,
+                             "attribute": [", ".join(_categories(c)) for c in categories]}
+        texts: dict[str, list[list[str]]] = {}
+        if "id" in self.use:
+            texts["id"] = [[f" {markers['id'][0]} {r} {markers['id'][1]}"] for r in raw_ids]
+        if "attribute" in self.use:
+            texts["attribute"] = [[f" {markers['attribute'][0]} {c} {markers['attribute'][1]}"
+                                   for c in _categories(cats)] for cats in categories]
+        if "title" in self.use:
+            texts["title"] = [[f" {t}"] if t else [] for t in titles]
+        self.texts = texts
+        self.tokens: dict[str, list[list[list[int]]]] = {}
+        for facet, per_item in texts.items():
+            rows = []
+            for item, item_texts in enumerate(per_item):
+                if not item_texts:
+                    what = "title" if facet == "title" else "categories"
+                    raise InputError(f"item {raw_ids[item]!r} has no {what} (facet {facet}); drop the item or "
+                                     f"remove '{facet}' from facets.use")
+                ids = [tok(t) for t in item_texts]
+                for text, t in zip(item_texts, ids):
+                    if not t:
+                        raise InputError(f"item {raw_ids[item]!r}: its {facet} identifier {text!r} tokenises to "
+                                         f"nothing")
+                    if eos is not None and eos in t:
+                        raise InputError(f"item {raw_ids[item]!r}: its {facet} identifier {text!r} contains the "
+                                         f"tokenizer's end-of-sequence token")
+                rows.append(ids)
+            self.tokens[facet] = rows
+        self.rules = {"title": FacetRule()}
+        for facet in ("id", "attribute"):
+            if facet in self.use:
+                rule = FacetRule(tuple(tok(f" {markers[facet][0]}")), (tuple(tok(f" {markers[facet][1]}")),))
+                for item, ids in enumerate(self.tokens[facet]):
+                    if not all(rule.complete(t) for t in ids):
+                        raise InputError(f"facets.markers.{facet}: the markers {markers[facet]} tokenise "
+                                         f"differently inside item {raw_ids[item]!r}'s identifier; pick markers "
+                                         f"that stay separate tokens")
+                self.rules[facet] = rule
+        self.docs = [self._document(item) for item in range(len(raw_ids))]
+
+    def _document(self, item: int) -> list[int]:
+        """The item's identifiers in the order ID, attributes, title. As in the reference, an identifier that
+        opens with the closing marker of the one before shares it (` || 12 ## Comedy @@ ## Drama @@ Title`), so
+        an opening marker is always followed by its own facet's text."""
+        doc: list[int] = []
+        close: tuple[int, ...] = ()
+        for facet in (f for f in ("id", "attribute", "title") if f in self.use):
+            rule = self.rules[facet]
+            for ids in self.tokens[facet][item]:
+                if close and rule.start == close and tuple(doc[len(doc) - len(close):]) == close:
+                    ids = ids[len(close):]
+                doc += ids
+                close = rule.stops[0] if rule.stops else ()
+        return doc
+
+
+def _categories(value) -> list[str]:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return []
+    return [" ".join(str(c).split()) for c in value if str(c).strip()]
+
+
+def title_span(words: list[str], max_words: int, rng: np.random.Generator) -> tuple[str, bool]:
+    """(" w_i ... w_j", whether the span reaches the end of the title): a span from a random start word."""
+    if max_words <= 0:
+        return " " + " ".join(words), True
+    starts = [i for i, w in enumerate(words) if w.casefold() not in SPAN_STOPWORDS] or [0]
+    start = int(starts[rng.integers(len(starts))])
+    end = min(len(words), start + max_words)
+    return " " + " ".join(words[start:end]), end == len(words)
+
+
+def answers(cat: Catalogue, frame: pd.DataFrame, facets_cfg: dict, eos: str, seed: int) -> dict[str, list[str]]:
+    """Per facet, the trained answer of each sample (the target's identifier; EOS after a whole identifier)."""
+    rng = np.random.default_rng(seed)
+    out = {f: [] for f in cat.use}
+    for target in frame["item"].to_numpy():
+        for facet in cat.use:
+            if facet == "id":
+                out[facet].append(cat.texts["id"][target][0] + eos)
+            elif facet == "attribute":
+                options = cat.texts["attribute"][target]
+                out[facet].append(options[int(rng.integers(len(options)))] + eos)
+            else:
+                text, whole = title_span(cat.texts["title"][target][0].split(), int(facets_cfg["title_span_words"]),
+                                         rng)
+                out[facet].append(text + (eos if whole else ""))
+    return out
+
+
+def facet_prompts(backbone: Backbone, cat: Catalogue, frame: pd.DataFrame, p: dict, noun: str) -> dict[str, list[str]]:
+    out = {}
+    for facet in cat.use:
+        prompter = Prompter(p[facet], backbone.tokenizer, p["wrapper"], p["system"], p["max_tokens"],
+                            backbone.count_tokens, where=f"prompt.{facet}")
+        out[facet] = prompter.render_all(frame_fields(frame, cat.history_text[facet], noun, with_target=False,
+                                                      with_labels=False))
+    return out
+
+
+def build_index(ctx: RunContext, cat: Catalogue, backbone: Backbone) -> tuple[TokenIndex, bool]:
+    from recalign import assets
+
+    directory = ctx.config["grounding"]["cache_dir"] or (assets.home() / "transrec-index")
+    return cached_index(cat.docs, int(backbone.tokenizer.eos_token_id), directory)
+
+
+# ------------------------------------------------------------------------------------------- steps
+def train_step(ctx: RunContext, backbone: Backbone, examples, valid_examples) -> dict:
+    """Step 1: LoRA on every facet's (prompt, answer) pairs; the best epoch by the valid answer loss."""
+    train = ctx.config["train"]
+    evaluate = None
+    if valid_examples:
+        @torch.no_grad()
+        def evaluate() -> float:
+            total, count = 0.0, 0
+            size = int(train["batch_size"])
+            for start in range(0, len(valid_examples), size):
+                batch = valid_examples[start:start + size]
+                loss, n = backbone.lm_loss([q for q, _ in batch], [a for _, a in batch],
+                                           answer_only=bool(train["answer_only"]))
+                total, count = total + loss.item() * n, count + n
+            return -total / max(1, count)
+    return lora_step(ctx.run, backbone, examples, ctx.config["lora"], train, ctx.seed, "lora",
+                     ctx.run.checkpoints / "adapter", evaluate=evaluate, log=lambda m: ctx.log(f"step 1: {m}"))
+
+
+def generate_keys(ctx: RunContext, backbone: Backbone, cat: Catalogue, index: TokenIndex, prompts: dict,
+                  split: str) -> tuple[list[list[Key]], dict]:
+    """Step 2: constrained beam search per facet -> per case the keys of every facet, and the raw beams."""
+    g = ctx.config["generate"]
+    block = int(g["batch_size"]) or backbone.batch_size
+    per_case: list[list[Key]] | None = None
+    beams = {}
+    for facet in cat.use:
+        rule = cat.rules[facet]
+        out = constrained_generate_step(ctx.run, backbone, prompts[facet], f"{split}-{facet}", index, rule,
+                                        int(g["beams"]), int(g["max_new_tokens"][facet]), block=block)
+        beams[facet] = out
+        if per_case is None:
+            per_case = [[] for _ in out["tokens"]]
+        for case, (tokens, log_probs) in enumerate(zip(out["tokens"], out["log_probs"])):
+            per_case[case] += keys_of(tokens, log_probs, rule, prefixes=(facet == "title"),
+                                      make=lambda n, lp, f=facet: Key(n, lp, f))
+    return per_case or [], beams
+
+
+def params_of(gamma: float, biases: dict, cfg: dict) -> GroundingParams:
+    return GroundingParams(gamma=float(gamma), biases={f: float(b) for f, b in biases.items()},
+                           smoothing=float(cfg["smoothing"]), coverage=float(cfg["coverage"]),
+                           max_log_prob=float(cfg["max_log_prob"]))
+
+
+def rank_all(evidences, params: GroundingParams, targets: torch.Tensor, mask, facets=None) -> torch.Tensor:
+    scores = torch.from_numpy(np.stack([item_scores(ev if facets is None else ev.subset(facets), params)
+                                        for ev in evidences]))
+    return target_ranks(scores, targets, mask)
+
+
+def grid_params(cfg: dict, use: list[str]) -> list[GroundingParams]:
+    """The paper's (configured) setting first, then every grid point (ties on valid keep the earlier one)."""
+    g = cfg["grid"]
+    out = [params_of(cfg["gamma"], cfg["bias"], cfg)]
+    for gamma in g["gamma"]:
+        for b_id in g["id"] if "id" in use else [cfg["bias"]["id"]]:
+            for b_title in g["title"] if "title" in use else [cfg["bias"]["title"]]:
+                for b_attr in g["attribute"] if "attribute" in use else [cfg["bias"]["attribute"]]:
+                    out.append(params_of(gamma, {"id": b_id, "title": b_title, "attribute": b_attr}, cfg))
+    return out
+
+
+def generation_stats(beams: dict, cat: Catalogue, index: TokenIndex, keys: list[list[Key]], scores_of_target,
+                     targets: np.ndarray) -> dict:
+    """validity: share of returned beams that occur in the corpus (1.0 by construction); complete: share of
+    ID / attribute beams that are whole identifiers; target_reached: share of cases where a key reaches the
+    target; top_beam_is_target: the top ID beam is the target's ID (ID facet)."""
+    n_beams = n_valid = 0
+    out = {}
+    for facet, state in beams.items():
+        seqs = [s for row in state["tokens"] for s in row]
+        valid = sum(index.count(s) > 0 for s in seqs)
+        n_beams, n_valid = n_beams + len(seqs), n_valid + valid
+        complete = sum(cat.rules[facet].complete(s) for s in seqs)
+        out[facet] = {"beams": len(seqs), "validity": valid / max(1, len(seqs)),
+                      "complete": complete / max(1, len(seqs)),
+                      "empty_cases": sum(1 for row in state["tokens"] if not row)}
+    if "id" in beams:
+        tops = [row[0] if row else None for row in beams["id"]["tokens"]]
+        hits = sum(top is not None and tuple(top) == tuple(cat.tokens["id"][t][0]) for top, t in zip(tops, targets))
+        out["top_id_is_target"] = hits / max(1, len(targets))
+    out["validity"] = n_valid / max(1, n_beams)
+    out["beams"] = n_beams
+    out["target_reached"] = float(np.mean(scores_of_target > 0)) if len(targets) else 0.0
+    out["keys_per_case"] = float(np.mean([len(k) for k in keys])) if keys else 0.0
+    return out
+
+
+# --------------------------------------------------------------------------------------------- run
+def validate(cfg: dict) -> None:
+    check_model(cfg["model"])
+    p = cfg["prompt"]
+    check_template({"wrapper": p["wrapper"]}, "prompt", SAMPLE_FIELDS, keys=())
+    for facet in FACETS:
+        check_template(p[facet], f"prompt.{facet}", SAMPLE_FIELDS)
+    check_generative_samples(cfg["samples"])
+    check_lora(cfg["lora"])
+    check_train(cfg["train"])
+    if cfg["train"]["valid_loss_size"] < 0:
+        raise InputError(f"train.valid_loss_size must be >= 0, got {cfg['train']['valid_loss_size']}")
+    f = cfg["facets"]
+    use = f["use"]
+    unknown = [x for x in use if x not in FACETS]
+    if unknown or not use or len(set(use)) != len(use):
+        raise InputError(f"facets.use: expected a non-empty list of distinct facets from {', '.join(FACETS)}, "
+                         f"got {use!r}")
+    for facet in ("id", "attribute"):
+        pair = f["markers"].get(facet)
+        if (not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(m, str) and m.strip() == m and m
+                                                                     for m in pair)):
+            raise InputError(f"facets.markers.{facet}: expected [opening, closing], two non-empty strings without "
+                             f"spaces, got {pair!r}")
+    if f["title_span_words"] < 0:
+        raise InputError(f"facets.title_span_words must be >= 0 (0 = the whole title), got {f['title_span_words']}")
+    g = cfg["generate"]
+    if g["beams"] < 1:
+        raise InputError(f"generate.beams must be >= 1, got {g['beams']}")
+    if g["batch_size"] < 0:
+        raise InputError(f"generate.batch_size must be >= 0 (0 = model.batch_size), got {g['batch_size']}")
+    for facet in FACETS:
+        value = g["max_new_tokens"].get(facet)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"generate.max_new_tokens.{facet} must be an integer >= 1, got {value!r}")
+    gr = cfg["grounding"]
+    params_of(gr["gamma"], gr["bias"], gr)  # gamma, smoothing, coverage, max_log_prob
+    for facet in FACETS:
+        if isinstance(gr["bias"].get(facet), bool) or not isinstance(gr["bias"].get(facet), (int, float)):
+            raise InputError(f"grounding.bias.{facet} must be a number, got {gr['bias'].get(facet)!r}")
+    for name, values in gr["grid"].items():
+        if (not isinstance(values, list) or not values
+                or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values)):
+            raise InputError(f"grounding.grid.{name}: expected a non-empty list of numbers, got {values!r}")
+    if any(v <= 0 for v in gr["grid"]["gamma"]):
+        raise InputError(f"grounding.grid.gamma: every gamma must be > 0, got {gr['grid']['gamma']}")
+    check_metric_name(gr["select_metric"], "grounding.select_metric")
+    if gr["select_metric"] in ("", "auc", "uauc"):
+        raise InputError(f"grounding.select_metric: expected a ranking metric such as ndcg@10, got "
+                         f"{gr['select_metric']!r}")
+    check_ks(cfg["eval"]["ks"])
+    if cfg["eval"]["sparse_max_history"] < 1:
+        raise InputError(f"eval.sparse_max_history must be >= 1, got {cfg['eval']['sparse_max_history']}")
+
+
+def run(ctx: RunContext) -> dict:
+    cfg = ctx.config
+    ds = ctx.dataset
+    ks = check_ks(cfg["eval"]["ks"])
+    metric_ks = sorted(set(ks) | {int(cfg["grounding"]["select_metric"].split("@")[1]), 5, 10})
+    split, valid, test = generative_samples(ds, cfg["samples"])
+    shots = few_shot(split.train, int(cfg["train"]["shots"]) or None, ctx.seed)
+    use = list(cfg["facets"]["use"])
+    tune = bool(cfg["grounding"]["select_on_valid"])
+    ctx.log(f"TransRec with {cfg['model']['name']}, facets {', '.join(use)}: {len(shots)} shots; "
+            f"{len(valid)} valid / {len(test)} test cases (of {split.sizes()})")
+
+    backbone = Backbone.from_config(cfg["model"])
+    started = time.perf_counter()
+    cat = Catalogue(ds, backbone, cfg["facets"])
+    index, cached = build_index(ctx, cat, backbone)
+    index_seconds = time.perf_counter() - started
+    ctx.log(f"identifier index: {index.n_docs} items, {index.n_tokens} tokens, "
+            f"{'from the cache' if cached else 'built'} in {index_seconds:.1f}s")
+
+    p = cfg["prompt"]
+    frames = {"train": shots, "valid": valid, "test": test}
+    prompts = {name: facet_prompts(backbone, cat, frame, p, ctx.noun) for name, frame in frames.items()}
+    eos = backbone.tokenizer.eos_token or ""
+    train_answers = answers(cat, shots, cfg["facets"], eos, ctx.seed)
+    examples = [(prompts["train"][f][i], train_answers[f][i]) for i in range(len(shots)) for f in use]
+    in_index = [index.count(backbone.tokenize_piece(a[:len(a) - len(eos)] if eos and a.endswith(eos) else a)) > 0
+                for _, a in examples]
+    n_loss = min(int(cfg["train"]["valid_loss_size"]), len(valid))
+    valid_examples = []
+    if n_loss:
+        valid_answers = answers(cat, valid.iloc[:n_loss], cfg["facets"], eos, ctx.seed + 1)
+        valid_examples = [(prompts["valid"][f][i], valid_answers[f][i]) for i in range(n_loss) for f in use]
+
+    started = time.perf_counter()
+    train_summary = train_step(ctx, backbone, examples, valid_examples)
+    train_seconds = time.perf_counter() - started
+
+    started = time.perf_counter()
+    gp = cfg["grounding"]
+    default = params_of(gp["gamma"], gp["bias"], gp)
+    evidences, targets, masks, beams, keys, frames_eval = {}, {}, {}, {}, {}, {}
+    for name in (("valid", "test") if tune else ("test",)):
+        frame = frames[name]
+        keys[name], beams[name] = generate_keys(ctx, backbone, cat, index, prompts[name], name)
+        evidences[name] = [evidence(k, index) for k in keys[name]]
+        targets[name] = torch.from_numpy(frame["item"].to_numpy(np.int64).copy())
+        histories = full_histories(ds, frame)
+        masks[name] = history_mask(histories, ds.n_items) if cfg["eval"]["mask_history"] else None
+        frames_eval[name] = (frame, histories)
+
+    test_ranks = rank_all(evidences["test"], default, targets["test"], masks["test"])
+    result = {"test": ranking_metrics(test_ranks, metric_ks)}
+    groups = user_item_groups(frames_eval["test"][0], frames_eval["test"][1], shots, cfg["eval"]["sparse_max_history"])
+    for group, rows in groups.items():
+        if rows.any():
+            metrics = ranking_metrics(test_ranks[torch.tensor(rows)], metric_ks)
+            result["test"].update({f"{m}_{group}": metrics[m] for m in GROUP_METRICS})
+    variants = {"transrec": {"test": ranking_metrics(test_ranks, metric_ks), "params": _params_dict(default)}}
+    if len(use) > 1:
+        for facet in use:
+            ranks = rank_all(evidences["test"], default, targets["test"], masks["test"], facets=[facet])
+            variants[f"{facet} facet only"] = {"test": ranking_metrics(ranks, metric_ks)}
+    result["valid"] = {}
+    chosen = None
+    if tune:
+        metric = gp["select_metric"]
+        grid = []
+        for params in grid_params(gp, use):
+            ranks = rank_all(evidences["valid"], params, targets["valid"], masks["valid"])
+            grid.append((ranking_metrics(ranks, metric_ks)[metric], params))
+        best_value, chosen = max(grid, key=lambda x: x[0])  # max keeps the first best: the paper's setting wins ties
+        result["valid"] = ranking_metrics(rank_all(evidences["valid"], default, targets["valid"], masks["valid"]),
+                                          metric_ks)
+        tuned = ranking_metrics(rank_all(evidences["test"], chosen, targets["test"], masks["test"]), metric_ks)
+        variants["transrec (valid-chosen gamma, biases)"] = {
+            "test": tuned, "params": _params_dict(chosen), "valid": {metric: best_value},
+            "grid": [{**_params_dict(q), metric: v} for v, q in grid]}
+        result["test"].update({f"{m}_tuned": v for m, v in tuned.items() if m.startswith(("ndcg@", "recall@"))})
+    target_scores = np.asarray([item_scores(ev, default)[t] for ev, t in zip(evidences["test"],
+                                                                              targets["test"].tolist())])
+    stats = {name: generation_stats(beams[name], cat, index, keys[name],
+                                    target_scores if name == "test" else
+                                    np.asarray([item_scores(ev, default)[t] for ev, t in
+                                                zip(evidences[name], targets[name].tolist())]),
+                                    targets[name].numpy()) for name in beams}
+    eval_seconds = time.perf_counter() - started
+    ctx.log("generation: " + ", ".join(f"{n} validity {s['validity']:.3f} target reached {s['target_reached']:.3f}"
+                                       for n, s in stats.items()))
+    examples_out = write_cases(ctx, backbone, cat, frames["test"], beams["test"], evidences["test"], default,
+                               test_ranks, ds.titles())
+    return {
+        "test": result["test"], "valid": result["valid"],
+        "seconds": {"train": train_seconds, "eval": eval_seconds, "index": index_seconds},
+        "variants": variants,
+        "groups": {g: int(rows.sum()) for g, rows in groups.items()},
+        "validity": {n: s["validity"] for n, s in stats.items()},
+        "generation": stats,
+        "answers_in_index": float(np.mean(in_index)) if in_index else 0.0,
+        "examples": examples_out,
+        "train_summary": {k: train_summary.get(k) for k in ("steps", "epochs_run", "best_score", "best_step",
+                                                            "tokens", "history")},
+        "samples": {**split.sizes(), "shots": len(shots), "train_examples": len(examples),
+                    "valid_cases": len(valid), "test_cases": len(test)},
+        "index": {"items": index.n_docs, "tokens": index.n_tokens, "cached": cached,
+                  "distinct_tokens": int(len(index.uni_tokens))},
+    }
+
+
+def user_item_groups(frame: pd.DataFrame, histories, shots: pd.DataFrame, sparse_max: int) -> dict[str, np.ndarray]:
+    """Boolean rows per group: warm / cold target items (seen or not in the tuning samples, as target or in a
+    history) and dense / sparse users (earlier interactions >= / < sparse_max)."""
+    warm = mark_warm_cold(frame, shots)["warm_item"].to_numpy(bool)
+    lengths = np.asarray([len(h) for h in histories])
+    return {"warm": warm, "cold": ~warm, "dense": lengths >= sparse_max, "sparse": lengths < sparse_max}
+
+
+def _params_dict(params: GroundingParams) -> dict:
+    return {"gamma": params.gamma, **{f"bias_{f}": b for f, b in params.biases.items()}}
+
+
+def write_cases(ctx: RunContext, backbone: Backbone, cat: Catalogue, frame: pd.DataFrame, beams: dict, evidences,
+                params: GroundingParams, ranks: torch.Tensor, titles: list[str]) -> list[dict]:
+    """cases-test.json: per test case the top beam of each facet (text, log-prob), the top 5 items and the
+    target's 0-based rank."""
+    decode = backbone.tokenizer.decode
+    rows = []
+    for i, (user, target) in enumerate(zip(frame["user"].tolist(), frame["item"].tolist())):
+        scores = item_scores(evidences[i], params)
+        top = np.argsort(-scores, kind="stable")[:5]
+        generated = {}
+        for facet, state in beams.items():
+            if state["tokens"][i]:
+                generated[facet] = {"text": decode(state["tokens"][i][0]).strip(),
+                                    "log_prob": float(sum(state["log_probs"][i][0]))}
+        rows.append({"user": int(user), "target": titles[target], "generated": generated,
+                     "top": [titles[j] for j in top if scores[j] > 0], "rank": float(ranks[i])})
+    ctx.run.write_json("cases-test.json", rows)
+    return rows[:20]
+
+
+def _report(metrics: dict) -> str:
+    variants = metrics.get("variants", {})
+    test = metrics.get("test", {})
+    ks = sorted({int(k.split("@")[1]) for k in test if k.startswith("ndcg@") and "_" not in k})
+    columns = [f"recall@{k}" for k in ks] + [f"ndcg@{k}" for k in ks]
+    lines = ["### Test: TransRec, its facets alone, and the valid-chosen grounding", "",
+             "| variant | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, v in variants.items():
+        lines.append(f"| {name} | " + " | ".join(f"{v['test'].get(c, float('nan')):.4f}" for c in columns) + " |")
+    for name, v in variants.items():
+        if "params" in v:
+            lines.append(f"\n{name}: " + ", ".join(f"{k} {val:g}" for k, val in v["params"].items()))
+    groups = metrics.get("groups", {})
+    if groups:
+        lines += ["", "| group | cases | " + " | ".join(GROUP_METRICS) + " |", "|---" * (len(GROUP_METRICS) + 2) + "|"]
+        for group, n in groups.items():
+            lines.append(f"| {group} | {n} | " + " | ".join(
+                f"{test[f'{m}_{group}']:.4f}" if f"{m}_{group}" in test else "–" for m in GROUP_METRICS) + " |")
+    gen = metrics.get("generation", {}).get("test")
+    if gen:
+        lines += ["", f"Generation (test): validity {gen['validity']:.3f} over {gen['beams']} beams (share that "
+                      f"occur in the identifier corpus), target reached by a key in {gen['target_reached']:.3f} "
+                      f"of the cases, {gen['keys_per_case']:.1f} keys per case."]
+    examples = metrics.get("examples", [])
+    if examples:
+        lines += ["", "| target | generated (top beam per facet) | top item | rank |", "|---|---|---|---|"]
+        for e in examples[:10]:
+            gen_text = "; ".join(f"{f}: {g['text'][:40]}" for f, g in e["generated"].items())
+            lines.append(f"| {e['target']} | {gen_text} | {(e['top'] or ['–'])[0]} | {e['rank']:g} |")
+    return "\n".join(lines) + "\n"
+
+
+METHODS = [Method("transrec", "Multi-facet identifiers (ID, title, attribute), position-free constrained beam "
+                              "search over a suffix-array index, aggregated grounding (TransRec).",
+                  DEFAULTS, run, report=_report, validate=validate, nullable=MODEL_NULLABLE,
+                  smoke={"model.name": "tiny-random", "train.shots": 6, "train.epochs": 1, "train.valid_loss_size": 2,
+                         "samples.valid_size": 3, "samples.test_size": 4, "generate.beams": 2,
+                         "generate.max_new_tokens": {"id": 6, "title": 4, "attribute": 5},
+                         "grounding.grid": {"gamma": [2.0], "id": [0.0, 9.0], "title": [0.0], "attribute": [6.0]}})]
+
+_TABLE = "TransRec: multi-facet identifiers, constrained generation, aggregated grounding (few-shot)"
+EXPERIMENTS = [
+    Experiment("transrec", "transrec", table=_TABLE, profiles=("quick",),
+               quick={"train.shots": 16, "train.epochs": 1, "train.valid_loss_size": 0, "samples.test_size": 24,
+                      "grounding.select_on_valid": False, "generate.beams": 3,
+                      "generate.max_new_tokens": {"id": 8, "title": 10, "attribute": 8}}),
+    # the benchmark's setting at full size (docs/benchmarks-transrec.md): the same samples as bigrec-1024
+    Experiment("transrec-1024", "transrec", table=_TABLE, profiles=("full",),
+               full={"train.shots": 1024, "train.epochs": 1, "train.valid_loss_size": 32, "samples.valid_size": 100,
+                     "samples.test_size": 200, "generate.beams": 5}),
+]
