@@ -4,7 +4,7 @@ The contract on any input: exit 0 with one JSON object on stdout and nothing on 
 exactly one stderr line `error: ...` that names the dataset path (never exit 1, never a traceback). A file
 that loads must give clean ids: stripped, non-empty, no control characters.
 
-Bounded for CI: 120 examples per test (about 15 s in all on 2 CPU cores), no deadline, no example database
+Bounded for CI: 120 examples per test (600 in all, about 10 CPU-seconds), no deadline, no example database
 written into the tree.
 """
 
