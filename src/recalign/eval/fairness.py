@@ -164,13 +164,16 @@ def _percentiles(values: np.ndarray, tail: float) -> list[float]:
 
 # ---------------------------------------------------------------------------------- user groups
 def group_means(values: np.ndarray, groups: np.ndarray, n_boot: int = 1000, seed: int = 0,
-                level: float = 0.95) -> dict[str, dict]:
-    """Per group: n, mean of `values` (one per user or test case) and a percentile bootstrap interval."""
+                level: float = 0.95, order: Sequence[str] | None = None) -> dict[str, dict]:
+    """Per group: n, mean of `values` (one per user or test case) and a percentile bootstrap interval.
+    Groups come in `order` (those it names first), then sorted by name."""
     values, groups = np.asarray(values, dtype=np.float64), np.asarray(groups, dtype=object)
     rng = np.random.default_rng(seed)
     tail = (1 - level) / 2 * 100
     out = {}
-    for group in sorted({g for g in groups if g is not None}, key=str):
+    present = {g for g in groups if g is not None}
+    first = [g for g in (order or []) if g in present]
+    for group in first + sorted(present - set(first), key=str):
         v = values[(groups == group) & ~np.isnan(values)]
         entry = {"n": int(v.size), "mean": float(v.mean()) if v.size else float("nan")}
         if v.size and n_boot > 0:

@@ -343,13 +343,19 @@ def user_groups(ds: Dataset, attribute: str, age_bands: Sequence[int] = AGE_BAND
                          f"(its user features: {', '.join(columns) or 'none'})")
     values = ds.users[attribute]
     if attribute == "age" and np.issubdtype(values.dtype, np.number):
+        labels = age_labels(age_bands)
         bands = sorted(int(b) for b in age_bands)
-        labels = [f"<{bands[0]}"] + [f"{lo}-{hi - 1}" for lo, hi in zip(bands, bands[1:])] + [f"{bands[-1]}+"]
         numeric = values.to_numpy(dtype=np.float64)
         index = np.searchsorted(np.asarray(bands), numeric, side="right")
         return np.array([None if np.isnan(v) else labels[i] for v, i in zip(numeric, index)], dtype=object)
     return np.array([None if v is None or (isinstance(v, float) and np.isnan(v)) or str(v) == "" else str(v)
                      for v in values], dtype=object)
+
+
+def age_labels(age_bands: Sequence[int] = AGE_BANDS) -> list[str]:
+    """Band names in age order: "<18", "18-24", ..., "56+"."""
+    bands = sorted(int(b) for b in age_bands)
+    return [f"<{bands[0]}"] + [f"{lo}-{hi - 1}" for lo, hi in zip(bands, bands[1:])] + [f"{bands[-1]}+"]
 
 
 def check_age_bands(bands, where: str = "groups.age_bands") -> None:

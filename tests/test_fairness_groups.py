@@ -1,0 +1,109 @@
+"""Group fairness audit: per-group means with intervals, the spread and its permutation test on hand-made
+values, user groups (age bands, activity thirds), and the audit end to end on a CF model and on the
+per-case file of a finished run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cli_helpers import invoke
+from recalign.errors import InputError
+from recalign.eval.fairness import group_means, permutation_spread
+
+
+def test_group_means_and_intervals_on_hand_made_values():
+    out = group_means(np.array([1.0, 0.0, 1.0, 1.0, np.nan]), np.array(["A", "A", "B", "B", "B"], dtype=object),
+                      n_boot=200, seed=0)
+    assert out["A"]["n"] == 2 and out["A"]["mean"] == 0.5
+    assert out["B"]["n"] == 2 and out["B"]["mean"] == 1.0 and out["B"]["ci"] == [1.0, 1.0]  # NaN skipped
+    assert 0.0 <= out["A"]["ci"][0] <= 0.5 <= out["A"]["ci"][1] <= 1.0
+    ordered = group_means(np.ones(3), np.array(["<18", "18-24", "56+"], dtype=object), 0, order=["<18", "18-24", "56+"])
+    assert list(ordered) == ["<18", "18-24", "56+"]
+
+
+def test_permutation_spread_separates_a_real_gap_from_noise():
+    groups = np.array(["A"] * 30 + ["B"] * 30, dtype=object)
+    gap = permutation_spread(np.r_[np.zeros(30), np.ones(30)], groups, n_perm=200, seed=0)
+    assert gap["snsr"] == 1.0 and gap["snsv"] == 0.5 and gap["p_snsr"] == pytest.approx(1 / 201)
+    same = permutation_spread(np.ones(60), groups, n_perm=200, seed=0)
+    assert same["snsr"] == 0.0 and same["p_snsr"] == 1.0
+    noise = permutation_spread(np.random.default_rng(1).random(60), groups, n_perm=500, seed=0)
+    assert noise["p_snsr"] > 0.05 and noise["null_snsr_mean"] > 0  # a range over noisy means is never 0
+    one = permutation_spread(np.ones(4), np.array(["A"] * 4, dtype=object), 10, 0)
+    assert np.isnan(one["snsr"])
+
+
+def test_user_groups_age_bands_and_activity():
+    from recalign.data import load_dataset
+    from recalign.methods.fairness_groups import activity_groups
+    from recalign.tasks.fairness import user_groups
+
+    ds = load_dataset("ml-100k")
+    ages = user_groups(ds, "age")
+    assert ages[0] == "18-24" and ages[1] == "50-55"  # users 1 and 2 of u.user are 24 and 53
+    assert set(ages) == {"<18", "18-24", "25-34", "35-44", "45-49", "50-55", "56+"}
+    assert set(user_groups(ds, "gender")) == {"F", "M"}
+    with pytest.raises(InputError, match="no user attribute 'income'.*age, gender, occupation"):
+        user_groups(ds, "income")
+    assert activity_groups(np.arange(1.0, 10.0)).tolist() == ["low"] * 3 + ["mid"] * 3 + ["high"] * 3
+
+
+FAST = ["--set", "groups.bootstrap=50", "--set", "groups.permutations=50"]
+
+
+def test_group_audit_of_a_cf_model(monkeypatch, capsys, tmp_path):
+    out = tmp_path / "pop"
+    code, _, stderr = invoke(monkeypatch, capsys, "run", "fairness-groups", "--dataset", "ml-100k", *FAST,
+                             "--set", "source.recommender=pop", "--set", "groups.attributes=[gender, age]",
+                             "--out", str(out))
+    assert code == 0, stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    test = metrics["test"]
+    # the same numbers as `recalign run pop` (leave-one-out, full ranking)
+    assert test["ndcg@10"] == pytest.approx(0.0442, abs=1e-4) and test["hr@10"] == pytest.approx(0.0859, abs=1e-4)
+    gender = metrics["groups"]["gender"]["ndcg@10"]
+    assert {g: e["n"] for g, e in gender["groups"].items()} == {"F": 273, "M": 670}
+    means = [e["mean"] for e in gender["groups"].values()]
+    assert test["ndcg@10_snsr_gender"] == pytest.approx(max(means) - min(means))
+    assert 0 < test["ndcg@10_p_gender"] <= 1 and "ndcg@10_snsv_age" in test
+    assert list(metrics["groups"]["age"]["hr@10"]["groups"])[0] == "<18"
+    assert "p = " in (out / "report.md").read_text()
+
+
+def test_group_audit_of_a_runs_per_case_file(monkeypatch, capsys, tmp_path):
+    run = tmp_path / "icl-run"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"method": "icl", "test": {}}))
+    (run / "config.yaml").write_text("seed: 0\n# run: icl on ml-100k\n")
+    # users 0 (M) and 1 (F) of ML-100K: user 0 ranks its positive first (AUC 1), user 1 last (AUC 0)
+    (run / "predictions.json").write_text(json.dumps({
+        "user": [0, 0, 0, 1, 1, 1], "item": [1, 2, 3, 1, 2, 3], "label": [1, 0, 0, 1, 0, 0],
+        "score": [0.9, 0.1, 0.2, 0.1, 0.5, 0.6]}))
+    out = tmp_path / "audit"
+    code, _, stderr = invoke(monkeypatch, capsys, "run", "fairness-groups", "--dataset", "ml-100k", *FAST,
+                             "--set", "source.recommender=", "--set", f"source.run={run}",
+                             "--set", "groups.attributes=[gender]", "--set", "groups.min_size=1", "--out", str(out))
+    assert code == 0, stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test"]["auc"] == 0.5
+    assert {g: e["mean"] for g, e in metrics["groups"]["gender"]["auc"]["groups"].items()} == {"F": 0.0, "M": 1.0}
+    assert metrics["test"]["auc_snsr_gender"] == 1.0
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["source.run=/nowhere"], "exactly one of"),
+    (["source.recommender=", "source.run=/nowhere"], "not a finished run directory"),
+    (["source.recommender=nosuchmodel"], "unknown CF model"),
+    (["groups.attributes=[income]"], "no user attribute 'income'"),
+    (["groups.age_bands=[30, 20]"], "groups.age_bands"),
+    (["eval.k=0"], "eval.k"),
+])
+def test_bad_input_is_one_line_exit_2(monkeypatch, capsys, tmp_path, sets, message):
+    args = [a for s in sets for a in ("--set", s)]
+    code, _, stderr = invoke(monkeypatch, capsys, "run", "fairness-groups", "--dataset", "ml-100k", *FAST, *args,
+                             "--out", str(tmp_path / "run"))
+    assert code == 2 and message in stderr and stderr.count("\n") == 1, stderr
+    assert not (tmp_path / "run").exists()
