@@ -263,3 +263,30 @@ def test_bad_attribute_file_names_the_file(monkeypatch, capsys, tmp_path):
     code, _, stderr = invoke(monkeypatch, capsys, "run", "fairllm", "--dataset", "ml-100k", *TINY,
                              "--set", f"attributes.files=[{bad}]", "--out", str(tmp_path / "run"))
     assert code == 2 and str(bad) in stderr and "empty value list" in stderr
+
+
+def test_audit_of_a_tuned_runs_adapter(monkeypatch, capsys, tmp_path):
+    from recalign.llm import Backbone, LoraSettings
+
+    run = tmp_path / "tuned"
+    backbone = Backbone.load("tiny-random")
+    backbone.add_lora(LoraSettings())
+    backbone.save_adapter(run / "checkpoints" / "adapter")
+    (run / "config.yaml").write_text("model:\n  name: tiny-random\n# run: bigrec on ml-100k\n")
+    out = tmp_path / "audit"
+    code, _, stderr = invoke(monkeypatch, capsys, "run", "fairllm", "--dataset", "ml-100k", *TINY,
+                             "--set", f"adapter={run}", "--out", str(out))
+    assert code == 0, stderr
+    assert json.loads((out / "metrics.json").read_text())["audit"]["adapter"] == str(run)
+    (run / "config.yaml").write_text("model:\n  name: smollm2-135m-instruct\n")
+    code, _, stderr = invoke(monkeypatch, capsys, "run", "fairllm", "--dataset", "ml-100k", *TINY,
+                             "--set", f"adapter={run}", "--out", str(tmp_path / "other"))
+    assert code == 2 and "trained on model.name=smollm2-135m-instruct" in stderr
+
+
+def test_attribute_subset(monkeypatch, capsys, tmp_path):
+    from recalign.methods.fairllm import selected_attributes
+
+    assert list(selected_attributes({"files": ["paper"], "only": ["race", "gender"]})) == ["gender", "race"]
+    with pytest.raises(InputError, match="'income' is not an attribute"):
+        selected_attributes({"files": ["paper"], "only": ["income"]})

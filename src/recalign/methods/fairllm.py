@@ -47,6 +47,7 @@ DEFAULTS = {
     "entities": copy.deepcopy(ENTITIES),
     "attributes": {
         "files": ["paper"],  # built-in sets (paper, typos, ml-100k-users) or YAML files: attribute -> values
+        "only": [],  # audit just these attributes of the files ([] = all)
     },
     "audit": {
         "k": 20,  # K_max: list length asked for; metrics at every K = 1..k
@@ -68,7 +69,7 @@ def validate(cfg: dict) -> None:
     check_model(cfg["model"])
     check_prompt(cfg["prompt"])
     check_entities(cfg["entities"])
-    load_attributes(cfg["attributes"]["files"])
+    selected_attributes(cfg["attributes"])
     audit, gen = cfg["audit"], cfg["generate"]
     k = audit["k"]
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -88,6 +89,19 @@ def validate(cfg: dict) -> None:
         raise InputError(f"generate.block: expected an integer >= 1, got {gen['block']}")
     if cfg["adapter"]:
         adapter_dir(cfg["adapter"], cfg["model"]["name"])
+
+
+def selected_attributes(section: dict) -> dict[str, list[str]]:
+    """The attributes of `attributes.files`, restricted to `attributes.only` when given."""
+    attributes = load_attributes(section["files"])
+    only = section["only"]
+    if not isinstance(only, list) or not all(isinstance(a, str) for a in only):
+        raise InputError(f"attributes.only: expected a list of attribute names, got {only!r}")
+    unknown = [a for a in only if a not in attributes]
+    if unknown:
+        raise InputError(f"attributes.only: {unknown[0]!r} is not an attribute of {', '.join(section['files'])} "
+                         f"(known: {', '.join(attributes)})")
+    return {a: v for a, v in attributes.items() if not only or a in only}
 
 
 def adapter_dir(path: str, model_name: str) -> Path:
@@ -235,7 +249,7 @@ def write_lists(ctx: RunContext, plan: AuditPlan, texts: list[str], keys: list[l
 def run(ctx: RunContext) -> dict:
     cfg, ds = ctx.config, ctx.dataset
     k = int(cfg["audit"]["k"])
-    plan = AuditPlan(pick_entities(ds, cfg["entities"], ctx.seed), load_attributes(cfg["attributes"]["files"]),
+    plan = AuditPlan(pick_entities(ds, cfg["entities"], ctx.seed), selected_attributes(cfg["attributes"]),
                      " ".join(cfg["prompt"]["neutral"].split()))
     ctx.log(f"FaiRLLM audit: {len(plan.entities)} entities x ({len(plan.values) - 1} values + neutral) = "
             f"{len(plan)} prompts, K = {k}, model {cfg['model']['name']}"
@@ -294,9 +308,9 @@ METHODS = [Method("fairllm", "FaiRLLM prompt audit: how far an LLM's top-K list 
 
 _TABLE = "FaiRLLM: prompt audit (SNSR over sensitive values; lower = fairer)"
 EXPERIMENTS = [
-    # ~5 min on a quiet 2-core CPU: 5 movies x (3 gender/age/race attributes: 11 values + neutral) at K = 10
+    # 5 movies x (gender and race: 8 values + neutral) = 45 prompts at K = 10: about 3 min on the shared 2-core CPU
     Experiment("fairllm", "fairllm", table=_TABLE, profiles=("quick",),
-               quick={"entities.count": 5, "audit.k": 10, "attributes.files": ["paper"]}),
+               quick={"entities.count": 5, "audit.k": 10, "attributes.only": ["gender", "race"]}),
     # the paper's movie setting at K = 20 on 100 entities (hours on a CPU)
     Experiment("fairllm-100", "fairllm", table=_TABLE, profiles=("full",),
                full={"entities.count": 100, "audit.k": 20}),

@@ -1,0 +1,143 @@
+"""Benchmark and tables of the FaiRLLM prompt audit (`recalign run fairllm`).
+
+speed: the audit's generation path (all prompts of the entities batched together, each row stopped at its
+    K-th list item) against a one-prompt-at-a-time loop, on the same audit prompts, same model, same process.
+    Modes run interleaved (A, B, A, B, ...) so that load from other processes hits each alike; prompts/s and
+    generated tokens per mode, the speed-up and the share of answers that are identical between modes.
+
+        OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/fairness.py speed [--prompts 16] [--k 10] [--batch 16]
+            [--rounds 1] [--modes batched,single] [--model smollm2-135m-instruct]
+
+table: SNSR (with the bootstrap interval) per attribute and similarity, for one or more finished audit runs
+    side by side (e.g. the base model and a tuned adapter), as Markdown.
+
+        .venv/bin/python bench/fairness.py table runs/fair-base runs/fair-bigrec [--metrics jaccard,prag]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "fairness-speed.json"
+NAMES = {"jaccard": "Jaccard", "serp": "SERP*", "prag": "PRAG*"}
+
+
+def audit_prompts(backbone, n: int, k: int) -> list[str]:
+    from recalign.data import load_dataset
+    from recalign.llm import Prompter
+    from recalign.tasks.fairness import ENTITIES, FAIRLLM_PROMPT, AuditPlan, load_attributes, pick_entities
+
+    ds = load_dataset("ml-100k")
+    plan = AuditPlan(pick_entities(ds, {**ENTITIES, "count": 20}, 0), load_attributes(["paper"]), "a")
+    p = FAIRLLM_PROMPT
+    prompter = Prompter({"instruction": p["template"], "input": ""}, backbone.tokenizer, p["wrapper"],
+                        p["system"].format(noun="movie"))
+    return [prompter.render(f) for f in plan.fields(k, "movie")[:n]]
+
+
+def speed(args) -> dict:
+    from recalign.llm import Backbone
+    from recalign.methods.fairllm import list_end_criteria
+
+    backbone = Backbone.load(args.model, batch_size=args.batch)
+    prompts = audit_prompts(backbone, args.prompts, args.k)
+    max_new = 16 * args.k + 16
+    stop = list_end_criteria(backbone.tokenizer, args.k)
+    modes = {
+        "batched": dict(batch_size=args.batch, stopping_criteria=stop),
+        "batched-nostop": dict(batch_size=args.batch),
+        "single": dict(batch_size=1, stopping_criteria=stop),
+        "single-nostop": dict(batch_size=1),
+    }
+    chosen = args.modes.split(",")
+    runs = {m: [] for m in chosen}
+    texts, tokens = {}, {}
+    backbone.generate(prompts[:2], max_new_tokens=8, batch_size=2)  # warm-up
+    for _ in range(args.rounds):
+        for mode in chosen:
+            started = time.perf_counter()
+            out = backbone.generate(prompts, max_new_tokens=max_new, **modes[mode])
+            runs[mode].append(time.perf_counter() - started)
+            texts[mode] = [t[0] for t in out.texts]
+            tokens[mode] = sum(len(t[0]) for t in out.token_ids)
+            print(f"{mode}: {runs[mode][-1]:.1f}s, {tokens[mode]} tokens", flush=True)
+    result = {
+        "model": args.model, "precision": backbone.precision, "prompts": len(prompts), "k": args.k,
+        "batch": args.batch, "max_new_tokens": max_new, "rounds": args.rounds,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "load_average_start_end": None,
+        "modes": {m: {"seconds_median": statistics.median(v), "seconds": v,
+                      "prompts_per_second": len(prompts) / statistics.median(v), "tokens": tokens[m]}
+                  for m, v in runs.items()},
+    }
+    base = chosen[0]
+    for mode in chosen[1:]:
+        result["modes"][mode]["speedup_of_" + base] = (result["modes"][mode]["seconds_median"]
+                                                       / result["modes"][base]["seconds_median"])
+        result["modes"][mode]["same_text_as_" + base] = sum(a == b for a, b in zip(texts[base], texts[mode])) / len(prompts)
+    return result
+
+
+def table(args) -> str:
+    metrics = [m for m in args.metrics.split(",")]
+    runs = []
+    for path in args.runs:
+        data = json.loads((Path(path) / "metrics.json").read_text())
+        if data.get("method") != "fairllm":
+            raise SystemExit(f"{path}: not a fairllm run")
+        runs.append((Path(path).name, data))
+    k = runs[0][1]["audit"]["k"]
+    header = ["attribute"] + [f"{NAMES[m]}@{k} SNSR ({name})" for m in metrics for name, _ in runs]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for attribute in runs[0][1]["attributes"]:
+        cells = [attribute]
+        for m in metrics:
+            for _, data in runs:
+                entry = data["attributes"].get(attribute, {}).get(m)
+                if entry is None or entry.get("snsr") is None:
+                    cells.append("–")
+                    continue
+                ci = entry.get("snsr_ci") or [None, None]
+                cells.append(f"{entry['snsr']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if None not in ci else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    means = ["mean similarity"] + [f"{data['test'].get(f'{m}@{k}', float('nan')):.3f}" for m in metrics
+                                   for _, data in runs]
+    lines.append("| " + " | ".join(means) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("speed")
+    s.add_argument("--prompts", type=int, default=16)
+    s.add_argument("--k", type=int, default=10)
+    s.add_argument("--batch", type=int, default=16)
+    s.add_argument("--rounds", type=int, default=1)
+    s.add_argument("--modes", default="batched,single")
+    s.add_argument("--model", default="smollm2-135m-instruct")
+    s.add_argument("--out", default=str(RESULTS))
+    t = sub.add_parser("table")
+    t.add_argument("runs", nargs="+")
+    t.add_argument("--metrics", default="jaccard,serp,prag")
+    args = parser.parse_args()
+    if args.command == "speed":
+        load = os.getloadavg()[0]
+        result = speed(args)
+        result["load_average_start_end"] = [load, os.getloadavg()[0]]
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result["modes"], indent=2))
+    else:
+        print(table(args))
+
+
+if __name__ == "__main__":
+    main()
