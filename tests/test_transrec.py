@@ -273,3 +273,43 @@ def test_bad_config_is_exit_2_with_one_line(monkeypatch, capsys, tmp_path, sets,
     code, _, err = invoke(monkeypatch, capsys, *args)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_planted_keys_rank_the_target_first_on_the_real_catalogue(ml, tiny, catalogue):
+    """Step 3 on the real code path: beams that name the target (its ID; a span of its title) put it at rank 0
+    of the 1,682 items; a beam naming an item of the user's history is masked; no matching beam: a tie."""
+    import pandas as pd
+
+    from recalign.eval.ngram_grounding import GroundingParams
+    from recalign.methods.transrec import CaseSet
+    from recalign.tasks.next_item import history_mask
+
+    cat = catalogue
+    index = TokenIndex.build(cat.docs, tiny.tokenizer.eos_token_id)
+    targets = [49, 180, 99]  # Star Wars (1977), Return of the Jedi (1983), Fargo (1996)
+    history_item = 120
+    title_span = tiny.tokenize_piece(" Return of the Jedi")
+    beams = {
+        "id": {"tokens": [[cat.tokens["id"][history_item][0], cat.tokens["id"][49][0]], [], []],
+               "log_probs": [[[-0.1] * len(cat.tokens["id"][history_item][0]), [-0.5] * len(cat.tokens["id"][49][0])],
+                             [], []]},
+        # probable enough that every prefix reaches the cap: the rarest (longest) prefix then scores highest
+        "title": {"tokens": [[], [title_span], []], "log_probs": [[], [[-0.2] * len(title_span)], []]},
+    }
+    keys = [[], [], []]
+    for facet, state in beams.items():
+        for case, (tokens, lps) in enumerate(zip(state["tokens"], state["log_probs"])):
+            keys[case] += keys_of(tokens, lps, cat.rules[facet], prefixes=(facet == "title"),
+                                  make=lambda n, lp, f=facet: Key(n, lp, f))
+    histories = [np.asarray([history_item]), np.asarray([], dtype=np.int64), np.asarray([], dtype=np.int64)]
+    cases = CaseSet(pd.DataFrame({"user": [0, 1, 2], "item": targets}), histories, torch.tensor(targets),
+                    history_mask(histories, ml.n_items), beams, keys, [evidence(k, index) for k in keys])
+    params = GroundingParams(gamma=2.0, biases={"id": 9.0, "title": 0.0, "attribute": 6.0})
+    ranks = cases.ranks(params).tolist()
+    assert ranks[0] == 0.0  # the history item's ID was more probable, but it is masked
+    assert ranks[1] == 0.0  # the title span's longest prefix only occurs in the target's title
+    n_candidates = ml.n_items
+    assert ranks[2] == pytest.approx((n_candidates - 1) / 2)  # every item scores 0: the expected rank of a tie
+    assert cases.target_scores(params)[2] == 0.0 and cases.target_scores(params)[1] > 0
+    # the ID facet alone cannot find case 1's target; the title facet alone cannot find case 0's
+    assert cases.ranks(params, ["id"]).tolist()[1] > 0 and cases.ranks(params, ["title"]).tolist()[0] > 0
