@@ -236,6 +236,10 @@ def route(
 
 def main() -> None:
     debug = os.environ.get("RECALIGN_DEBUG", "") not in ("", "0")
+    if not debug:  # a library's warning on stderr would break the one-line error contract
+        import warnings
+
+        warnings.simplefilter("ignore")
     try:
         code = app(standalone_mode=False)  # typer turns Ctrl-C and typer.Exit into a returned exit code
         if code == 130:

@@ -30,6 +30,17 @@ def dataset_warnings(spec, config: dict, ds) -> list[str]:
     return check_dataset(ds, spec.needs(config) if spec.needs else Needs())
 
 
+def undefined_metrics(test: dict) -> list[str]:
+    """A headline metric that came out undefined (e.g. AUC on a test part with one label) is said, not hidden."""
+    out = []
+    for key, value in test.items():
+        if key.split("_")[0] in ("auc", "uauc") and not key.endswith(("_ci", "_std")) and (value is None or value != value):
+            slice_size = test.get("n" + key[key.index("_"):]) if "_" in key else test.get("n")
+            out.append(f"test {key} is undefined (one label only among the"
+                       f"{'' if slice_size is None else f' {slice_size}'} samples it is computed on)")
+    return out
+
+
 def run_method(method: str, dataset: str, out: str | Path, config_file: str | None = None,
                sets: list[str] | None = None, resume: bool = False, overwrite: bool = False) -> dict:
     """Validate everything that can be validated before anything is written, then run.
@@ -71,7 +82,7 @@ def run_method(method: str, dataset: str, out: str | Path, config_file: str | No
                     "total": time.perf_counter() - started},
     }
     metrics.update({k: v for k, v in result.items() if k not in metrics})
-    metrics["warnings"] = warnings + list(result.get("warnings", []))
+    metrics["warnings"] = warnings + list(result.get("warnings", [])) + undefined_metrics(metrics["test"])
     for warning in metrics["warnings"]:
         context.log(f"warning: {warning}")
     from recalign.report.markdown import run_report

@@ -15,6 +15,7 @@ import torch
 from recalign.cf.base import CFModel, Query, TrainData, make_query
 from recalign.cf.base import history_mask as query_history_mask
 from recalign.errors import InputError
+from recalign.eval.intervals import ranking_intervals
 from recalign.eval.metrics import ctr_metrics, ranking_metrics, target_ranks
 from recalign.tasks.next_item import Cases, history_mask, leave_one_out
 
@@ -47,13 +48,15 @@ def score_cases(model: CFModel, cases: EvalSet, batch_size: int = 1024):
 
 
 def evaluate_ranking(model: CFModel, cases: EvalSet, ks=(10, 20), batch_size: int = 1024,
-                     mask_history: bool = True) -> dict:
-    """Full-ranking metrics over the whole catalogue, the case's history masked (target never masked)."""
+                     mask_history: bool = True, intervals: bool = False) -> dict:
+    """Full-ranking metrics over the whole catalogue, the case's history masked (target never masked);
+    `intervals` adds 95% bootstrap intervals (`ndcg@K_ci`, `hr@K_ci`)."""
     ranks = []
     for rows, scores, mask in score_cases(model, cases, batch_size):
         targets = torch.from_numpy(cases.targets[rows])
         ranks.append(target_ranks(scores, targets, mask if mask_history else None))
-    return ranking_metrics(torch.cat(ranks), ks)
+    ranks = torch.cat(ranks)
+    return {**ranking_metrics(ranks, ks), **(ranking_intervals(ranks.numpy(), ks) if intervals else {})}
 
 
 @torch.no_grad()

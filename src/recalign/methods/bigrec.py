@@ -28,6 +28,8 @@ import torch
 from recalign.data import Needs, few_shot
 from recalign.errors import InputError
 from recalign.eval import check_ks
+from recalign.eval.intervals import ranking_intervals
+from recalign.eval.metrics import target_ranks
 from recalign.eval.grounding import (
     CatalogueCache,
     aggregate_beams,
@@ -279,6 +281,7 @@ def run(ctx: RunContext) -> dict:
                                        for n, s in stats.items()))
 
     result = {n: _ndcg_hr(rank_metrics(dist[n], targets[n], ks, masks[n])) for n in ("valid", "test")}
+    result["test"].update(ranking_intervals(target_ranks(-dist["test"], targets["test"], masks["test"]).numpy(), ks))
     variants = {"bigrec": {"valid": result["valid"], "test": result["test"]}}
     gammas = [float(g) for g in cfg["inject"]["gammas"]]
     signals = {}
@@ -323,7 +326,6 @@ def write_cases(ctx: RunContext, per_case: dict, dist: torch.Tensor, signals: di
     """cases-test.json: per test case the generated title, its nearest item, whether the generation is a
     valid title, and the target's 0-based rank (plain, and per injection at the gamma chosen for NDCG@10)."""
     from recalign.eval.grounding import inject
-    from recalign.eval.metrics import target_ranks
 
     targets = torch.tensor(per_case["target"], dtype=torch.long)
     ranks = {"rank": target_ranks(-dist, targets, mask)}

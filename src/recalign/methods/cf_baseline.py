@@ -107,7 +107,7 @@ def run(ctx: RunContext) -> dict:
     else:
         ks = tuple(cfg["eval"]["ks"])
         out["valid"] = evaluate_ranking(model, valid, ks, cfg["eval"]["batch_size"])
-        out["test"] = evaluate_ranking(model, test, ks, cfg["eval"]["batch_size"])
+        out["test"] = evaluate_ranking(model, test, ks, cfg["eval"]["batch_size"], intervals=True)
     summary = model.train_summary
     return {**out, "seconds": {"train": train_seconds, "eval": time.perf_counter() - started},
             "training": {k: summary[k] for k in ("epochs", "best_epoch", "seconds_per_epoch", "stopped")},

@@ -85,7 +85,7 @@ def train_and_score(ctx: RunContext, backbone: Backbone, ds, train_pool, eval_se
 
     def evaluate() -> float:
         scores = backbone.score_yes_no(prompts["valid"], yes, no).numpy()
-        value = ctr_report(valid_frame, scores)["auc"]
+        value = ctr_report(valid_frame, scores, intervals=False)["auc"]
         value = -1.0 if np.isnan(value) else value
         if best["auc"] is None or value > best["auc"]:
             best["auc"], best["scores"] = value, scores
@@ -119,6 +119,10 @@ def _aggregate(rows: list[dict], split: str) -> dict:
     out = {}
     for key in keys:
         values = [r["metrics"][split][key] for r in rows]
+        if key.endswith("_ci"):  # an interval is per seed (in per_seed); one seed: it is the run's
+            if len(rows) == 1:
+                out[key] = values[0]
+            continue
         if key.startswith(("n", "uauc_skipped")):
             out[key] = values[0] if len(set(values)) == 1 else float(np.mean(values))
             continue

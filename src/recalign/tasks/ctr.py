@@ -32,6 +32,7 @@ import pandas as pd
 
 from recalign.data import Dataset, few_shot, history_samples, mark_warm_cold, temporal_split
 from recalign.errors import InputError
+from recalign.eval.intervals import auc_interval, uauc_interval
 from recalign.eval.metrics import auc, ctr_metrics
 
 # the `prompt:` section of the TALLRec protocol (TALLRec and ICL): fields from `tasks.text.text_fields`
@@ -219,18 +220,27 @@ def draw_by_user(frame: pd.DataFrame, max_samples: int | None, max_per_user: int
 
 
 # ------------------------------------------------------------------------------------------- metrics
-def ctr_report(frame: pd.DataFrame, scores) -> dict:
-    """auc, uauc (+ skipped users) on all samples and the `_warm` / `_cold` variants, with the counts."""
+def ctr_report(frame: pd.DataFrame, scores, intervals: bool = True) -> dict:
+    """auc, uauc (+ skipped users) on all samples and the `_warm` / `_cold` variants, with the counts, and
+    (`intervals`) 95% bootstrap intervals `auc_ci`, `uauc_ci` (`eval.intervals`: cases / users resampled)."""
     scores = np.asarray(scores, dtype=np.float64)
     if len(scores) != len(frame):
         raise InputError(f"ctr_report: {len(scores)} scores for {len(frame)} samples")
     users, labels = frame["user"].to_numpy(), frame["label"].to_numpy(bool)
-    out = ctr_metrics(users, labels, scores)
+
+    def metrics(mask, suffix: str = "") -> dict:
+        out = ctr_metrics(users[mask], labels[mask], scores[mask], suffix)
+        if intervals:
+            out[f"auc{suffix}_ci"] = auc_interval(labels[mask], scores[mask])
+            out[f"uauc{suffix}_ci"] = uauc_interval(users[mask], labels[mask], scores[mask])
+        return out
+
+    out = metrics(np.ones(len(frame), dtype=bool))
     if "warm" in frame:
         warm = frame["warm"].to_numpy(bool)
         for suffix, mask in (("_warm", warm), ("_cold", ~warm)):
             if mask.any():
-                out.update(ctr_metrics(users[mask], labels[mask], scores[mask], suffix))
+                out.update(metrics(mask, suffix))
             else:
                 out.update({f"auc{suffix}": float("nan"), f"uauc{suffix}": float("nan"),
                             f"uauc_skipped_users{suffix}": 0})

@@ -1,0 +1,61 @@
+"""Bootstrap intervals: they hold the point estimate, shrink with more cases, are reproducible, resample users
+for UAUC, pair the cases for differences, and skip one-class resamples."""
+
+import numpy as np
+import pytest
+
+from recalign.eval.intervals import (auc_interval, mean_interval, paired_auc_difference, per_user_auc,
+                                     ranking_intervals, uauc_interval)
+from recalign.eval.metrics import auc, ranking_metrics, uauc
+
+
+def separable(n, noise, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = rng.random(n) < 0.5
+    return labels, labels + rng.normal(0, noise, n)
+
+
+def test_auc_interval_holds_the_estimate_and_shrinks_with_more_cases():
+    small, large = separable(200, 1.0), separable(5000, 1.0)
+    lo_s, hi_s = auc_interval(*small)
+    lo_l, hi_l = auc_interval(*large)
+    assert lo_s < auc(*small) < hi_s and lo_l < auc(*large) < hi_l
+    assert (hi_l - lo_l) < 0.5 * (hi_s - lo_s)  # ~ 1/sqrt(n): 5x narrower for 25x the cases
+    assert auc_interval(*small) == auc_interval(*small)  # fixed seed
+    assert 0.70 < lo_l and hi_l < 0.80  # true AUC of N(1,1) vs N(0,1) is Phi(1/sqrt 2) = 0.760
+
+
+def test_one_class_data_has_no_interval():
+    assert auc_interval(np.ones(50, bool), np.arange(50.0)) is None
+    assert mean_interval([]) is None
+
+
+def test_uauc_interval_resamples_users():
+    rng = np.random.default_rng(1)
+    users = np.repeat(np.arange(40), 10)
+    labels = rng.random(400) < 0.5
+    scores = labels + rng.normal(0, 1.0, 400)
+    value, skipped = uauc(users, labels, scores)
+    assert np.isclose(per_user_auc(users, labels, scores).mean(), value)
+    lo, hi = uauc_interval(users, labels, scores)
+    assert lo < value < hi
+
+
+def test_paired_difference_of_a_method_with_itself_is_zero_and_a_real_gain_excludes_zero():
+    labels, good = separable(2000, 0.8)
+    rng = np.random.default_rng(2)
+    same = paired_auc_difference(labels, good, good)
+    assert same["difference"] == 0 and same["ci"] == [0.0, 0.0]
+    worse = good + rng.normal(0, 2.0, 2000)
+    gain = paired_auc_difference(labels, good, worse)
+    assert gain["difference"] > 0 and gain["ci"][0] > 0
+
+
+def test_ranking_intervals_hold_the_ranking_metrics():
+    ranks = np.random.default_rng(3).integers(0, 100, 500).astype(float)
+    point = ranking_metrics(ranks, (10,))
+    out = ranking_intervals(ranks, (10,))
+    for name in ("ndcg@10", "hr@10"):
+        lo, hi = out[f"{name}_ci"]
+        assert lo <= point[name] <= hi
+    assert out["hr@10_ci"][0] == pytest.approx(0.1, abs=0.04)
