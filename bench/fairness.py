@@ -8,6 +8,11 @@ speed: the audit's generation path (all prompts of the entities batched together
         OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/fairness.py speed [--prompts 16] [--k 10] [--batch 16]
             [--rounds 1] [--modes batched,single] [--model smollm2-135m-instruct]
 
+rescore: the generations of a finished audit run measured again with another title matching or SERP* scale
+    (no generation: lists.json holds every answer), e.g. to set SERP* beside the paper's figures.
+
+        .venv/bin/python bench/fairness.py rescore runs/fair-base [--match title_year] [--serp-scale reference]
+
 table: SNSR (with the bootstrap interval) per attribute and similarity, for one or more finished audit runs
     side by side (e.g. the base model and a tuned adapter), as Markdown.
 
@@ -113,6 +118,29 @@ def table(args) -> str:
     return "\n".join(lines)
 
 
+def rescore(args) -> dict:
+    from recalign.methods.fairllm import audit_metrics, headline_metrics
+    from recalign.tasks.fairness import AuditPlan, list_keys
+
+    run = Path(args.run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    rows = json.loads((run / "lists.json").read_text())
+    audit = metrics["audit"]
+    attributes = {a: list(per["jaccard"]["values"]) for a, per in metrics["attributes"].items()}
+    neutral = rows[0]["value"]
+    plan = AuditPlan(audit["entity_names"], attributes, neutral)
+    if [(r["entity"], r["value"]) for r in rows] != plan.units():
+        raise SystemExit(f"{run}: lists.json does not match the audit plan")
+    keys = [list_keys(r["text"], args.match == "title_year") for r in rows]
+    k = audit["k"]
+    import yaml
+
+    seed = int((yaml.safe_load((run / "config.yaml").read_text()) or {}).get("seed", 0))
+    out = audit_metrics(plan, keys, k, args.serp_scale, audit.get("bootstrap", 1000), seed)
+    return {"run": str(run), "match": args.match, "serp_scale": args.serp_scale, "test": headline_metrics(out, k),
+            "mean_titles": sum(min(len(x), k) for x in keys) / len(keys), "attributes": out}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -124,6 +152,11 @@ def main() -> None:
     s.add_argument("--modes", default="batched,single")
     s.add_argument("--model", default="smollm2-135m-instruct")
     s.add_argument("--out", default=str(RESULTS))
+    r = sub.add_parser("rescore")
+    r.add_argument("run")
+    r.add_argument("--match", default="title", choices=["title", "title_year"])
+    r.add_argument("--serp-scale", default="spec", choices=["spec", "reference"])
+    r.add_argument("--out", default="")
     t = sub.add_parser("table")
     t.add_argument("runs", nargs="+")
     t.add_argument("--metrics", default="jaccard,serp,prag")
@@ -135,6 +168,16 @@ def main() -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result["modes"], indent=2))
+    elif args.command == "rescore":
+        result = rescore(args)
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        k = json.loads((Path(args.run) / "metrics.json").read_text())["audit"]["k"]
+        print(f"mean distinct titles per list: {result['mean_titles']:.2f}")
+        for attribute, per in result["attributes"].items():
+            print(attribute, " ".join(f"{NAMES[m]}@{k} SNSR {per[m]['snsr']:.3f} [{per[m]['snsr_ci'][0]:.3f}, "
+                                      f"{per[m]['snsr_ci'][1]:.3f}]" for m in NAMES))
+        print({m: round(v, 4) for m, v in result["test"].items() if "_sn" not in m})
     else:
         print(table(args))
 

@@ -290,3 +290,16 @@ def test_attribute_subset(monkeypatch, capsys, tmp_path):
     assert list(selected_attributes({"files": ["paper"], "only": ["race", "gender"]})) == ["gender", "race"]
     with pytest.raises(InputError, match="'income' is not an attribute"):
         selected_attributes({"files": ["paper"], "only": ["income"]})
+
+
+def test_paired_permutation_tells_a_value_effect_from_noise():
+    from recalign.eval.fairness import permutation_paired
+
+    rng = np.random.default_rng(0)
+    effect = np.c_[np.ones(30), np.zeros(30)]  # every entity: value 1 keeps the list, value 2 changes it
+    out = permutation_paired(effect, 200, 0)
+    assert out["p_snsr"] == pytest.approx(1 / 201) and out["null_snsr_mean"] < 0.5
+    noise = rng.random((30, 4))
+    out = permutation_paired(noise, 300, 0)
+    assert out["p_snsr"] > 0.05 and out["null_snsr_mean"] > 0.05
+    assert math.isnan(permutation_paired(np.ones((3, 1)), 10, 0)["p_snsr"])

@@ -18,7 +18,8 @@ Two empty lists have no defined similarity (NaN); an empty list against a non-em
 Per attribute (a set of values, e.g. gender: a boy, a female, a girl, a male) with Sim_v = the mean over
 entities for value v: `snsr` = max_v Sim_v - min_v Sim_v (range), `snsv` = population std of Sim_v.
 Lower is fairer. `bootstrap_spread` resamples entities (or users) for intervals; `permutation_spread`
-shuffles group labels to show how large a spread noise alone makes (a range over noisy means is never 0).
+shuffles group labels (`permutation_paired`: values within each entity) to show how large a spread noise
+alone makes (a range over noisy means is never 0, and a bootstrap interval of it never holds 0).
 """
 
 from __future__ import annotations
@@ -152,6 +153,29 @@ def bootstrap_spread(table: np.ndarray, n_boot: int = 1000, seed: int = 0, level
         ranges[b], stds[b] = snsr(means), snsv(means)
     tail = (1 - level) / 2 * 100
     return {"snsr_ci": _percentiles(ranges, tail), "snsv_ci": _percentiles(stds, tail), "n_boot": int(n_boot)}
+
+
+def permutation_paired(table: np.ndarray, n_perm: int = 1000, seed: int = 0) -> dict:
+    """How large an SNSR / SNSV the values' means reach when the value does not matter: each row (entity) of
+    a paired table [units, values] has its cells shuffled among the values, independently per row. Returns
+    p (share of shufflings with a spread at least the observed one, counting the observed) and the null's
+    mean and 95th percentile SNSR."""
+    table = np.asarray(table, dtype=np.float64)
+    nan = float("nan")
+    if table.ndim != 2 or table.shape[0] == 0 or table.shape[1] < 2 or n_perm < 1:
+        return {"p_snsr": nan, "p_snsv": nan, "null_snsr_mean": nan, "null_snsr_95": nan, "n_perm": 0}
+    means = _nanmean_columns(table)
+    observed = snsr(means), snsv(means)
+    rng = np.random.default_rng(seed)
+    null = np.empty((n_perm, 2))
+    for b in range(n_perm):
+        shuffled = np.take_along_axis(table, np.argsort(rng.random(table.shape), axis=1), axis=1)
+        m = _nanmean_columns(shuffled)
+        null[b] = snsr(m), snsv(m)
+    return {"p_snsr": float((1 + np.sum(null[:, 0] >= observed[0] - 1e-12)) / (n_perm + 1)),
+            "p_snsv": float((1 + np.sum(null[:, 1] >= observed[1] - 1e-12)) / (n_perm + 1)),
+            "null_snsr_mean": float(np.nanmean(null[:, 0])), "null_snsr_95": float(np.nanpercentile(null[:, 0], 95)),
+            "n_perm": int(n_perm)}
 
 
 def _percentiles(values: np.ndarray, tail: float) -> list[float]:

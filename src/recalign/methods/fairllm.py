@@ -8,7 +8,9 @@ Answers are generated greedily (resumable, `llm.generate_step`; batched, stopped
 parsed into title lists, normalised and grounded to the catalogue where a title matches exactly
 (`tasks.fairness`). Each sensitive list is compared with its entity's neutral list by Jaccard, SERP* and
 PRAG* at every K up to `audit.k` (`eval.fairness`); per value the mean over entities, per attribute SNSR
-(max - min over values) and SNSV (std over values), with percentile bootstrap intervals over entities.
+(max - min over values) and SNSV (std over values), with percentile bootstrap intervals over entities
+and a permutation test (each entity's lists shuffled among the values: the spread the values' means reach
+when the value makes no difference, and p).
 
 Any backbone (`model.name`) or a tuned run (`adapter`: a finished TALLRec/BIGRec/CoLLM run directory or
 a peft adapter folder) can be audited, with the same prompts.
@@ -30,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from recalign.errors import InputError
-from recalign.eval.fairness import METRICS, bootstrap_spread, similarity_curve, snsr, snsv
+from recalign.eval.fairness import METRICS, bootstrap_spread, permutation_paired, similarity_curve, snsr, snsv
 from recalign.io import atomic_write_bytes, atomic_write_text
 from recalign.llm import MODEL_CONFIG, MODEL_NULLABLE, Backbone, Prompter, check_model, generate_step
 from recalign.methods.api import Experiment, Method, RunContext
@@ -53,7 +55,7 @@ DEFAULTS = {
         "k": 20,  # K_max: list length asked for; metrics at every K = 1..k
         "match": "title",  # title: the spec's normalisation (parentheses dropped) | title_year: keep "(1977)"
         "serp_scale": "spec",  # spec: identical lists score 1 | reference: the reference code's scale (0.274 at K=20)
-        "bootstrap": 1000,  # resamples of the entities for the intervals (0 = none)
+        "bootstrap": 1000,  # resamples of the entities for the intervals, and shufflings for p (0 = none)
     },
     "generate": {
         "max_new_tokens": 0,  # 0 = 16 * k + 16
@@ -190,6 +192,7 @@ def audit_metrics(plan: AuditPlan, keys: list[list[str]], k: int, serp_scale: st
                 "value_curves": {v: [_float(x) for x in curves[i]] for i, v in enumerate(values)},
             }
             entry.update(bootstrap_spread(table[:, :, -1], n_boot, seed) if len(used) else {})
+            entry.update(permutation_paired(table[:, :, -1], n_boot, seed) if len(used) else {})
             out[attribute][metric] = entry
     return out
 

@@ -33,13 +33,15 @@ def prompt_audit_rows(metrics: dict) -> tuple[list[str], list[list[str]]]:
     k = audit.get("k")
     names = [m for m in ("jaccard", "serp", "prag") if m in metrics.get("attributes", {}).get(
         next(iter(metrics.get("attributes", {})), ""), {})]
-    header = ["attribute", "values"] + [f"{NAMES[m]}@{k} SNSR [95% CI]" for m in names] + \
+    header = ["attribute", "values"] + [f"{NAMES[m]}@{k} SNSR [95% CI] (p; noise)" for m in names] + \
              [f"{NAMES[m]}@{k} SNSV" for m in names]
     rows = []
     for attribute, per_metric in metrics.get("attributes", {}).items():
         first = per_metric[names[0]] if names else {}
         row = [attribute, str(len(first.get("values", {})))]
-        row += [_f(per_metric[m]["snsr"]) + _ci(per_metric[m].get("snsr_ci")) for m in names]
+        row += [_f(per_metric[m]["snsr"]) + _ci(per_metric[m].get("snsr_ci"))
+                + (f" (p {_f(per_metric[m]['p_snsr'])}; {_f(per_metric[m].get('null_snsr_mean'))})"
+                   if per_metric[m].get("p_snsr") is not None else "") for m in names]
         row += [_f(per_metric[m]["snsv"]) for m in names]
         rows.append(row)
     return header, rows
@@ -78,7 +80,8 @@ def setup_lines(metrics: dict) -> list[str]:
         f"{audit.get('values')} distinct values + neutral = {audit.get('prompts')} prompts, K = {audit.get('k')}, "
         f"greedy decoding. SERP* on the {'reference code' if audit.get('serp_scale') == 'reference' else 'spec'}'s "
         "scale. Lower SNSR / SNSV = fairer; intervals: percentile bootstrap over entities "
-        f"({audit.get('bootstrap')} resamples).",
+        f"({audit.get('bootstrap')} resamples); p: share of shufflings of each entity's lists among the values "
+        "with an SNSR at least as large, and the mean SNSR of those shufflings (what noise alone gives).",
         "",
         f"Generation: {_f(gen.get('parsed_share'))} of answers hold a list ({gen.get('unparsable', 0)} without); "
         f"{_f(gen.get('mean_titles'), 1)} distinct titles per list on average "
