@@ -36,7 +36,7 @@ from recalign.llm.prompts import check_template
 from recalign.llm.slots import SeqProjector
 from recalign.methods.api import Experiment, Method, RunContext
 from recalign.tasks.interpret import (PROBE_SAMPLES, TitleMatcher, bootstrap_interval, check_probe_samples,
-                                      extract_answer, other_user_rows, popularity_ranks, probe_windows,
+                                      named_item_text, other_user_rows, popularity_ranks, probe_windows,
                                       recovery_counts, recovery_metrics, residual_metrics, sequences)
 from recalign.tasks.text import quote_titles
 
@@ -60,6 +60,11 @@ DEFAULTS = {
         "system": "",
         "with_year": False,  # titles in answers (and text prompts) with "(year)": more tokens to generate
         "append_eos": True,  # train the answer followed by the end token, so generation learns to stop
+        # the answer's fixed opening ("This user has watched") is written after the prompt, so training and
+        # generation start at the content: a 135M LLM did not take up the answer's frame from one soft token
+        # within a short training (it kept its own "The movie in List2 is not in List1."); the zero-shot text
+        # control then lists titles too
+        "prefill": True,
         # the reference's prompts and answers; {noun}/{nouns} follow data.domain
         "recovery": {
             "instruction": ("A person has watched a series of {nouns}. The watching list can be represented as: "
@@ -217,12 +222,20 @@ def slot_fills(probe: str, projector: SeqProjector, states: dict[str, torch.Tens
     return {"<SeqH1>": projector(states["list1"][rows]), "<SeqH2>": projector(states["list2"][rows])}
 
 
-def answers(probe: str, frame, titles: list[str], template: str, noun: str, eos: str) -> list[str]:
-    field = ANSWER_FIELD[probe]
+def answer_frame(probe: str, template: str, noun: str, prefill: bool) -> tuple[str, str]:
+    """(the answer template with only its {titles}/{title} field left, the prefilled opening ("" without
+    prefill))."""
+    field = "{" + ANSWER_FIELD[probe] + "}"
+    frame = fill(template, f"prompt.{probe}.answer", noun=noun, nouns=f"{noun}s", **{ANSWER_FIELD[probe]: field})
+    return frame, frame.partition(field)[0].rstrip() if prefill else ""
+
+
+def answers(probe: str, frame, titles: list[str], template: str, opening: str, eos: str) -> list[str]:
+    """The trained answer per window (after the prefilled `opening`)."""
     out = []
     for seq in sequences(frame):
         value = ", ".join(titles[i] for i in seq) if probe == "recovery" else titles[seq[-1]]
-        out.append(fill(template, f"prompt.{probe}.answer", noun=noun, nouns=f"{noun}s", **{field: value}) + eos)
+        out.append(template.replace("{" + ANSWER_FIELD[probe] + "}", value)[len(opening):] + eos)
     return out
 
 
@@ -336,9 +349,8 @@ def run(ctx: RunContext) -> dict:
         section = pcfg[probe]
         prompter = Prompter(section, backbone.tokenizer, pcfg["wrapper"], pcfg["system"], where=f"prompt.{probe}",
                             require=SLOTS[probe])
-        prompt = prompter.render({"noun": noun, "nouns": f"{noun}s"})
-        template = fill(section["answer"], f"prompt.{probe}.answer", noun=noun, nouns=f"{noun}s",
-                        **{ANSWER_FIELD[probe]: "{" + ANSWER_FIELD[probe] + "}"})
+        template, opening = answer_frame(probe, section["answer"], noun, pcfg["prefill"])
+        prompt = prompter.render({"noun": noun, "nouns": f"{noun}s"}) + opening
         max_tokens = int(cfg["generate"][f"{probe}_tokens"])
         batch_size = int(cfg["generate"]["batch_size"])
         texts: dict[str, list[str]] = {}
@@ -362,8 +374,8 @@ def run(ctx: RunContext) -> dict:
         projector = SeqProjector(length, states["train"]["list2"].shape[-1], backbone.hidden_size,
                                  cfg["projector"]["tokens"], cfg["projector"]["pooling"])
         tuned = Tuned(projector, backbone.model if cfg["lora"]["tune"] else None)
-        train_answers = answers(probe, windows["train"], titles, section["answer"], noun, eos)
-        valid_answers = answers(probe, windows["valid"], titles, section["answer"], noun, eos)
+        train_answers = answers(probe, windows["train"], titles, template, opening, eos)
+        valid_answers = answers(probe, windows["valid"], titles, template, opening, eos)
 
         def loss_fn(batch: list[int], probe=probe, prompt=prompt, train_answers=train_answers, projector=projector):
             return backbone.lm_loss([prompt] * len(batch), [train_answers[i] for i in batch],
@@ -395,6 +407,7 @@ def run(ctx: RunContext) -> dict:
             texts[suffix] = generate_slots(
                 ctx.run, backbone, prompt, lambda rows, source=source, probe=probe, projector=projector:
                 slot_fills(probe, projector, source, rows), n_test, f"{probe}{suffix}", max_tokens, batch_size)
+        texts = {suffix: [opening + t for t in generated] for suffix, generated in texts.items()}
         for suffix, generated in texts.items():
             cases[f"{probe}{suffix}"] = generated
         if probe == "recovery":
@@ -412,7 +425,7 @@ def run(ctx: RunContext) -> dict:
             if catalogue is None:
                 catalogue = catalogue_embeddings(ctx, backbone, titles, base_id)
             for suffix, generated in texts.items():
-                names = [extract_answer(t, template, ANSWER_FIELD[probe]) for t in generated]
+                names = [named_item_text(matcher, t, template, ANSWER_FIELD[probe]) for t in generated]
                 ranks, top = residual_ranks(backbone, names, matcher, catalogue, test, cfg)
                 metrics.update(residual_metrics(ranks, suffix))
                 interval(f"residual_top1{suffix}", ranks < 1)

@@ -209,6 +209,19 @@ def extract_answer(text: str, template: str, field: str) -> str:
     return _strip_entry(body)
 
 
+def named_item_text(matcher: "TitleMatcher", text: str, template: str, field: str) -> str:
+    """The name a one-item answer gives: `extract_answer`'s text when it is a title, else the first quoted
+    title in the text (a zero-shot answer such as 'The movie in List2 is "Heat".'), else `extract_answer`'s
+    text (left to grounding by embedding)."""
+    name = extract_answer(text, template, field)
+    if matcher.items_named(name):
+        return name
+    for quoted in re.findall(r'["\u201c]([^"\u201c\u201d]+)["\u201d]', text):
+        if matcher.items_named(quoted):
+            return quoted.strip()
+    return name
+
+
 # ------------------------------------------------------------------------------------------------ metrics
 def recovery_counts(matcher: TitleMatcher, texts: Sequence[str], seqs: Sequence[Sequence[int]],
                     template: str = "", field: str = "titles") -> tuple[np.ndarray, np.ndarray]:
