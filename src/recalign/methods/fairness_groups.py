@@ -195,8 +195,7 @@ _TABLE = "Fairness over ML-100K user groups (leave-one-out, NDCG@10 spread; p = 
 EXPERIMENTS = [
     Experiment("fairness-groups-pop", "fairness-groups", table=_TABLE, quick={"source.recommender": "pop"},
                full={"source.recommender": "pop"}),
-    Experiment("fairness-groups-mf", "fairness-groups", table=_TABLE,
-               quick={"source.recommender": "mf", "cf_train.epochs": 40, "cf_train.max_minutes": 0.5},
+    Experiment("fairness-groups-mf", "fairness-groups", table=_TABLE, profiles=("full",),
                full={"source.recommender": "mf"}),
     Experiment("fairness-groups-sasrec", "fairness-groups", table=_TABLE, profiles=("full",),
                full={"source.recommender": "sasrec"}),

@@ -92,6 +92,11 @@ def setup_lines(metrics: dict) -> list[str]:
     return lines
 
 
+def _cell_text(text: str, limit: int = 160) -> str:
+    """Text for a Markdown table cell: escaped, one line, no column break."""
+    return html.escape(" ".join(text.split()))[:limit].replace("|", "\\|")
+
+
 def prompt_audit_markdown(metrics: dict, plots: dict | None = None) -> str:
     header, rows = prompt_audit_rows(metrics)
     vheader, vrows = value_rows(metrics)
@@ -103,7 +108,7 @@ def prompt_audit_markdown(metrics: dict, plots: dict | None = None) -> str:
     examples = metrics.get("examples", [])
     if examples:
         parts += ["### Example lists (first entity)", "", "| value | first titles |", "|---|---|"]
-        parts += [f"| {e['value']} | {html.escape('; '.join(e['titles'][:5]))[:160]} |" for e in examples]
+        parts += [f"| {e['value']} | {_cell_text('; '.join(e['titles'][:5]))} |" for e in examples]
         parts.append("")
     return "\n".join(parts)
 
