@@ -35,6 +35,9 @@ def main() -> None:
     parser.add_argument("--formats", default="float32,bfloat16,int8")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("RECALIGN_THREADS", "2")))
     parser.add_argument("--results", default=str(RESULTS))
+    parser.add_argument("--scores-dir", default=None,
+                        help="keep each format's scores here (FORMAT.npy) and reuse those already there, so that "
+                             "formats can be scored by separate processes and tabled by a last one")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -66,7 +69,17 @@ def main() -> None:
     noun = data_cfg.get("domain") or ds.domain
 
     rows, scores = [], {}
+    kept = Path(args.scores_dir) if args.scores_dir else None
     for name in formats:
+        if kept is not None and (kept / f"{name}.npy").is_file():
+            saved = json.loads((kept / f"{name}.json").read_text())
+            scores[name] = np.load(kept / f"{name}.npy")
+            if len(scores[name]) != len(frame):
+                raise SystemExit(f"{kept / name}.npy holds {len(scores[name])} scores, not {len(frame)}")
+            metrics = ctr_report(frame, scores[name])
+            rows.append({**saved, "format": name, "auc": metrics["auc"], "uauc": metrics["uauc"]})
+            print(f"{name}: read back from {kept}", flush=True)
+            continue
         dtype, quantize = FORMATS[name]
         backbone = Backbone.load(cfg["model"]["name"], dtype=dtype, quantize=quantize,
                                  batch_size=int(cfg["model"]["batch_size"]), prefix_cache=cfg["model"]["prefix_cache"])
@@ -80,6 +93,10 @@ def main() -> None:
         metrics = ctr_report(frame, scores[name])
         rows.append({"format": name, "auc": metrics["auc"], "uauc": metrics["uauc"], "seconds": seconds,
                      "samples_per_s": len(prompts) / seconds, "precision": backbone.precision})
+        if kept is not None:
+            kept.mkdir(parents=True, exist_ok=True)
+            np.save(kept / f"{name}.npy", scores[name])
+            atomic_write_json(kept / f"{name}.json", {k: v for k, v in rows[-1].items() if k not in ("auc", "uauc")})
         print(f"{name}: AUC {metrics['auc']:.4f} UAUC {metrics['uauc']:.4f}, {len(prompts) / seconds:.2f} samples/s",
               flush=True)
         del backbone
