@@ -81,7 +81,7 @@ DEFAULTS = {
         },
     },
     "lora": {**copy.deepcopy(LORA_CONFIG), "tune": False},  # tune: LoRA trained with the projector
-    "train": train_section(epochs=2, batch_size=4, lr=3e-3, patience=2),
+    "train": train_section(epochs=2, batch_size=4, lr=3e-2, patience=2),  # lr from the valid loss of two trial runs
     "generate": {"recovery_tokens": 64, "residual_tokens": 24, "batch_size": 0},  # greedy; 0 = model.batch_size
     "grounding": {"pooling": "last", "batch_size": 64, "cache_dir": ""},  # "" = $RECALIGN_HOME/grounding
     "eval": {"controls": list(CONTROLS), "mask_list1": True, "bootstrap": 2000},
@@ -168,6 +168,12 @@ def train_encoder(ctx: RunContext, windows: dict):
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model.eval()
+
+
+def encoder_valid(model) -> float | None:
+    """The encoder's best early-stopping score: NDCG@10 of each valid window's last item given the others."""
+    scores = [row["valid"] for row in getattr(model, "train_summary", {}).get("history", []) if "valid" in row]
+    return max(scores) if scores else None
 
 
 @torch.no_grad()
@@ -269,6 +275,30 @@ def generate_slots(store, backbone: Backbone, prompt: str, fills, n: int, name: 
     return state["texts"]
 
 
+@torch.no_grad()
+def answer_nll(backbone: Backbone, prompts: list[str], targets: list[str], fills=None, batch_size: int = 8) -> np.ndarray:
+    """Per window: the mean negative log-likelihood per token of its true answer (teacher-forced; `fills(rows)`
+    gives the slots). Sensitive where greedy generation collapses onto one answer: a projector that carries
+    the window's content gives its own window's answer a lower NLL than another window's representation does.
+    (`Backbone.lm_loss` reduces over the batch, so the per-row loss is computed here.)"""
+    out = np.zeros(len(prompts))
+    with backbone.evaluating():
+        for start in range(0, len(prompts), batch_size):
+            rows = list(range(start, min(len(prompts), start + batch_size)))
+            slots = fills(rows) if fills else None
+            slot_k = {k: (1 if v.dim() == 2 else int(v.shape[1])) for k, v in slots.items()} if slots else None
+            enc = backbone.encode([prompts[i] for i in rows], [targets[i] for i in rows], slot_k=slot_k)
+            keep = int(enc.answer_lengths.max()) + 1
+            logits = backbone.logits(enc, slots, keep=keep).float()
+            logprobs = torch.log_softmax(logits[:, :-1], -1)
+            tokens = enc.input_ids[:, -keep + 1:]
+            picked = logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # [B, keep-1]
+            for j, row in enumerate(rows):
+                n = int(enc.answer_lengths[j])
+                out[row] = -float(picked[j, picked.shape[1] - n:].mean())
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- grounding
 def catalogue_embeddings(ctx: RunContext, backbone: Backbone, texts: list[str], base_id: str) -> torch.Tensor:
     from recalign import assets
@@ -356,11 +386,15 @@ def run(ctx: RunContext) -> dict:
         texts: dict[str, list[str]] = {}
 
         started = time.perf_counter()
+        test_answers = answers(probe, test, titles, template, opening, eos)
         if "text" in controls:  # the frozen base LLM, before any adapter is trained
             backbone.remove_lora()
+            prompts = text_prompts(probe, prompt, test, titles)
             texts["_text"] = [row[0] for row in generate_step(
-                ctx.run, backbone, text_prompts(probe, prompt, test, titles), f"{probe}-text", 1, max_tokens,
-                batch_size)["texts"]]
+                ctx.run, backbone, prompts, f"{probe}-text", 1, max_tokens, batch_size)["texts"]]
+            if ctx.run.load_checkpoint(f"nll-{probe}-text") is None:
+                ctx.run.save_checkpoint(f"nll-{probe}-text", {"text": answer_nll(
+                    backbone, prompts, test_answers, batch_size=batch_size or backbone.batch_size)})
         seconds["eval"] += time.perf_counter() - started
 
         # ---- train the projector (+ LoRA) on the answer's LM loss
@@ -399,8 +433,26 @@ def run(ctx: RunContext) -> dict:
         seconds["train"] += time.perf_counter() - started
         tuned.eval()
 
-        # ---- generate from the representations and from the control representations
+        # ---- the true answers' likelihood, then generation, from the representations and the controls
         started = time.perf_counter()
+        nll = {**(ctx.run.load_checkpoint(f"nll-{probe}") or {}), **(ctx.run.load_checkpoint(f"nll-{probe}-text") or {})}
+        for suffix, source in test_states.items():
+            key = suffix[1:] or "model"
+            if (not suffix or key in controls) and key not in nll:
+                nll[key] = answer_nll(backbone, [prompt] * n_test, test_answers,
+                                      lambda rows, source=source, probe=probe, projector=projector:
+                                      slot_fills(probe, projector, source, rows), batch_size or backbone.batch_size)
+        ctx.run.save_checkpoint(f"nll-{probe}", nll)
+        for key, values in nll.items():
+            suffix = "" if key == "model" else f"_{key}"
+            metrics[f"{probe}_nll{suffix}"] = float(np.mean(values))
+            interval(f"{probe}_nll{suffix}", values)
+        nll = {("" if k == "model" else f"_{k}"): v for k, v in nll.items()}
+        for suffix in ("_shuffled", "_random"):
+            if suffix in nll:
+                gap = np.asarray(nll[suffix]) - np.asarray(nll[""])
+                metrics[f"{probe}_nll_gap{suffix}"] = float(gap.mean())
+                interval(f"{probe}_nll_gap{suffix}", gap)
         for suffix, source in test_states.items():
             if suffix and suffix[1:] not in controls:
                 continue
@@ -446,7 +498,7 @@ def run(ctx: RunContext) -> dict:
         "test": metrics, "valid": {},
         "seconds": {"train": seconds["encoder"] + seconds["train"], "eval": seconds["eval"], **seconds},
         "recovery_distribution": dists, "intervals": intervals, "training": training,
-        "encoder": {"model": encoder.name, "params": encoder.params,
+        "encoder": {"model": encoder.name, "params": encoder.params, "valid_ndcg@10": encoder_valid(encoder),
                     "summary": getattr(encoder, "train_summary", {})},
         "samples": {**windows["sizes"], "train_windows": len(windows["train"]), "valid_windows": len(windows["valid"]),
                     "test_windows": n_test},
@@ -461,7 +513,7 @@ def report(metrics: dict) -> str:
     test = metrics.get("test", {})
     labels = {"": "projected representation", "_random": "random vectors", "_shuffled": "another user's window",
               "_text": "titles as text (zero-shot)", "_pop": "popularity"}
-    columns = ["recovery_mean", "recovery_precision", "residual_top1", "residual_top5"]
+    columns = ["recovery_mean", "recovery_precision", "recovery_nll", "residual_top1", "residual_top5", "residual_nll"]
     rows = []
     for suffix, label in labels.items():
         values = {c: test.get(f"{c}{suffix}") for c in columns}
@@ -495,10 +547,12 @@ METHODS = [Method("recinterpreter", "RecInterpreter: a frozen sequential recomme
 
 _TABLE = "RecInterpreter: can the LLM read the recommender's hidden states? (recovery / residual, controls)"
 EXPERIMENTS = [
+    # a few minutes on a quiet 2-core CPU: the residual probe at a tiny N, its controls but the text one
     Experiment("recinterpreter", "recinterpreter", table=_TABLE, profiles=("quick",),
-               quick={"samples.train_size": 48, "samples.valid_size": 8, "samples.test_size": 16,
-                      "encoder.train.max_minutes": 0.5, "train.epochs": 1, "generate.recovery_tokens": 40,
-                      "generate.residual_tokens": 16, "eval.controls": ["random", "pop"]}),
+               quick={"probes": ["residual"], "samples.train_size": 32, "samples.valid_size": 8,
+                      "samples.test_size": 16, "encoder.train.max_minutes": 0.5, "train.epochs": 1,
+                      "generate.residual_tokens": 16, "eval.controls": ["random", "shuffled", "pop"]}),
+    # N in the thousands, 200 test windows, both probes per encoder: hours on a CPU
     *[Experiment(f"recinterpreter-{encoder}", "recinterpreter", table=_TABLE, profiles=("full",),
                  full={"encoder.model": encoder, "samples.train_size": 2048, "samples.test_size": 200,
                        "train.epochs": 2})

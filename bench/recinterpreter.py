@@ -1,0 +1,130 @@
+"""RecInterpreter on ML-100K with SmolLM2-135M: can the frozen LLM read a frozen sequential recommender's hidden
+states through a trained projector? One `recalign run recinterpreter` per (encoder, seed), resumable; prints
+the tables and writes JSON (every metric, its 95% bootstrap interval over the test windows, the encoder's
+valid NDCG@10).
+
+    python bench/recinterpreter.py --encoders sasrec gru4rec caser --seeds 0 --recovery sasrec \\
+        --train-size 256 --test-size 50 --encoder-minutes 3 --out runs/bench-recinterpreter
+
+The residual probe runs for every (encoder, seed); the recovery probe (long answers, costly on a CPU) for the
+encoders named by --recovery, first seed only. Test windows are the same for every run (samples.subset_seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from recalign.runner import run_method  # noqa: E402
+
+VARIANTS = [("", "projected hidden states"), ("_shuffled", "another user's window"),
+            ("_random", "random vectors"), ("_text", "titles as text (zero-shot)"), ("_pop", "popularity")]
+
+
+def parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--encoders", nargs="+", default=["sasrec", "gru4rec", "caser"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--recovery", nargs="*", default=["sasrec"], help="encoders that also run the recovery probe")
+    parser.add_argument("--train-size", type=int, default=256)
+    parser.add_argument("--valid-size", type=int, default=16)
+    parser.add_argument("--test-size", type=int, default=50)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--encoder-minutes", type=float, default=3.0)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--out", default="runs/bench-recinterpreter")
+    parser.add_argument("--json", default="bench/results/recinterpreter.json")
+    parser.add_argument("--set", dest="extra", action="append", default=[], help="more --set overrides for every run")
+    return parser.parse_args()
+
+
+def run_one(args, encoder: str, seed: int, probes: list[str]) -> dict:
+    out = Path(args.out) / f"{encoder}-seed{seed}"
+    sets = [f"model.name={args.model}", f"encoder.model={encoder}", f"seed={seed}",
+            f"probes=[{', '.join(probes)}]", f"samples.train_size={args.train_size}",
+            f"samples.valid_size={args.valid_size}", f"samples.test_size={args.test_size}",
+            f"train.epochs={args.epochs}", f"encoder.train.max_minutes={args.encoder_minutes}", *args.extra]
+    metrics = run_method("recinterpreter", "ml-100k", out, sets=sets, resume=True)
+    saved = json.loads((out / "metrics.json").read_text())
+    return {"encoder": encoder, "seed": seed, "probes": probes, "out": str(out), "test": metrics["test"],
+            "intervals": saved.get("intervals", {}), "samples": saved.get("samples", {}),
+            "encoder_valid_ndcg@10": saved.get("encoder", {}).get("valid_ndcg@10"),
+            "encoder_epochs": saved.get("encoder", {}).get("summary", {}).get("epochs"),
+            "seconds": saved.get("seconds", {}), "recovery_distribution": saved.get("recovery_distribution", {}),
+            "training": {p: {k: v for k, v in t.items() if k != "history"} for p, t in saved.get("training", {}).items()}}
+
+
+def cell(row: dict, name: str) -> str:
+    value = row["test"].get(name)
+    if value is None:
+        return "–"
+    interval = row["intervals"].get(name)
+    return f"{value:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else f"{value:.3f}"
+
+
+def tables(rows: list[dict]) -> str:
+    lines = []
+    residual = [r for r in rows if "residual" in r["probes"]]
+    if residual:
+        n = residual[0]["samples"].get("test_windows")
+        lines += [f"Residual probe ({n} test windows; 95% bootstrap intervals)", "",
+                  "| encoder | seed | encoder valid NDCG@10 | variant | top-1 | top-5 | answer NLL |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in residual:
+            for suffix, label in VARIANTS:
+                if f"residual_top1{suffix}" not in r["test"]:
+                    continue
+                best = r["encoder_valid_ndcg@10"] or float("nan")
+                lines.append(f"| {r['encoder']} | {r['seed']} | {best:.4f} | {label} | {cell(r, 'residual_top1' + suffix)} "
+                             f"| {cell(r, 'residual_top5' + suffix)} | {cell(r, 'residual_nll' + suffix)} |")
+            lines.append(f"| {r['encoder']} | {r['seed']} | | NLL(shuffled) − NLL(own) | | | "
+                         f"{cell(r, 'residual_nll_gap_shuffled')} |")
+        lines.append("")
+    recovery = [r for r in rows if "recovery" in r["probes"]]
+    if recovery:
+        n = recovery[0]["samples"].get("test_windows")
+        length = len(recovery[0]["recovery_distribution"].get("recovery_dist", [0] * 11)) - 1
+        lines += [f"Recovery probe ({n} test windows; titles recovered of L = {length})", "",
+                  "| encoder | seed | variant | mean recovered | precision | answer NLL |", "|---|---|---|---|---|---|"]
+        for r in recovery:
+            for suffix, label in VARIANTS:
+                if f"recovery_mean{suffix}" in r["test"]:
+                    lines.append(f"| {r['encoder']} | {r['seed']} | {label} | {cell(r, 'recovery_mean' + suffix)} | "
+                                 f"{cell(r, 'recovery_precision' + suffix)} | {cell(r, 'recovery_nll' + suffix)} |")
+            lines.append(f"| {r['encoder']} | {r['seed']} | NLL(shuffled) − NLL(own) | | | "
+                         f"{cell(r, 'recovery_nll_gap_shuffled')} |")
+    return "\n".join(lines)
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
+                    platform.processor())
+    except OSError:
+        return platform.processor()
+
+
+def main() -> None:
+    args = parse()
+    rows = []
+    for seed in args.seeds:
+        for encoder in args.encoders:
+            probes = (["recovery", "residual"] if encoder in args.recovery and seed == args.seeds[0] else ["residual"])
+            rows.append(run_one(args, encoder, seed, probes))
+            print(tables(rows[-1:]), flush=True)
+    text = tables(rows)
+    print("\n" + text)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"machine": cpu_model(), "args": vars(args), "runs": rows}, indent=2))
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
