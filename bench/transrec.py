@@ -122,15 +122,15 @@ def speed(args) -> dict:
         started = time.perf_counter()
         docs = docs_ml if n == len(docs_ml) else synthetic_docs(n, tokenizer, ds)
         make_seconds = time.perf_counter() - started
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         index = TokenIndex.build(docs, eos)
-        build = time.perf_counter() - started
+        build, build_cpu = time.perf_counter() - started, time.process_time() - cpu
         n_tokens = index.n_tokens
-        peer = None
+        peer = peer_cpu = None
         if n_tokens <= args.numpy_max_tokens:
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             sa = numpy_doubling_sa(index.text[:-1])
-            peer = time.perf_counter() - started
+            peer, peer_cpu = time.perf_counter() - started, time.process_time() - cpu
             assert np.array_equal(sa, index.sa), "numpy doubling and divsufsort disagree"
             del sa
         # beam-like queries: a random document, a random start, 1-8 tokens; cold cache (first query of a
@@ -141,33 +141,39 @@ def speed(args) -> dict:
             d = index.doc(int(rng.integers(index.n_docs))).tolist()
             i = int(rng.integers(len(d)))
             patterns.append(d[i:i + int(rng.integers(1, 9))])
+        # per-query times are this thread's CPU time: on a shared machine the wall time of a sub-millisecond
+        # call is mostly waiting for a core (the wall-clock percentiles are kept too)
         index._cache.clear()
-        cold, step = [], []
+        cold, step, cold_wall = [], [], []
         for p in patterns:
-            t0 = time.perf_counter()
+            t0, w0 = time.thread_time(), time.perf_counter()
             tokens, _ = index.next_tokens(p)
-            cold.append(time.perf_counter() - t0)
+            cold.append(time.thread_time() - t0)
+            cold_wall.append(time.perf_counter() - w0)
             nxt = [t for t in tokens.tolist() if t != eos]
             if nxt:
-                t0 = time.perf_counter()
+                t0 = time.thread_time()
                 index.next_tokens(p + [nxt[0]])
-                step.append(time.perf_counter() - t0)
+                step.append(time.thread_time() - t0)
         # the plain vectorised peer: range by binary search, then gather the whole range's next column
         gather = []
         for p in patterns[:min(len(patterns), 500)]:
-            t0 = time.perf_counter()
+            t0 = time.thread_time()
             lo, hi = index.range(p)
             _runs(index.text[index.sa[lo:hi].astype(np.int64) + len(p)])
-            gather.append(time.perf_counter() - t0)
-        size = sum(a.nbytes for a in (index.text, index.sa, index.first, index.uni_tokens, index.uni_counts,
+            gather.append(time.thread_time() - t0)
+        size = sum(a.nbytes for a in (index.text, index.sa, index.uni_tokens, index.uni_counts,
                                       index.bi_offsets, index.bi_tokens, index.bi_counts, index.starts))
+        size += sum(a.nbytes + b.nbytes for a, b in index.wide.values())
 
         def us(values, q):
             return float(np.percentile(values, q) * 1e6) if values else None
 
         row = {"items": n, "tokens": n_tokens, "make_docs_s": make_seconds, "build_s": build,
-               "numpy_doubling_s": peer, "index_mb": size / 2**20,
+               "build_cpu_s": build_cpu, "numpy_doubling_s": peer, "numpy_doubling_cpu_s": peer_cpu,
+               "index_mb": size / 2**20, "wide_patterns": len(index.wide),
                "cold_us": {q: us(cold, q) for q in (50, 95, 99, 100)},
+               "cold_wall_us": {q: us(cold_wall, q) for q in (50, 95, 99, 100)},
                "step_us": {q: us(step, q) for q in (50, 95, 99, 100)},
                "gather_us": {q: us(gather, q) for q in (50, 95, 99, 100)}, "queries": len(patterns)}
         rows.append(row)
@@ -175,12 +181,14 @@ def speed(args) -> dict:
         del index, docs
     out = {"machine": machine(), "command": " ".join(sys.argv), "rows": rows}
     _write("transrec-speed.json", out)
-    print("\n| items | corpus tokens | build (s) | numpy doubling (s) | index MB | step query p50 / p99 (us) | "
-          "cold query p50 / p99 (us) | gather-range peer p50 / p99 (us) |")
+    print("\n| items | corpus tokens | build wall / CPU (s) | numpy doubling wall / CPU (s) | index MB | "
+          "step query p50 / p99 (us CPU) | cold query p50 / p99 (us CPU) | gather-range peer p50 / p99 (us CPU) |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        peer = f"{r['numpy_doubling_s']:.2f}" if r["numpy_doubling_s"] is not None else "–"
-        print(f"| {r['items']:,} | {r['tokens']:,} | {r['build_s']:.2f} | {peer} | {r['index_mb']:.0f} | "
+        peer = (f"{r['numpy_doubling_s']:.2f} / {r['numpy_doubling_cpu_s']:.2f}" if r["numpy_doubling_s"] is not None
+                else "–")
+        print(f"| {r['items']:,} | {r['tokens']:,} | {r['build_s']:.2f} / {r['build_cpu_s']:.2f} | {peer} | "
+              f"{r['index_mb']:.0f} | "
               f"{r['step_us'][50]:.0f} / {r['step_us'][99]:.0f} | {r['cold_us'][50]:.0f} / {r['cold_us'][99]:.0f} | "
               f"{r['gather_us'][50]:.0f} / {r['gather_us'][99]:.0f} |")
     return out
@@ -210,23 +218,27 @@ def decode(args) -> dict:
             inside = [0.0]
             if mode == "constrained":
                 processor = IndexConstraint(index, backbone.tokenizer.eos_token_id, FacetRule(), backbone.pad_id)
+            timed = _Timed(processor, inside)  # without a processor: only counts the decoding steps
             started = time.perf_counter()
             gen = backbone.generate(prompts, num_beams=args.beams, max_new_tokens=args.max_new_tokens,
-                                    batch_size=len(prompts), length_penalty=0.0,
-                                    logits_processor=None if processor is None else _Timed(processor, inside))
+                                    batch_size=len(prompts), length_penalty=0.0, logits_processor=timed)
             seconds = time.perf_counter() - started
             lengths = [len(t) for row in gen.token_ids for t in row]
             valid = (sum(index.count(t) > 0 for row in gen.token_ids for t in row if t) / max(1, len(lengths)))
             run = {"repeat": repeat, "mode": mode, "seconds": seconds, "processor_seconds": inside[0],
+                   "steps": timed.calls, "seconds_per_step": seconds / max(1, timed.calls),
                    "mean_new_tokens": float(np.mean(lengths)), "in_corpus": valid}
             out["runs"].append(run)
             print(json.dumps(run), flush=True)
     _write("transrec-decode.json", out)
     by = {m: [r for r in out["runs"] if r["mode"] == m] for m in ("unconstrained", "constrained")}
-    print("\n| mode | seconds (median of repeats) | in the processor | mean new tokens per beam | beams in corpus |")
-    print("|---|---|---|---|---|")
+    print("\n| mode | seconds (median of repeats) | decoding steps | seconds per step | in the processor (s) | "
+          "mean new tokens per beam | beams in the corpus |")
+    print("|---|---|---|---|---|---|---|")
     for m, runs in by.items():
         print(f"| {m} | {statistics.median(r['seconds'] for r in runs):.1f} | "
+              f"{statistics.median(r['steps'] for r in runs):g} | "
+              f"{statistics.median(r['seconds_per_step'] for r in runs):.2f} | "
               f"{statistics.median(r['processor_seconds'] for r in runs):.2f} | "
               f"{statistics.median(r['mean_new_tokens'] for r in runs):.1f} | "
               f"{statistics.median(r['in_corpus'] for r in runs):.2f} |")
@@ -234,12 +246,16 @@ def decode(args) -> dict:
 
 
 class _Timed:
-    """A LogitsProcessor that times another one."""
+    """A LogitsProcessor that times another one (or, without one, passes the scores through) and counts the
+    decoding steps."""
 
     def __init__(self, inner, total):
-        self.inner, self.total = inner, total
+        self.inner, self.total, self.calls = inner, total, 0
 
     def __call__(self, input_ids, scores):
+        self.calls += 1
+        if self.inner is None:
+            return scores
         t0 = time.perf_counter()
         result = self.inner(input_ids, scores)
         self.total[0] += time.perf_counter() - t0

@@ -10,7 +10,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from recalign.errors import InputError
-from recalign.eval import token_index
 from recalign.eval.token_index import TokenIndex, cached_index, check_memory, estimate_bytes
 
 END = 2
@@ -69,10 +68,11 @@ def corpora(draw):
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(corpora())
-def test_queries_match_a_brute_force_scan(data):
+@given(corpora(), st.sampled_from([0, 1, 3, 4096]))
+def test_queries_match_a_brute_force_scan(data, wide_rows):
     docs, patterns = data
-    index = TokenIndex.build(docs, END)
+    # wide_rows 0: every pattern's next tokens precomputed at build time; 4096: all computed per query
+    index = TokenIndex.build(docs, END, wide_rows=wide_rows)
     assert index.n_docs == len(docs) and index.n_tokens == sum(len(d) + 1 for d in docs)
     assert [index.doc(i).tolist() for i in range(len(docs))] == [list(d) for d in docs]
     for pattern in [[]] + patterns:
@@ -83,32 +83,22 @@ def test_queries_match_a_brute_force_scan(data):
             check_queries(index, docs, list(pattern) + [extra])
 
 
-@settings(max_examples=40, deadline=None)
-@given(corpora())
-def test_galloping_and_gathering_agree(data):
-    docs, patterns = data
-    index = TokenIndex.build(docs, END)
-    for pattern in patterns:
-        if len(pattern) < 2:
-            continue
-        lo, hi = index.range(pattern)
-        gathered = index._distinct(lo, hi, len(pattern))
-        old = token_index.GATHER_ROWS
-        token_index.GATHER_ROWS = 0  # every range galloped
-        try:
-            galloped = index._distinct(lo, hi, len(pattern))
-        finally:
-            token_index.GATHER_ROWS = old
-        assert gathered[0].tolist() == galloped[0].tolist() and gathered[1].tolist() == galloped[1].tolist()
-
-
-def test_a_wide_range_with_many_next_tokens_switches_to_one_gather(monkeypatch):
-    # token 5 followed by 200 different tokens: galloping stops after 64 and gathers the rest
-    docs = [[7, 5, 100 + i] for i in range(200)] + [[7, 5, 100]]
-    index = TokenIndex.build(docs, END)
-    monkeypatch.setattr(token_index, "GATHER_ROWS", 0)
-    tokens, counts = index.next_tokens([7, 5])
-    assert tokens.tolist() == list(range(100, 300)) and counts.tolist() == [2] + [1] * 199
+def test_wide_patterns_are_precomputed_exactly_and_survive_the_cache(tmp_path):
+    rng = np.random.default_rng(0)
+    docs = [[10, 11, int(rng.integers(20, 23)), int(rng.integers(30, 200)), 40] for _ in range(3000)]
+    index = TokenIndex.build(docs, END, wide_rows=100)
+    # (10, 11) and (10, 11, x) occur ~1000-3000 times: precomputed; (10, 11, 20, y) occurs a handful of times
+    assert (10, 11) in index.wide and (10, 11, 20) in index.wide and (11, 21) in index.wide
+    assert not any(len(p) == 4 for p in index.wide)
+    assert all(index.count(p) > 100 for p in index.wide)
+    for pattern in [(10, 11), (10, 11, 21), (11, 22), (10, 11, 20, 57), (57, 40)]:
+        check_queries(index, docs, list(pattern))
+    first, _ = cached_index(docs, END, tmp_path, wide_rows=100)
+    again, cached = cached_index(docs, END, tmp_path, wide_rows=100)
+    assert cached and set(again.wide) == set(index.wide) == set(first.wide)
+    for p in first.wide:
+        assert again.wide[p][0].tolist() == first.wide[p][0].tolist()
+        assert again.wide[p][1].tolist() == first.wide[p][1].tolist()
 
 
 def test_hand_checked_example():
