@@ -48,13 +48,21 @@ def audit_prompts(backbone, n: int, k: int) -> list[str]:
 
 
 def speed(args) -> dict:
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
     from recalign.llm import Backbone
-    from recalign.methods.fairllm import list_end_criteria
+    from recalign.tasks.fairness import list_complete
+
+    class ListEnd(StoppingCriteria):  # what `recalign run fairllm` stops rows with (generate.stop_at_list_end)
+        def __call__(self, input_ids, scores, **kwargs):
+            tails = backbone.tokenizer.batch_decode(input_ids[:, -40:], skip_special_tokens=True)
+            return torch.tensor([list_complete(t, args.k) for t in tails], device=input_ids.device)
 
     backbone = Backbone.load(args.model, batch_size=args.batch)
     prompts = audit_prompts(backbone, args.prompts, args.k)
     max_new = 16 * args.k + 16
-    stop = list_end_criteria(backbone.tokenizer, args.k)
+    stop = StoppingCriteriaList([ListEnd()])
     modes = {
         "batched": dict(batch_size=args.batch, stopping_criteria=stop),
         "batched-nostop": dict(batch_size=args.batch),
@@ -119,8 +127,7 @@ def table(args) -> str:
 
 
 def rescore(args) -> dict:
-    from recalign.methods.fairllm import audit_metrics, headline_metrics
-    from recalign.tasks.fairness import AuditPlan, list_keys
+    from recalign.tasks.fairness import AuditPlan, audit_metrics, headline_metrics, list_keys
 
     run = Path(args.run)
     metrics = json.loads((run / "metrics.json").read_text())

@@ -186,7 +186,7 @@ def test_entities_from_names_popularity_and_files(ml100k, tmp_path):
 
 # ------------------------------------------------------------------------------- metrics of a plan
 def test_audit_metrics_on_hand_made_lists():
-    from recalign.methods.fairllm import audit_metrics, headline_metrics
+    from recalign.tasks.fairness import audit_metrics, headline_metrics
 
     plan = AuditPlan(["X", "Y", "Z"], {"g": ["v1", "v2"]}, "a")
     keys = [None] * len(plan)
@@ -303,3 +303,11 @@ def test_paired_permutation_tells_a_value_effect_from_noise():
     out = permutation_paired(noise, 300, 0)
     assert out["p_snsr"] > 0.05 and out["null_snsr_mean"] > 0.05
     assert math.isnan(permutation_paired(np.ones((3, 1)), 10, 0)["p_snsr"])
+
+
+def test_list_complete_marks_the_end_of_the_kth_item():
+    from recalign.tasks.fairness import list_complete
+
+    assert not list_complete("1. A\n2. B", 2)  # the second title may still be growing
+    assert list_complete("1. A\n2. B\n", 2) and list_complete("intro\n(3) C\n", 3)
+    assert not list_complete("1. A\n12. B\n", 2) and not list_complete("2.\n", 2)

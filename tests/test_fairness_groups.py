@@ -38,8 +38,7 @@ def test_permutation_spread_separates_a_real_gap_from_noise():
 
 def test_user_groups_age_bands_and_activity():
     from recalign.data import load_dataset
-    from recalign.methods.fairness_groups import activity_groups
-    from recalign.tasks.fairness import user_groups
+    from recalign.tasks.fairness import activity_groups, user_groups
 
     ds = load_dataset("ml-100k")
     ages = user_groups(ds, "age")

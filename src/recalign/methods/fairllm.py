@@ -25,21 +25,20 @@ plots (`fairness-snsr-vs-k.png`, `fairness-snsr.png`).
 from __future__ import annotations
 
 import copy
-import re
 import time
 from pathlib import Path
 
 import numpy as np
 
 from recalign.errors import InputError
-from recalign.eval.fairness import METRICS, bootstrap_spread, permutation_paired, similarity_curve, snsr, snsv
 from recalign.io import atomic_write_bytes, atomic_write_text
 from recalign.llm import MODEL_CONFIG, MODEL_NULLABLE, Backbone, Prompter, check_model, generate_step
 from recalign.methods.api import Experiment, Method, RunContext
 from recalign.report.fairness import prompt_audit_html, prompt_audit_markdown, prompt_audit_plots
-from recalign.tasks.fairness import (ENTITIES, FAIRLLM_PROMPT, TEMPLATE_FIELDS, AuditPlan, CatalogueIndex,
-                                     MATCH_MODES, check_entities, check_prompt, fill_template, list_keys, load_attributes,
-                                     parse_list, pick_entities)
+from recalign.tasks.fairness import (ENTITIES, FAIRLLM_PROMPT, MATCH_MODES, TEMPLATE_FIELDS, AuditPlan,
+                                     CatalogueIndex, audit_metrics, check_entities, check_prompt, fill_template,
+                                     headline_metrics, list_complete, list_keys, load_attributes, parse_list,
+                                     pick_entities)
 
 DEFAULTS = {
     "model": {**copy.deepcopy(MODEL_CONFIG), "batch_size": 16},
@@ -137,16 +136,14 @@ def adapter_dir(path: str, model_name: str) -> Path:
 # ------------------------------------------------------------------------------------- generation
 def list_end_criteria(tokenizer, k: int):
     """A stopping criterion: a row is done once its text holds the K-th numbered item and the line after
-    it has started (so the K-th title is complete). Only the last tokens of each row are decoded."""
+    it has started (`tasks.fairness.list_complete`). Only the last tokens of each row are decoded."""
     from transformers import StoppingCriteria, StoppingCriteriaList
     import torch
-
-    pattern = re.compile(rf"(?m)^\s*(?:\(?{k}[.)]|#{k}[.:)]?)[^\n]*\S[^\n]*\n")
 
     class ListEnd(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
             tails = tokenizer.batch_decode(input_ids[:, -40:], skip_special_tokens=True)
-            return torch.tensor([bool(pattern.search(t)) for t in tails], device=input_ids.device)
+            return torch.tensor([list_complete(t, k) for t in tails], device=input_ids.device)
 
     return StoppingCriteriaList([ListEnd()])
 
@@ -166,52 +163,6 @@ def generate_lists(ctx: RunContext, backbone: Backbone, prompts: list[str], k: i
     return [row[0] for row in state["texts"]], {"seconds": seconds, "generated_here": new,
                                                "from_checkpoint": len(prompts) - new, "max_new_tokens": max_new,
                                                "prompts_per_second": new / seconds if new and seconds > 0 else None}
-
-
-# ------------------------------------------------------------------------------------------ metrics
-def audit_metrics(plan: AuditPlan, keys: list[list[str]], k: int, serp_scale: str, n_boot: int, seed: int) -> dict:
-    """Per attribute and similarity: per-value means (at K and as curves), SNSR/SNSV (curves, value at K,
-    bootstrap intervals). Entities whose neutral answer holds no list are left out (counted)."""
-    used = [e for e in range(len(plan.entities)) if keys[plan.index(e, plan.neutral)]]
-    out: dict = {}
-    for attribute, values in plan.attributes.items():
-        out[attribute] = {}
-        for metric in METRICS:
-            # [entities, values, K]
-            table = np.array([[similarity_curve(keys[plan.index(e, v)], keys[plan.index(e, plan.neutral)], k,
-                                                metric, serp_scale) for v in values] for e in used],
-                             dtype=np.float64).reshape(len(used), len(values), k)
-            with np.errstate(invalid="ignore"):
-                curves = np.nanmean(table, axis=0) if len(used) else np.full((len(values), k), np.nan)
-            at_k = curves[:, -1]
-            entry = {
-                "values": {v: _float(m) for v, m in zip(values, at_k)},
-                "snsr": snsr(at_k), "snsv": snsv(at_k),
-                "curve_snsr": [snsr(curves[:, j]) for j in range(k)],
-                "curve_snsv": [snsv(curves[:, j]) for j in range(k)],
-                "value_curves": {v: [_float(x) for x in curves[i]] for i, v in enumerate(values)},
-            }
-            entry.update(bootstrap_spread(table[:, :, -1], n_boot, seed) if len(used) else {})
-            entry.update(permutation_paired(table[:, :, -1], n_boot, seed) if len(used) else {})
-            out[attribute][metric] = entry
-    return out
-
-
-def _float(x) -> float | None:
-    x = float(x)
-    return None if x != x else x
-
-
-def headline_metrics(attributes: dict, k: int) -> dict:
-    out = {}
-    for metric in METRICS:
-        means = [m for per in attributes.values() for m in per[metric]["values"].values() if m is not None]
-        out[f"{metric}@{k}"] = float(np.mean(means)) if means else float("nan")
-    for attribute, per in attributes.items():
-        for metric in METRICS:
-            out[f"{metric}@{k}_snsr_{attribute}"] = per[metric]["snsr"]
-            out[f"{metric}@{k}_snsv_{attribute}"] = per[metric]["snsv"]
-    return out
 
 
 def generation_stats(plan: AuditPlan, texts: list[str], keys: list[list[str]], index: CatalogueIndex, k: int,

@@ -31,7 +31,7 @@ from recalign.eval.fairness import group_means, permutation_spread
 from recalign.eval.metrics import auc, target_ranks
 from recalign.methods.api import Experiment, Method, RunContext
 from recalign.report.fairness import group_audit_markdown
-from recalign.tasks.fairness import AGE_BANDS, age_labels, check_age_bands, user_groups
+from recalign.tasks.fairness import AGE_BANDS, activity_groups, age_labels, check_age_bands, user_groups
 
 DEFAULTS = {
     "source": {
@@ -145,12 +145,6 @@ def _check_users(users: np.ndarray, ds, path: Path) -> None:
         raise InputError(f"{path}: no cases")
     if users.min() < 0 or users.max() >= ds.n_users:
         raise InputError(f"{path}: user ids outside this dataset's {ds.n_users} users (a run on another dataset?)")
-
-
-def activity_groups(activity: np.ndarray) -> np.ndarray:
-    """Thirds of the users by their number of interactions: low / mid / high (ties at a cut go lower)."""
-    low, high = np.quantile(activity, [1 / 3, 2 / 3])
-    return np.where(activity <= low, "low", np.where(activity <= high, "mid", "high")).astype(object)
 
 
 # ---------------------------------------------------------------------------------------------- run

@@ -144,8 +144,12 @@ def prompt_audit_plots(metrics: dict) -> dict[str, bytes]:
         cis = [_interval(attributes[a][metric].get("snsr_ci"), v) for a, v in zip(attributes, values)]
         lows = [max(0.0, v - low) for v, (low, _) in zip(values, cis)]
         highs = [max(0.0, high - v) for v, (_, high) in zip(values, cis)]
-        ax.bar([i + j * width for i in range(len(attributes))], values, width, label=f"{NAMES[metric]}@{k}",
-               yerr=[lows, highs], capsize=2)
+        positions = [i + j * width for i in range(len(attributes))]
+        ax.bar(positions, values, width, label=f"{NAMES[metric]}@{k}", yerr=[lows, highs], capsize=2)
+        noise = [attributes[a][metric].get("null_snsr_mean") for a in attributes]
+        if any(v is not None for v in noise):
+            ax.scatter(positions, [float("nan") if v is None else v for v in noise], marker="_", s=120,
+                       color="black", zorder=3, label="noise (shuffled values)" if j == 0 else None)
     ax.set_xticks([i + width for i in range(len(attributes))])
     ax.set_xticklabels(list(attributes), rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(f"SNSR at K = {k}")

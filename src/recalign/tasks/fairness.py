@@ -23,7 +23,12 @@ Prompt audit (FaiRLLM, Zhang et al. RecSys 2023; reference jizhi-zhang/FaiRLLM)
 - `CatalogueIndex`: grounds a key to catalogue items by exact key match (no nearest-item guess: a title
   the model made up stays ungrounded instead of becoming some real item).
 
-Group audit: `user_groups` labels users by a user attribute (gender, an age band, occupation).
+Metrics of a plan (`audit_metrics`): per attribute and similarity (Jaccard, SERP*, PRAG*; `eval.fairness`)
+the per-value means over entities at every K, SNSR / SNSV, bootstrap intervals and the permutation p;
+`headline_metrics` flattens them into a run's test metrics.
+
+Group audit: `user_groups` labels users by a user attribute (gender, an age band, occupation),
+`activity_groups` by their number of interactions (thirds).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import yaml
 
 from recalign.data import Dataset
 from recalign.errors import InputError
+from recalign.eval.fairness import METRICS, bootstrap_spread, permutation_paired, similarity_curve, snsr, snsv
 
 ATTRIBUTES_DIR = Path(__file__).parent / "attributes"
 BUILTIN_ATTRIBUTES = ("paper", "typos", "ml-100k-users")
@@ -302,6 +308,12 @@ def title_key(title: str, with_year: bool = False) -> str:
     return f"{key}{years[-1]}" if key and years else key
 
 
+def list_complete(text: str, k: int) -> bool:
+    """True once `text` holds the K-th numbered item ("K. ...", "K) ...", "(K) ...") followed by a line
+    break, i.e. the list asked for is complete (a generation can stop there)."""
+    return bool(re.search(rf"(?m)^\s*(?:\({k}\)|{k}[.)]|#{k}[.:)]?)[^\n]*\S[^\n]*\n", text))
+
+
 def list_keys(text: str, with_year: bool = False) -> list[str]:
     """Comparison keys of a generated answer's titles, in order, de-duplicated (first occurrence kept)."""
     seen, out = set(), []
@@ -332,6 +344,53 @@ class CatalogueIndex:
         return found[0] if found else -1
 
 
+# ------------------------------------------------------------------------------------------ metrics
+def audit_metrics(plan: AuditPlan, keys: list[list[str]], k: int, serp_scale: str, n_boot: int, seed: int) -> dict:
+    """Per attribute and similarity: per-value means (at K and as curves), SNSR/SNSV (curves, value at K,
+    bootstrap intervals, permutation p). Entities whose neutral answer holds no list are left out; a
+    sensitive answer without a list scores 0 against a neutral list."""
+    used = [e for e in range(len(plan.entities)) if keys[plan.index(e, plan.neutral)]]
+    out: dict = {}
+    for attribute, values in plan.attributes.items():
+        out[attribute] = {}
+        for metric in METRICS:
+            # [entities, values, K]
+            table = np.array([[similarity_curve(keys[plan.index(e, v)], keys[plan.index(e, plan.neutral)], k,
+                                                metric, serp_scale) for v in values] for e in used],
+                             dtype=np.float64).reshape(len(used), len(values), k)
+            with np.errstate(invalid="ignore"):
+                curves = np.nanmean(table, axis=0) if len(used) else np.full((len(values), k), np.nan)
+            at_k = curves[:, -1]
+            entry = {
+                "values": {v: _float(m) for v, m in zip(values, at_k)},
+                "snsr": snsr(at_k), "snsv": snsv(at_k),
+                "curve_snsr": [snsr(curves[:, j]) for j in range(k)],
+                "curve_snsv": [snsv(curves[:, j]) for j in range(k)],
+                "value_curves": {v: [_float(x) for x in curves[i]] for i, v in enumerate(values)},
+            }
+            entry.update(bootstrap_spread(table[:, :, -1], n_boot, seed) if len(used) else {})
+            entry.update(permutation_paired(table[:, :, -1], n_boot, seed) if len(used) else {})
+            out[attribute][metric] = entry
+    return out
+
+
+def _float(x) -> float | None:
+    x = float(x)
+    return None if x != x else x
+
+
+def headline_metrics(attributes: dict, k: int) -> dict:
+    out = {}
+    for metric in METRICS:
+        means = [m for per in attributes.values() for m in per[metric]["values"].values() if m is not None]
+        out[f"{metric}@{k}"] = float(np.mean(means)) if means else float("nan")
+    for attribute, per in attributes.items():
+        for metric in METRICS:
+            out[f"{metric}@{k}_snsr_{attribute}"] = per[metric]["snsr"]
+            out[f"{metric}@{k}_snsv_{attribute}"] = per[metric]["snsv"]
+    return out
+
+
 # ---------------------------------------------------------------------------------- user groups
 def user_groups(ds: Dataset, attribute: str, age_bands: Sequence[int] = AGE_BANDS,
                 where: str = "groups.attributes") -> np.ndarray:
@@ -350,6 +409,12 @@ def user_groups(ds: Dataset, attribute: str, age_bands: Sequence[int] = AGE_BAND
         return np.array([None if np.isnan(v) else labels[i] for v, i in zip(numeric, index)], dtype=object)
     return np.array([None if v is None or (isinstance(v, float) and np.isnan(v)) or str(v) == "" else str(v)
                      for v in values], dtype=object)
+
+
+def activity_groups(activity: np.ndarray) -> np.ndarray:
+    """Thirds of the users by their number of interactions: low / mid / high (ties at a cut go lower)."""
+    low, high = np.quantile(activity, [1 / 3, 2 / 3])
+    return np.where(activity <= low, "low", np.where(activity <= high, "mid", "high")).astype(object)
 
 
 def age_labels(age_bands: Sequence[int] = AGE_BANDS) -> list[str]:
