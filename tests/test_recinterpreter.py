@@ -272,3 +272,11 @@ def test_a_one_item_answer_names_its_title_inside_the_frame_or_in_quotes():
                            "title") == "Seven (Se7en)"
     assert named_item_text(matcher, "This user watched movie Big Fish in List2 but not in List1.", template,
                            "title") == "Big Fish"
+
+
+def test_quoted_titles_inside_prose_are_found():
+    matcher = TitleMatcher(TITLES)
+    text = ' a list, which can be represented as: "Usual Suspects, The", "Seven (Se7en)" and more'
+    entries = matcher.entries(text)
+    assert [items for _, items in entries if items] == [{1}, {0}]
+    assert [name for name, items in entries if not items] == ["a list", "which can be represented as:", "more"]

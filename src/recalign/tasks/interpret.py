@@ -7,9 +7,10 @@
   List2 = all L and asks for the L-th.
 - `TitleMatcher`: names in a generated text -> catalogue items, by EXACT equality of normalised titles (case,
   accents and punctuation folded; "Usual Suspects, The" = "The Usual Suspects"; the "(year)" and an
-  alternative title in parentheses such as "Seven (Se7en)" optional). A list is split at commas, and
-  neighbouring pieces are joined again when together they form a title, so commas and parentheses inside
-  titles are handled (the reference counted with a regex built from the raw title, which undercounts titles
+  alternative title in parentheses such as "Seven (Se7en)" optional). A list is split at commas, semicolons,
+  line breaks and double quotes, and neighbouring pieces are joined again when together they form a title,
+  so commas and parentheses inside titles are handled; every other non-empty piece (prose too) counts as a
+  named entry that is not a title (the reference counted with a regex built from the raw title, which undercounts titles
   with parentheses).
 - `recovery_metrics`: per sequence how many of its items the generation names; the distribution 0..L, the
   mean, and the precision (share of named entries that are distinct items of the sequence).
@@ -101,7 +102,7 @@ _TRAILING_ARTICLE = re.compile(r"^(?P<base>.+?),\s*(?P<article>" + "|".join(re.e
                                + r")$", re.IGNORECASE)
 _YEAR = re.compile(r"\s*\((?P<year>\d{4})\)\s*$")
 _ALT = re.compile(r"\s*\((?P<alt>[^()]*)\)\s*$")
-_SEPARATORS = re.compile(r"\s*(?:[,;\n]|\s-\s)\s*")
+_SEPARATORS = re.compile(r"(?:\s*(?:[,;\n\"\u201c\u201d]|\s-\s)\s*)+")  # a run of them is one
 _MARKER = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)]|and\s)\s*", re.IGNORECASE)
 
 
