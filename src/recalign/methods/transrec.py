@@ -31,6 +31,7 @@ returned beams that occur in the corpus: 1.0 by construction, checked), per-case
 from __future__ import annotations
 
 import copy
+import re
 import time
 from dataclasses import dataclass
 
@@ -57,6 +58,7 @@ from recalign.tasks.text import SAMPLE_FIELDS, frame_fields
 FACETS = ("id", "title", "attribute")
 # a title span does not start at one of these words (the reference's banned span starts, abridged)
 SPAN_STOPWORDS = frozenset({"the", "a", "an", "and", "or", "of", "to", "in", "on", "for", "with", "at", "by"})
+YEAR = re.compile(r"\(\d{4}\)")
 
 PROMPT = {
     "wrapper": "auto",  # auto | chat | alpaca | plain
@@ -197,10 +199,13 @@ def _categories(value) -> list[str]:
 
 
 def title_span(words: list[str], max_words: int, rng: np.random.Generator) -> tuple[str, bool]:
-    """(" w_i ... w_j", whether the span reaches the end of the title): a span from a random start word."""
+    """(" w_i ... w_j", whether the span reaches the end of the title): a span from a random start word that
+    is neither a stopword nor the "(1995)" year of a display title (a span of the year alone names hundreds
+    of items, and a model tuned on such spans learns to answer with the year)."""
     if max_words <= 0:
         return " " + " ".join(words), True
-    starts = [i for i, w in enumerate(words) if w.casefold() not in SPAN_STOPWORDS] or [0]
+    starts = [i for i, w in enumerate(words)
+              if w.casefold() not in SPAN_STOPWORDS and not YEAR.fullmatch(w)] or [0]
     start = int(starts[rng.integers(len(starts))])
     end = min(len(words), start + max_words)
     return " " + " ".join(words[start:end]), end == len(words)
