@@ -303,11 +303,13 @@ def test_shared_prefix_training_loss_and_gradients_match_plain_batch(tiny):
 
 def test_prefix_cache_auto_follows_device(tiny):
     from recalign.config import resolve
+    from recalign.llm import MODEL_NULLABLE
     from recalign.methods.icl import DEFAULTS
 
     assert Backbone(tiny.model, tiny.tokenizer).prefix_cache is (tiny.device.type == "cpu")
     assert Backbone(tiny.model, tiny.tokenizer, prefix_cache=False).prefix_cache is False
-    assert resolve(DEFAULTS)["model"]["prefix_cache"] is None  # null = auto
-    assert resolve(DEFAULTS, sets=["model.prefix_cache=false"])["model"]["prefix_cache"] is False
+    assert resolve(DEFAULTS, nullable=MODEL_NULLABLE)["model"]["prefix_cache"] is None  # null = auto
+    assert resolve(DEFAULTS, sets=["model.prefix_cache=false"],
+                   nullable=MODEL_NULLABLE)["model"]["prefix_cache"] is False
     with pytest.raises(InputError, match="prefix_cache"):
-        resolve(DEFAULTS, sets=["model.prefix_cache=sometimes"])
+        resolve(DEFAULTS, sets=["model.prefix_cache=sometimes"], nullable=MODEL_NULLABLE)
