@@ -61,7 +61,7 @@ def run_ours(names: list[str], seed: int, max_epochs: int | None, fixed_epochs: 
 
     from recalign.cf import evaluate_ranking, leave_one_out_sets, train_cf_model
     from recalign.data import load_dataset
-    from recalign.methods.cf_baseline import model_config
+    from recalign.methods import get_method
 
     torch.set_num_threads(int(os.environ.get("RECALIGN_THREADS", "2")))
     ds = load_dataset("ml-100k")
@@ -70,7 +70,8 @@ def run_ours(names: list[str], seed: int, max_epochs: int | None, fixed_epochs: 
     out = {}
     for name in names:
         model_name, overrides = OURS_ONLY.get(name, (name, {}))
-        config = model_config(model_name)
+        defaults = get_method(model_name).defaults  # the method's model + trainer settings
+        config = {"model": dict(defaults.get("model", {})), "train": dict(defaults.get("train", {}))}
         config["model"].update(overrides)
         if max_epochs:
             config["train"]["epochs"] = min(config["train"]["epochs"], max_epochs)
@@ -92,7 +93,8 @@ def run_ours(names: list[str], seed: int, max_epochs: int | None, fixed_epochs: 
         out[name] = {"test": metrics, "epochs": summary["epochs"], "best_epoch": summary["best_epoch"],
                      "seconds_per_epoch": summary["seconds_per_epoch"], "train_seconds": train_seconds,
                      "valid_eval_seconds": summary["valid_eval_seconds"], "test_eval_seconds": eval_seconds,
-                     "stopped": summary["stopped"], "config": config, **extra}
+                     "stopped": summary["stopped"], "config": config, **extra,
+                     "valid_curve": [r.get("valid") for r in summary["history"]]}
         print(f"ours {name}: ndcg@10 {metrics['ndcg@10']:.4f} hr@10 {metrics['hr@10']:.4f} "
               f"epochs {summary['epochs']} s/epoch {summary['seconds_per_epoch']:.2f}", file=sys.stderr, flush=True)
     return out
