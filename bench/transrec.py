@@ -58,15 +58,23 @@ def _write(name: str, data: dict) -> Path:
 
 
 # ------------------------------------------------------------------------------------------- corpora
+def identifier_corpus(ds, tokenizer):
+    from recalign.llm.constrained import IdentifierCorpus
+    from recalign.methods import get_method
+    from recalign.tasks.identifiers import facet_texts
+
+    facets = get_method("transrec").defaults["facets"]
+    return IdentifierCorpus(facet_texts(ds, facets["use"], facets["markers"]), tokenizer, facets["markers"],
+                            [str(r) for r in ds.items["raw_id"]])
+
+
 def ml100k_docs():
     from recalign.data import load_dataset
-    from recalign.llm import Backbone
-    from recalign.methods import transrec
+    from recalign.llm import load_tokenizer
 
     ds = load_dataset("ml-100k")
-    backbone = Backbone.load("tiny-random")  # the SmolLM2 tokenizer; the weights are not used here
-    cat = transrec.Catalogue(ds, backbone, transrec.DEFAULTS["facets"])
-    return cat.docs, backbone.tokenizer, ds
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    return identifier_corpus(ds, tokenizer).docs, tokenizer, ds
 
 
 def synthetic_docs(n: int, tokenizer, ds, seed: int = 0) -> list[np.ndarray]:
@@ -113,7 +121,7 @@ def numpy_doubling_sa(text: np.ndarray) -> np.ndarray:
 
 
 def speed(args) -> dict:
-    from recalign.eval.token_index import TokenIndex, _runs
+    from recalign.eval.token_index import TokenIndex
 
     docs_ml, tokenizer, ds = ml100k_docs()
     eos = tokenizer.eos_token_id
@@ -160,7 +168,7 @@ def speed(args) -> dict:
         for p in patterns[:min(len(patterns), 500)]:
             t0 = time.thread_time()
             lo, hi = index.range(p)
-            _runs(index.text[index.sa[lo:hi].astype(np.int64) + len(p)])
+            np.unique(index.text[index.sa[lo:hi].astype(np.int64) + len(p)], return_counts=True)
             gather.append(time.thread_time() - t0)
         size = sum(a.nbytes for a in (index.text, index.sa, index.uni_tokens, index.uni_counts,
                                       index.bi_offsets, index.bi_tokens, index.bi_counts, index.starts))
@@ -198,17 +206,22 @@ def speed(args) -> dict:
 def decode(args) -> dict:
     from recalign.data import load_dataset
     from recalign.eval.token_index import TokenIndex
-    from recalign.llm import Backbone
+    from recalign.llm import Backbone, Prompter
     from recalign.llm.constrained import FacetRule, IndexConstraint
-    from recalign.methods import transrec
+    from recalign.methods import get_method
+    from recalign.tasks.identifiers import history_texts
     from recalign.tasks.next_item import generative_samples
+    from recalign.tasks.text import frame_fields
 
     ds = load_dataset("ml-100k")
     backbone = Backbone.load(args.model)
-    cat = transrec.Catalogue(ds, backbone, transrec.DEFAULTS["facets"])
-    index = TokenIndex.build(cat.docs, backbone.tokenizer.eos_token_id)
-    _, _, test = generative_samples(ds, {**transrec.DEFAULTS["samples"], "test_size": args.prompts})
-    prompts = transrec.facet_prompts(backbone, cat, test, transrec.DEFAULTS["prompt"], "movie")["title"]
+    defaults = get_method("transrec").defaults
+    index = TokenIndex.build(identifier_corpus(ds, backbone.tokenizer).docs, backbone.tokenizer.eos_token_id)
+    _, _, test = generative_samples(ds, {**defaults["samples"], "test_size": args.prompts})
+    p = defaults["prompt"]
+    prompter = Prompter(p["title"], backbone.tokenizer, p["wrapper"], p["system"], p["max_tokens"], backbone.count_tokens)
+    prompts = prompter.render_all(frame_fields(test, history_texts(ds)["title"], "movie", with_target=False,
+                                               with_labels=False))  # the title facet's prompts
     backbone.generate(prompts[:1], num_beams=2, max_new_tokens=2)  # warm-up
     out = {"machine": machine(), "command": " ".join(sys.argv), "prompts": len(prompts), "beams": args.beams,
            "max_new_tokens": args.max_new_tokens, "runs": []}
@@ -313,7 +326,7 @@ def pop_ranks(ds, samples_cfg: dict) -> np.ndarray:
 
 def quality(args) -> dict:
     from recalign.data import load_dataset
-    from recalign.methods import transrec
+    from recalign.methods import get_method
     from recalign.runner import run_method
 
     out_dir = Path(args.out)
@@ -327,7 +340,7 @@ def quality(args) -> dict:
     metrics = json.loads((out_dir / "metrics.json").read_text())
     cases = json.loads((out_dir / "cases-test.json").read_text())
     ds = load_dataset("ml-100k")
-    samples_cfg = {**transrec.DEFAULTS["samples"], "valid_size": args.valid, "test_size": args.test}
+    samples_cfg = {**get_method("transrec").defaults["samples"], "valid_size": args.valid, "test_size": args.test}
     pop = pop_ranks(ds, samples_cfg)
     n = len(cases)
     assert len(pop) == n

@@ -187,27 +187,45 @@ def ml():
     return load_dataset("ml-100k")
 
 
+FACETS = {"use": ["id", "title", "attribute"], "markers": {"id": ["||", "##"], "attribute": ["##", "@@"]}}
+
+
+def corpus_of(ds, tokenizer, use=FACETS["use"]):
+    from recalign.llm.constrained import IdentifierCorpus
+    from recalign.tasks.identifiers import facet_texts
+
+    texts = facet_texts(ds, use, FACETS["markers"])
+    return texts, IdentifierCorpus(texts, tokenizer, FACETS["markers"], [str(r) for r in ds.items["raw_id"]])
+
+
 @pytest.fixture(scope="module")
 def catalogue(ml, tiny):
-    from recalign.methods import transrec
-
-    return transrec.Catalogue(ml, tiny, transrec.DEFAULTS["facets"])
+    return corpus_of(ml, tiny.tokenizer)[1]
 
 
-def test_identifiers_documents_and_answers_on_ml100k(ml, tiny, catalogue):
-    from recalign.methods import transrec
+def test_the_method_defaults_are_the_references_identifiers():
+    from recalign.methods import get_method
+
+    facets = get_method("transrec").defaults["facets"]
+    assert facets["use"] == FACETS["use"] and facets["markers"] == FACETS["markers"]
+
+
+def test_identifiers_documents_and_answers_on_ml100k(ml, tiny):
+    from recalign.methods import get_method
+    from recalign.tasks.identifiers import facet_answers
     from recalign.tasks.next_item import generative_samples
 
-    cat = catalogue
+    texts, cat = corpus_of(ml, tiny.tokenizer)
     text = tiny.tokenizer.decode(cat.docs[0])
     assert text == " || 1 ## Animation @@ ## Children's @@ ## Comedy @@ Toy Story (1995)"  # the reference layout
     index = TokenIndex.build(cat.docs, tiny.tokenizer.eos_token_id)
-    split, _, _ = generative_samples(ml, {**transrec.DEFAULTS["samples"], "valid_size": 10, "test_size": 10})
+    samples = get_method("transrec").defaults["samples"]
+    split, _, _ = generative_samples(ml, {**samples, "valid_size": 10, "test_size": 10})
     eos = tiny.tokenizer.eos_token
-    out = transrec.answers(cat, split.train.iloc[:300], {"title_span_words": 3}, eos, seed=0)
+    out = facet_answers(texts, split.train["item"].tolist()[:300], FACETS["use"], 3, eos, seed=0)
     assert set(out) == {"id", "title", "attribute"} and all(len(v) == 300 for v in out.values())
-    for facet, texts in out.items():
-        for answer in texts:
+    for facet, answers in out.items():
+        for answer in answers:
             body = answer[:-len(eos)] if answer.endswith(eos) else answer
             assert index.count(tiny.tokenize_piece(body)) > 0, (facet, answer)  # every answer is in the corpus
     assert all(a.startswith(" || ") and a.endswith(" ##" + eos) for a in out["id"])
@@ -220,7 +238,7 @@ def test_identifiers_documents_and_answers_on_ml100k(ml, tiny, catalogue):
 
 
 def test_title_spans():
-    from recalign.methods.transrec import title_span
+    from recalign.tasks.identifiers import title_span
 
     rng = np.random.default_rng(0)
     words = "The Lord of the Rings (2001)".split()
@@ -233,25 +251,28 @@ def test_title_spans():
 
 
 def test_items_without_a_facet_text_are_one_line_errors(ml, tiny):
-    from recalign.methods import transrec
+    def broken(column, row, value, year=None):
+        items = ml.items.copy()
+        items.at[row, column] = value
+        if year is not None:
+            items.at[row, "year"] = year
+        return type(ml)(ml.name, ml.interactions, items, ml.users, ml.like_threshold, ml.domain, ml.source, {})
 
-    items = ml.items.copy()
-    items.at[5, "categories"] = []
-    broken = type(ml)(ml.name, ml.interactions, items, ml.users, ml.like_threshold, ml.domain, ml.source, {})
+    no_genres = broken("categories", 5, [])
     with pytest.raises(InputError, match=r"item '6' has no categories \(facet attribute\)"):
-        transrec.Catalogue(broken, tiny, transrec.DEFAULTS["facets"])
-    transrec.Catalogue(broken, tiny, {**transrec.DEFAULTS["facets"], "use": ["id", "title"]})  # fine without it
-    items = ml.items.copy()
-    items.at[3, "title"] = "  "
-    items.at[3, "year"] = float("nan")
-    broken = type(ml)(ml.name, ml.interactions, items, ml.users, ml.like_threshold, ml.domain, ml.source, {})
+        corpus_of(no_genres, tiny.tokenizer)
+    corpus_of(no_genres, tiny.tokenizer, use=["id", "title"])  # fine without the attribute facet
     with pytest.raises(InputError, match=r"item '4' has no title"):
-        transrec.Catalogue(broken, tiny, transrec.DEFAULTS["facets"])
-    items = ml.items.copy()
-    items.at[3, "title"] = "Bad <|im_end|> title"
-    broken = type(ml)(ml.name, ml.interactions, items, ml.users, ml.like_threshold, ml.domain, ml.source, {})
+        corpus_of(broken("title", 3, "  ", year=float("nan")), tiny.tokenizer)
     with pytest.raises(InputError, match="end-of-sequence"):
-        transrec.Catalogue(broken, tiny, transrec.DEFAULTS["facets"])
+        corpus_of(broken("title", 3, "Bad <|im_end|> title"), tiny.tokenizer)
+    from recalign.llm.constrained import IdentifierCorpus
+    from recalign.tasks.identifiers import facet_texts
+
+    # identifiers whose tokens do not start with the facet's opening marker as the rule tokenises it
+    with pytest.raises(InputError, match=r"facets.markers.id: .* tokenise differently inside item '1'"):
+        IdentifierCorpus(facet_texts(ml, ["id"], {"id": ["<", ">"]}), tiny.tokenizer, {"id": ["<<", ">"]},
+                         [str(r) for r in ml.items["raw_id"]])
 
 
 @pytest.mark.parametrize("sets, message", [

@@ -1,8 +1,8 @@
 """Position-free constrained beam search over a token index (TransRec), as a transformers `LogitsProcessor`.
 
-`IndexConstraint(index, eos_id, start, stops)` lets a beam continue only with tokens that follow its generated
-tokens somewhere in the corpus (`eval.token_index.TokenIndex.next_tokens`), so generation may begin at any
-position of any identifier (no prefix trie) and every generated sequence occurs in the corpus:
+`IndexConstraint(index, eos_id, FacetRule(start, stops))` lets a beam continue only with tokens that follow its
+generated tokens somewhere in the corpus (`eval.token_index.TokenIndex.next_tokens`), so generation may begin at
+any position of any identifier (no prefix trie) and every generated sequence occurs in the corpus:
 - `start`: tokens every generation begins with (e.g. an identifier's opening marker); forced, at no cost;
 - `stops`: token sequences that complete an identifier (its closing marker): once the generation past
   `start` ends with one, only EOS is allowed, at no cost;
@@ -14,7 +14,10 @@ The processor records the model's log-probability of every allowed token at ever
 hands processors log-softmax scores in beam search), so `token_log_probs` gives each returned beam's per-token
 log-probabilities: every prefix of a beam is a scored n-gram (TransRec's keys) without a second forward pass.
 
-`constrained_generate_step(store, backbone, prompts, name, constraint, beams, max_new_tokens)`: beam search for
+`IdentifierCorpus(texts, tokenizer, markers, names)`: multi-facet identifier texts as tokens, the items'
+documents for the index and each facet's `FacetRule`.
+
+`constrained_generate_step(store, backbone, prompts, name, index, rule, beams, max_new_tokens)`: beam search for
 every prompt under a fresh `IndexConstraint` per block, checkpointed as `generations-NAME` (token ids,
 per-token log-probabilities, beam scores), so a rerun continues where it stopped.
 """
@@ -133,6 +136,67 @@ class IndexConstraint(LogitsProcessor):
                 return None
             out.append(float(values[i]))
         return out
+
+
+class IdentifierCorpus:
+    """Identifier texts (`tasks.identifiers.facet_texts`: {facet: per item, its texts}) as token ids, each
+    item's document and each facet's `FacetRule`.
+
+    Texts are tokenised in one batched tokenizer call per facet (no special tokens). The ID and attribute
+    facets start at their opening marker and end after their closing marker (`markers[facet]`); the title
+    facet starts anywhere (position-free) and ends where a document ends. An item's document is its
+    identifiers in the order ID, attributes, title; as in the reference, an identifier that opens with the
+    closing marker of the one before shares it (` || 12 ## Comedy @@ ## Drama @@ Title`), so an opening marker
+    is always followed by its own facet's text. `names` (the items' ids) name the item in errors."""
+
+    ORDER = ("id", "attribute", "title")
+
+    def __init__(self, texts: dict[str, list[list[str]]], tokenizer, markers: dict[str, Sequence[str]],
+                 names: Sequence[str]):
+        self.texts = texts
+        self.use = [f for f in self.ORDER if f in texts]
+        eos = tokenizer.eos_token_id
+        self.tokens: dict[str, list[list[list[int]]]] = {}
+        for facet, per_item in texts.items():
+            flat = [t for item_texts in per_item for t in item_texts]
+            encoded = iter(tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else [])
+            rows = []
+            for item, item_texts in enumerate(per_item):
+                ids = [list(next(encoded)) for _ in item_texts]
+                for text, t in zip(item_texts, ids):
+                    if not t:
+                        raise InputError(f"item {names[item]!r}: its {facet} identifier {text!r} tokenises to nothing")
+                    if eos is not None and eos in t:
+                        raise InputError(f"item {names[item]!r}: its {facet} identifier {text!r} contains the "
+                                         f"tokenizer's end-of-sequence token")
+                rows.append(ids)
+            self.tokens[facet] = rows
+        self.rules = {"title": FacetRule()}
+        for facet in ("id", "attribute"):
+            if facet not in texts:
+                continue
+            piece = lambda text: tuple(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+            rule = FacetRule(piece(f" {markers[facet][0]}"), (piece(f" {markers[facet][1]}"),))
+            for item, ids in enumerate(self.tokens[facet]):
+                if not all(rule.complete(t) for t in ids):
+                    raise InputError(f"facets.markers.{facet}: the markers {list(markers[facet])} tokenise "
+                                     f"differently inside item {names[item]!r}'s identifier; pick markers that "
+                                     f"stay separate tokens")
+            self.rules[facet] = rule
+        n_items = len(next(iter(texts.values()))) if texts else 0
+        self.docs = [self._document(item) for item in range(n_items)]
+
+    def _document(self, item: int) -> list[int]:
+        doc: list[int] = []
+        close: tuple[int, ...] = ()
+        for facet in self.use:
+            rule = self.rules[facet]
+            for ids in self.tokens[facet][item]:
+                if close and rule.start == close and tuple(doc[len(doc) - len(close):]) == close:
+                    ids = ids[len(close):]
+                doc += ids
+                close = rule.stops[0] if rule.stops else ()
+        return doc
 
 
 def constrained_generate_step(store, backbone, prompts: list[str], name: str, index: TokenIndex, rule: FacetRule,

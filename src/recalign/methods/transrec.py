@@ -2,8 +2,9 @@
 
 Identifiers. Every item has three facets, written with the reference's markers: ID (` || 12 ##`), attribute,
 one per category (` ## Comedy @@`), and title (` Toy Story (1995)`). An item's document is its identifiers
-one after the other, tokenised by the backbone; all documents form one corpus indexed by a suffix array
-(`eval.token_index`, cached on disk per tokenizer and catalogue).
+one after the other, tokenised by the backbone (`tasks.identifiers`, `llm.constrained.IdentifierCorpus`); all
+documents form one corpus indexed by a suffix array (`eval.token_index`, cached on disk per tokenizer and
+catalogue).
 
 Step 1 (LoRA instruction tuning). Each training sample (a window of L watched items -> the next item, split
 by the target's time, N few-shot samples) is rendered three ways, one prompt per facet (the history as IDs,
@@ -31,7 +32,6 @@ returned beams that occur in the corpus: 1.0 by construction, checked), per-case
 from __future__ import annotations
 
 import copy
-import re
 import time
 from dataclasses import dataclass
 
@@ -48,17 +48,13 @@ from recalign.eval.ngram_grounding import GroundingParams, Key, evidence, item_s
 from recalign.eval.token_index import TokenIndex, cached_index
 from recalign.llm import (LORA_CONFIG, MODEL_CONFIG, MODEL_NULLABLE, Backbone, Prompter, check_lora, check_model,
                           check_train, lora_step, train_section)
-from recalign.llm.constrained import FacetRule, constrained_generate_step, keys_of
+from recalign.llm.constrained import IdentifierCorpus, constrained_generate_step, keys_of
 from recalign.llm.prompts import check_template
 from recalign.methods.api import Experiment, Method, RunContext
+from recalign.tasks.identifiers import FACETS, facet_answers, facet_texts, history_texts
 from recalign.tasks.next_item import (GENERATIVE_SAMPLES, check_generative_samples, full_histories,
                                       generative_samples, history_mask)
 from recalign.tasks.text import SAMPLE_FIELDS, frame_fields
-
-FACETS = ("id", "title", "attribute")
-# a title span does not start at one of these words (the reference's banned span starts, abridged)
-SPAN_STOPWORDS = frozenset({"the", "a", "an", "and", "or", "of", "to", "in", "on", "for", "with", "at", "by"})
-YEAR = re.compile(r"\(\d{4}\)")
 
 PROMPT = {
     "wrapper": "auto",  # auto | chat | alpaca | plain
@@ -121,129 +117,23 @@ GROUP_METRICS = ("ndcg@5", "ndcg@10", "recall@5", "recall@10")
 
 
 # ---------------------------------------------------------------------------------------- identifiers
-class Catalogue:
-    """Every item's identifier texts per facet, their tokens, the corpus documents and the facet rules."""
-
-    def __init__(self, ds, backbone: Backbone, facets_cfg: dict):
-        self.use = list(facets_cfg["use"])
-        markers = facets_cfg["markers"]
-        tok = backbone.tokenize_piece
-        eos = backbone.tokenizer.eos_token_id
-        raw_ids = [str(r) for r in ds.items["raw_id"]]
-        titles = [" ".join(str(t).split()) for t in ds.titles()]
-        categories = ds.items["categories"] if "categories" in ds.items else [[] for _ in raw_ids]
-        self.raw_ids = raw_ids
-        self.history_text = {"id": raw_ids, "title": titles,
-                             "attribute": [", ".join(_categories(c)) for c in categories]}
-        texts: dict[str, list[list[str]]] = {}
-        if "id" in self.use:
-            texts["id"] = [[f" {markers['id'][0]} {r} {markers['id'][1]}"] for r in raw_ids]
-        if "attribute" in self.use:
-            texts["attribute"] = [[f" {markers['attribute'][0]} {c} {markers['attribute'][1]}"
-                                   for c in _categories(cats)] for cats in categories]
-        if "title" in self.use:
-            texts["title"] = [[f" {t}"] if t else [] for t in titles]
-        self.texts = texts
-        self.tokens: dict[str, list[list[list[int]]]] = {}
-        for facet, per_item in texts.items():
-            flat = [t for item_texts in per_item for t in item_texts]
-            encoded = iter(backbone.tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else [])
-            rows = []
-            for item, item_texts in enumerate(per_item):
-                if not item_texts:
-                    what = "title" if facet == "title" else "categories"
-                    raise InputError(f"item {raw_ids[item]!r} has no {what} (facet {facet}); drop the item or "
-                                     f"remove '{facet}' from facets.use")
-                ids = [list(next(encoded)) for _ in item_texts]  # = tokenize_piece of each, in one batch
-                for text, t in zip(item_texts, ids):
-                    if not t:
-                        raise InputError(f"item {raw_ids[item]!r}: its {facet} identifier {text!r} tokenises to "
-                                         f"nothing")
-                    if eos is not None and eos in t:
-                        raise InputError(f"item {raw_ids[item]!r}: its {facet} identifier {text!r} contains the "
-                                         f"tokenizer's end-of-sequence token")
-                rows.append(ids)
-            self.tokens[facet] = rows
-        self.rules = {"title": FacetRule()}
-        for facet in ("id", "attribute"):
-            if facet in self.use:
-                rule = FacetRule(tuple(tok(f" {markers[facet][0]}")), (tuple(tok(f" {markers[facet][1]}")),))
-                for item, ids in enumerate(self.tokens[facet]):
-                    if not all(rule.complete(t) for t in ids):
-                        raise InputError(f"facets.markers.{facet}: the markers {markers[facet]} tokenise "
-                                         f"differently inside item {raw_ids[item]!r}'s identifier; pick markers "
-                                         f"that stay separate tokens")
-                self.rules[facet] = rule
-        self.docs = [self._document(item) for item in range(len(raw_ids))]
-
-    def _document(self, item: int) -> list[int]:
-        """The item's identifiers in the order ID, attributes, title. As in the reference, an identifier that
-        opens with the closing marker of the one before shares it (` || 12 ## Comedy @@ ## Drama @@ Title`), so
-        an opening marker is always followed by its own facet's text."""
-        doc: list[int] = []
-        close: tuple[int, ...] = ()
-        for facet in (f for f in ("id", "attribute", "title") if f in self.use):
-            rule = self.rules[facet]
-            for ids in self.tokens[facet][item]:
-                if close and rule.start == close and tuple(doc[len(doc) - len(close):]) == close:
-                    ids = ids[len(close):]
-                doc += ids
-                close = rule.stops[0] if rule.stops else ()
-        return doc
-
-
-def _categories(value) -> list[str]:
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return []
-    return [" ".join(str(c).split()) for c in value if str(c).strip()]
-
-
-def title_span(words: list[str], max_words: int, rng: np.random.Generator) -> tuple[str, bool]:
-    """(" w_i ... w_j", whether the span reaches the end of the title): a span from a random start word that
-    is neither a stopword nor the "(1995)" year of a display title (a span of the year alone names hundreds
-    of items, and a model tuned on such spans learns to answer with the year)."""
-    if max_words <= 0:
-        return " " + " ".join(words), True
-    starts = [i for i, w in enumerate(words)
-              if w.casefold() not in SPAN_STOPWORDS and not YEAR.fullmatch(w)] or [0]
-    start = int(starts[rng.integers(len(starts))])
-    end = min(len(words), start + max_words)
-    return " " + " ".join(words[start:end]), end == len(words)
-
-
-def answers(cat: Catalogue, frame: pd.DataFrame, facets_cfg: dict, eos: str, seed: int) -> dict[str, list[str]]:
-    """Per facet, the trained answer of each sample (the target's identifier; EOS after a whole identifier)."""
-    rng = np.random.default_rng(seed)
-    out = {f: [] for f in cat.use}
-    for target in frame["item"].to_numpy():
-        for facet in cat.use:
-            if facet == "id":
-                out[facet].append(cat.texts["id"][target][0] + eos)
-            elif facet == "attribute":
-                options = cat.texts["attribute"][target]
-                out[facet].append(options[int(rng.integers(len(options)))] + eos)
-            else:
-                text, whole = title_span(cat.texts["title"][target][0].split(), int(facets_cfg["title_span_words"]),
-                                         rng)
-                out[facet].append(text + (eos if whole else ""))
-    return out
-
-
-def facet_prompts(backbone: Backbone, cat: Catalogue, frame: pd.DataFrame, p: dict, noun: str) -> dict[str, list[str]]:
+def facet_prompts(backbone: Backbone, history: dict, frame: pd.DataFrame, p: dict, noun: str,
+                  use: list[str]) -> dict[str, list[str]]:
+    """Per facet, one prompt per sample: its template with the history written in that facet."""
     out = {}
-    for facet in cat.use:
+    for facet in use:
         prompter = Prompter(p[facet], backbone.tokenizer, p["wrapper"], p["system"], p["max_tokens"],
                             backbone.count_tokens, where=f"prompt.{facet}")
-        out[facet] = prompter.render_all(frame_fields(frame, cat.history_text[facet], noun, with_target=False,
+        out[facet] = prompter.render_all(frame_fields(frame, history[facet], noun, with_target=False,
                                                       with_labels=False))
     return out
 
 
-def build_index(ctx: RunContext, cat: Catalogue, backbone: Backbone) -> tuple[TokenIndex, bool]:
+def build_index(ctx: RunContext, corpus: IdentifierCorpus, backbone: Backbone) -> tuple[TokenIndex, bool]:
     from recalign import assets
 
     directory = ctx.config["grounding"]["cache_dir"] or (assets.home() / "transrec-index")
-    return cached_index(cat.docs, int(backbone.tokenizer.eos_token_id), directory)
+    return cached_index(corpus.docs, int(backbone.tokenizer.eos_token_id), directory)
 
 
 # ------------------------------------------------------------------------------------------- steps
@@ -288,16 +178,16 @@ class CaseSet:
         return np.asarray([item_scores(ev, params)[t] for ev, t in zip(self.evidences, self.targets.tolist())])
 
 
-def generate_cases(ctx: RunContext, backbone: Backbone, cat: Catalogue, index: TokenIndex, prompts: dict,
-                   frame: pd.DataFrame, split: str) -> CaseSet:
+def generate_cases(ctx: RunContext, backbone: Backbone, corpus: IdentifierCorpus, index: TokenIndex,
+                   prompts: dict, frame: pd.DataFrame, split: str) -> CaseSet:
     """Step 2: constrained beam search per facet; every prefix of a title beam and every whole ID / attribute
     beam becomes a key with its log-probability; the keys are looked up in the index once."""
     g = ctx.config["generate"]
     block = int(g["batch_size"]) or backbone.batch_size
     keys: list[list[Key]] = [[] for _ in range(len(frame))]
     beams = {}
-    for facet in cat.use:
-        rule = cat.rules[facet]
+    for facet in prompts:
+        rule = corpus.rules[facet]
         beams[facet] = constrained_generate_step(ctx.run, backbone, prompts[facet], f"{split}-{facet}", index, rule,
                                                  int(g["beams"]), int(g["max_new_tokens"][facet]), block=block)
         for case, (tokens, log_probs) in enumerate(zip(beams[facet]["tokens"], beams[facet]["log_probs"])):
@@ -335,7 +225,7 @@ def select_on_valid(valid: CaseSet, gp: dict, use: list[str], ks: list[int]) -> 
     return chosen, [{**_params_dict(q), metric: v} for v, q in grid], best
 
 
-def generation_stats(cases: CaseSet, cat: Catalogue, index: TokenIndex, target_scores: np.ndarray) -> dict:
+def generation_stats(cases: CaseSet, corpus: IdentifierCorpus, index: TokenIndex, target_scores: np.ndarray) -> dict:
     """validity: share of returned beams that occur in the corpus (1.0 by construction); complete: share of
     beams that are whole identifiers; target_reached: share of cases where a key reaches the target (its
     score > 0); top_id_is_target: the top ID beam is the target's ID."""
@@ -346,13 +236,13 @@ def generation_stats(cases: CaseSet, cat: Catalogue, index: TokenIndex, target_s
         seqs = [s for row in state["tokens"] for s in row]
         valid = sum(index.count(s) > 0 for s in seqs)
         n_beams, n_valid = n_beams + len(seqs), n_valid + valid
-        complete = sum(cat.rules[facet].complete(s) for s in seqs)
+        complete = sum(corpus.rules[facet].complete(s) for s in seqs)
         out[facet] = {"beams": len(seqs), "validity": valid / max(1, len(seqs)),
                       "complete": complete / max(1, len(seqs)),
                       "empty_cases": sum(1 for row in state["tokens"] if not row)}
     if "id" in cases.beams:
         tops = [row[0] if row else None for row in cases.beams["id"]["tokens"]]
-        hits = sum(top is not None and tuple(top) == tuple(cat.tokens["id"][t][0]) for top, t in zip(tops, targets))
+        hits = sum(top is not None and tuple(top) == tuple(corpus.tokens["id"][t][0]) for top, t in zip(tops, targets))
         out["top_id_is_target"] = hits / max(1, len(targets))
     out["validity"] = n_valid / max(1, n_beams)
     out["beams"] = n_beams
@@ -431,20 +321,24 @@ def run(ctx: RunContext) -> dict:
 
     backbone = Backbone.from_config(cfg["model"])
     started = time.perf_counter()
-    cat = Catalogue(ds, backbone, cfg["facets"])
-    index, cached = build_index(ctx, cat, backbone)
+    texts = facet_texts(ds, use, cfg["facets"]["markers"])
+    corpus = IdentifierCorpus(texts, backbone.tokenizer, cfg["facets"]["markers"], [str(r) for r in ds.items["raw_id"]])
+    index, cached = build_index(ctx, corpus, backbone)
     index_seconds = time.perf_counter() - started
     ctx.log(f"identifier index: {index.n_docs} items, {index.n_tokens} tokens, "
             f"{'from the cache' if cached else 'built'} in {index_seconds:.1f}s")
 
     # step 1: every sample rendered once per facet, the answer is the target's identifier of that facet
     frames = {"train": shots, "valid": valid, "test": test}
-    prompts = {name: facet_prompts(backbone, cat, frame, cfg["prompt"], ctx.noun) for name, frame in frames.items()}
+    history = history_texts(ds)
+    prompts = {name: facet_prompts(backbone, history, frame, cfg["prompt"], ctx.noun, use)
+               for name, frame in frames.items()}
     eos = backbone.tokenizer.eos_token or ""
-    train_answers = answers(cat, shots, cfg["facets"], eos, ctx.seed)
+    span_words = int(cfg["facets"]["title_span_words"])
+    train_answers = facet_answers(texts, shots["item"].tolist(), use, span_words, eos, ctx.seed)
     examples = [(prompts["train"][f][i], train_answers[f][i]) for i in range(len(shots)) for f in use]
     n_loss = min(int(cfg["train"]["valid_loss_size"]), len(valid))
-    valid_answers = answers(cat, valid.iloc[:n_loss], cfg["facets"], eos, ctx.seed + 1)
+    valid_answers = facet_answers(texts, valid["item"].tolist()[:n_loss], use, span_words, eos, ctx.seed + 1)
     valid_examples = [(prompts["valid"][f][i], valid_answers[f][i]) for i in range(n_loss) for f in use]
     started = time.perf_counter()
     train_summary = train_step(ctx, backbone, examples, valid_examples)
@@ -452,7 +346,7 @@ def run(ctx: RunContext) -> dict:
 
     # steps 2 and 3: constrained generation per facet, aggregated grounding, full ranking
     started = time.perf_counter()
-    cases = {name: generate_cases(ctx, backbone, cat, index, prompts[name], frames[name], name)
+    cases = {name: generate_cases(ctx, backbone, corpus, index, prompts[name], frames[name], name)
              for name in (("valid", "test") if tune else ("test",))}
     default = params_of(gp["gamma"], gp["bias"], gp)
     ranks = {"rank": cases["test"].ranks(default)}
@@ -470,7 +364,7 @@ def run(ctx: RunContext) -> dict:
             "valid": {gp["select_metric"]: best}, "grid": grid}
     groups = user_item_groups(test, cases["test"].histories, shots, cfg["eval"]["sparse_max_history"])
     test_metrics = headline(ranks, groups, metric_ks)
-    stats = {name: generation_stats(c, cat, index, c.target_scores(default)) for name, c in cases.items()}
+    stats = {name: generation_stats(c, corpus, index, c.target_scores(default)) for name, c in cases.items()}
     eval_seconds = time.perf_counter() - started
     ctx.log("generation: " + ", ".join(f"{n} validity {s['validity']:.3f} target reached {s['target_reached']:.3f}"
                                        for n, s in stats.items()))
