@@ -5,4 +5,5 @@
 - `next_item`: which item comes next? Leave-one-out and generative samples, evaluation cases, history
   masks, NDCG/HR/Recall/MRR@K (`ranking_report`).
 - `text`: samples as prompt fields (the LLM layer renders them; it never reads a dataset).
+- `identifiers`: items named in several facets (ID, categories, title spans) for TransRec.
 """
