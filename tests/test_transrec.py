@@ -334,3 +334,55 @@ def test_planted_keys_rank_the_target_first_on_the_real_catalogue(ml, tiny, cata
     assert cases.target_scores(params)[2] == 0.0 and cases.target_scores(params)[1] > 0
     # the ID facet alone cannot find case 1's target; the title facet alone cannot find case 0's
     assert cases.ranks(params, ["id"]).tolist()[1] > 0 and cases.ranks(params, ["title"]).tolist()[0] > 0
+
+
+def test_an_identifier_that_tokenises_to_nothing_is_a_one_line_error():
+    from recalign.llm.constrained import IdentifierCorpus
+
+    class Dropping:  # a tokenizer that drops characters it does not know
+        eos_token_id = 0
+
+        def __call__(self, texts, add_special_tokens=False):
+            one = lambda t: [ord(c) for c in t if c.isascii() and not c.isspace()]  # noqa: E731
+            return {"input_ids": [one(t) for t in texts] if isinstance(texts, list) else one(texts)}
+
+    texts = {"title": [[" Up"], [" \u00e9\u00e8"]]}
+    with pytest.raises(InputError, match=r"item 'b': its title identifier ' \u00e9\u00e8' tokenises to nothing"):
+        IdentifierCorpus(texts, Dropping(), {}, ["a", "b"])
+
+
+def test_the_method_end_to_end_on_a_tiny_model(tmp_path):
+    """A whole run (tiny random Llama, a slice of ML-100K): every generated beam occurs in the corpus, every
+    trained answer too, the groups partition the test cases, and cases-test.json holds every variant's rank."""
+    import json
+
+    from recalign import assets
+    from recalign.runner import run_method
+
+    source = assets.fetch("ml-100k")
+    lines = (source / "ml-100k.inter").read_text().splitlines()
+    (tmp_path / "small.inter").write_text("\n".join([lines[0], *[l for l in lines[1:] if int(l.split("\t")[0]) <= 60]]) + "\n")
+    (tmp_path / "small.item").write_text((source / "ml-100k.item").read_text())
+    sets = ["model.name=tiny-random", "train.shots=6", "train.epochs=1", "train.valid_loss_size=2",
+            "samples.valid_size=3", "samples.test_size=5", "generate.beams=3",
+            "generate.max_new_tokens={id: 6, title: 5, attribute: 8}", f"grounding.cache_dir={tmp_path / 'index'}",
+            "grounding.grid={gamma: [1.0, 2.0], id: [0.0, 9.0], title: [0.0], attribute: [6.0]}"]
+    run_method("transrec", str(tmp_path / "small.inter"), tmp_path / "run", sets=sets)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["validity"] == {"valid": 1.0, "test": 1.0}
+    assert metrics["answers_in_index"] == 1.0 and metrics["samples"]["train_examples"] == 18
+    gen = metrics["generation"]["test"]
+    assert gen["beams"] > 0 and gen["id"]["complete"] == 1.0 and gen["attribute"]["complete"] == 1.0
+    groups = metrics["groups"]
+    assert groups["warm"] + groups["cold"] == 5 == groups["dense"] + groups["sparse"]
+    assert set(metrics["variants"]) == {"transrec", "id facet only", "title facet only", "attribute facet only",
+                                        "transrec (valid-chosen gamma, biases)"}
+    grid = metrics["variants"]["transrec (valid-chosen gamma, biases)"]["grid"]
+    assert len(grid) == 1 + 2 * 2  # the configured setting, then the grid
+    cases = json.loads((tmp_path / "run" / "cases-test.json").read_text())
+    assert len(cases) == 5 and all({"rank", "rank_id_only", "rank_title_only", "rank_attribute_only",
+                                    "rank_tuned"} <= set(c) for c in cases)
+    for c in cases:
+        assert 0 <= c["rank"] < 1682 and set(c["generated"]) == {"id", "title", "attribute"}
+    assert {k for k in metrics["test"] if k.endswith("_warm")} == {"ndcg@5_warm", "ndcg@10_warm", "recall@5_warm",
+                                                                     "recall@10_warm"} or groups["warm"] == 0
