@@ -67,6 +67,15 @@ def test_explicit_env_and_fixed_rules(no_env, monkeypatch):
     with pytest.raises(InputError, match="model.quantize"):
         precision.decide("auto", "cuda", quantize="int8")
 
+    # a CPU keeps float32 under auto until bf16 scoring is within tolerance (AUTO_CPU_BF16); the reason says so
+    cpu = precision.decide("auto", "cpu", source="smollm2-135m-instruct")
+    assert cpu.dtype == torch.float32 and cpu.reason.startswith("auto: float32")
+    monkeypatch.setattr(precision, "AUTO_CPU_BF16", True)
+    monkeypatch.setattr(precision, "_this_cpu", lambda: precision.Precision(torch.bfloat16, "auto: measured"))
+    assert precision.decide("auto", "cpu").as_dict() == {"dtype": "bfloat16", "reason": "auto: measured",
+                                                         "quantize": "none"}
+    assert precision.decide("auto", "cpu", source="tiny-random").dtype == torch.float32
+
     monkeypatch.setenv(precision.ENV, "bfloat16")
     chosen = precision.decide("auto", "cpu", source="tiny-random")
     assert chosen.dtype == torch.bfloat16 and precision.ENV in chosen.reason

@@ -9,8 +9,8 @@ A model source is one of
 - a local directory holding a transformers model (config.json + weights + tokenizer), or a GGUF file path;
 - a Hugging Face id (`org/name`), loaded by transformers when the machine is online.
 
-dtype "auto" is decided per machine by `llm.precision.decide` (bfloat16 on CUDA and on CPUs with native
-bfloat16, float32 elsewhere; `RECALIGN_DTYPE` overrides it).
+dtype "auto" is decided by `llm.precision.decide` (bfloat16 on CUDA, float32 on CPUs, with the reason;
+`RECALIGN_DTYPE` overrides it).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 # the `model:` config section every LLM method shares (Backbone.from_config reads it)
 MODEL_CONFIG = {
     "name": DEFAULT_MODEL,  # embedded asset | tiny-random | local model dir | .gguf file | Hugging Face id
-    # auto = bfloat16 on CUDA and on a CPU with native bfloat16 (avx512_bf16 / AMX, confirmed by a one-off
-    # timing), float32 elsewhere; the environment variable RECALIGN_DTYPE overrides auto (llm.precision)
+    # auto = bfloat16 on CUDA, float32 on a CPU (llm.precision: bfloat16 on CPUs with native bf16 is built but
+    # off until its scores match float32's); the environment variable RECALIGN_DTYPE overrides auto
     "dtype": "auto",
     "quantize": "none",  # none | int8: dynamic int8 quantisation of the decoder's linear layers (CPU scoring only)
     "device": "auto",  # auto | cpu | cuda | cuda:N
