@@ -77,7 +77,7 @@ DEFAULTS = {
 
 
 def validate(config: dict) -> None:
-    check_model(config["model"])
+    check_model(config["model"], training=True)
     check_collm_protocol(config["data_protocol"])
     cf = config["cf"]
     if cf["valid"] not in ("all", "warm"):

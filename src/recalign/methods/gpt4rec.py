@@ -113,7 +113,7 @@ def render_answers(ds, frame: pd.DataFrame, prompt_cfg: dict, eos: str) -> list[
 
 
 def validate(cfg: dict) -> None:
-    check_model(cfg["model"])
+    check_model(cfg["model"], training=True)
     check_template(cfg["prompt"], "prompt", SAMPLE_FIELDS)
     fill(cfg["prompt"]["output"], "prompt.output", **ANSWER_FIELDS)
     fill(cfg["retrieval"]["item_text"], "retrieval.item_text", **ANSWER_FIELDS)

@@ -152,7 +152,7 @@ def id_fields(frame: pd.DataFrame, ids: list[str], users: list[str], noun: str, 
 
 # ------------------------------------------------------------------------------------------------ run
 def validate(cfg: dict) -> None:
-    check_model(cfg["model"])
+    check_model(cfg["model"], training=True)
     check_template(cfg["prompt"], "prompt", EXAMPLE_FIELDS)
     fill(cfg["prompt"]["output"], "prompt.output", id="12")
     if "{id}" not in cfg["prompt"]["output"]:

@@ -92,7 +92,7 @@ DEFAULTS = {
 def validate(cfg: dict) -> None:
     from recalign.cf import MODELS, model_class
 
-    check_model(cfg["model"])
+    check_model(cfg["model"], training=True)
     check_probe_samples(cfg["samples"])
     enc = cfg["encoder"]
     if enc["model"] not in MODELS:

@@ -53,7 +53,7 @@ DEFAULTS = {
 
 
 def validate(config: dict) -> None:
-    check_model(config["model"])
+    check_model(config["model"], training=True)
     check_collm_protocol(config["data_protocol"])
     tokens = config["softprompt"]["tokens"]
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:

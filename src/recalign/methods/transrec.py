@@ -253,7 +253,7 @@ def generation_stats(cases: CaseSet, corpus: IdentifierCorpus, index: TokenIndex
 
 # --------------------------------------------------------------------------------------------- run
 def validate(cfg: dict) -> None:
-    check_model(cfg["model"])
+    check_model(cfg["model"], training=True)
     p = cfg["prompt"]
     check_template({"wrapper": p["wrapper"]}, "prompt", SAMPLE_FIELDS, keys=())
     for facet in FACETS:
