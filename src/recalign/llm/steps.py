@@ -35,10 +35,12 @@ def train_section(**overrides) -> dict:
     return {**base, **overrides}
 
 
-def check_model(section: Mapping, where: str = "model") -> None:
-    from recalign.llm.loading import check_source
+def check_model(section: Mapping, where: str = "model", training: bool = False) -> None:
+    """The `model:` section (source, dtype, quantize; `training`: LoRA will be trained on it)."""
+    from recalign.llm.loading import check_model_config, check_source
 
     check_source(section["name"])
+    check_model_config(section, training=training)
     if section["batch_size"] < 1:
         raise InputError(f"{where}.batch_size must be >= 1, got {section['batch_size']}")
 
