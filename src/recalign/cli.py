@@ -219,13 +219,14 @@ def route(
     run_llm: Path = typer.Argument(..., help="a finished tallrec, icl or collm run on the same dataset"),
     requests: int = typer.Option(8, "--requests", min=1, help="single requests timed per model for the latency"),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="none | int8 for the LLM"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="override model.dtype of the LLM run"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="write the result as JSON here"),
 ):
     """Offline study of the warm/cold router: thresholds chosen on valid, AUC/UAUC of the routed system beside
     each model on the LLM run's test samples, the LLM's share of requests, and the cost per extra millisecond."""
     from recalign.serve import evaluate_routing, load_runs, routing_markdown
 
-    models = load_runs([run_cf, run_llm], _load_options(quantize, None, None, 32, 0.0, 50))
+    models = load_runs([run_cf, run_llm], _load_options(quantize, dtype, None, 32, 0.0, 50))
     result = evaluate_routing(models[0], models[1], latency_requests=requests)
     if out:
         from recalign.io import atomic_write_json

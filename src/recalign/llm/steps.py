@@ -122,19 +122,48 @@ def train_slot_modules(store, backbone: Backbone, modules: torch.nn.Module, conf
 
 
 def generate_step(store, backbone: Backbone, prompts: list[str], name: str, beams: int, max_new_tokens: int,
-                  batch_size: int | None = None, block: int = 32, **generate_kwargs) -> dict:
+                  batch_size: int | None = None, block: int = 32, decoding: Mapping | None = None, trie=None,
+                  assistant=None, assistant_weight: float = 0.0, seed: int = 0, **generate_kwargs) -> dict:
     """Beam search for every prompt -> {"texts": [[beam texts]], "scores": [[beam scores]]}, checkpointed
     as `generations-NAME` every `block` prompts (a rerun continues where it stopped). `generate_kwargs` go
-    to `Backbone.generate` (e.g. `stopping_criteria`, `logits_processor`)."""
+    to `Backbone.generate` (e.g. `stopping_criteria`, `logits_processor`).
+
+    `decoding`: the decoding keys of a `generate:` section (`llm.decoding.DECODING_CONFIG`; None = plain
+    beam search, exactly as before): `d3` / `sample` run `llm.decoding`'s loops (`beams` sequences returned
+    per prompt), `constrained` keeps answers on `trie` (`llm.decoding.TitleTrie`); `assistant`: [prompts,
+    items] CF log-probabilities added with `assistant_weight` (d3); `seed` seeds sampling per block."""
     from recalign.progress import track
+    from recalign.llm import decoding as dec
+
+    section = dict(decoding or {})
+    mode = section.get("decoding", "beam")
+    if section:
+        dec.check_decoding(section)
+    if mode == "beam" and section.get("constrained"):
+        if trie is None:
+            raise InputError("generate.constrained needs the catalogue's title trie")
+        extra = generate_kwargs.pop("logits_processor", None)
+        extra = list(extra) if isinstance(extra, (list, tuple)) else ([extra] if extra is not None else [])
+        generate_kwargs["logits_processor"] = extra + [dec.TrieConstraint(trie, backbone.tokenizer.eos_token_id)]
+    if mode != "beam" and set(generate_kwargs) - {"logits_processor"}:
+        raise InputError(f"generate.decoding {mode}: unsupported generate options {sorted(generate_kwargs)}")
 
     state = store.load_checkpoint(f"generations-{name}") or {"texts": [], "scores": []}
     if len(state["texts"]) > len(prompts):
         raise InputError(f"checkpoint generations-{name} holds more cases than this run has; use a new --out")
     starts = range(len(state["texts"]), len(prompts), block)
-    for start in track(starts, f"generating {name} ({beams} beams)"):
-        out = backbone.generate(prompts[start:start + block], num_beams=beams, max_new_tokens=max_new_tokens,
-                                batch_size=batch_size or None, **generate_kwargs)
+    label = f"{beams} beams" if mode != "sample" else f"{section.get('samples', 8)} samples"
+    for start in track(starts, f"generating {name} ({label}{', ' + mode if mode != 'beam' else ''})"):
+        if mode == "beam":
+            out = backbone.generate(prompts[start:start + block], num_beams=beams, max_new_tokens=max_new_tokens,
+                                    batch_size=batch_size or None, **generate_kwargs)
+        else:
+            extra = generate_kwargs.get("logits_processor")
+            extra = list(extra) if isinstance(extra, (list, tuple)) else ([extra] if extra is not None else [])
+            rows = None if assistant is None else torch.as_tensor(assistant)[start:start + block]
+            out = dec.decode_block(backbone, prompts[start:start + block], section, beams, max_new_tokens,
+                                   batch_size or None, trie=trie, assistant=rows, weight=float(assistant_weight),
+                                   seed=int(seed) * 1_000_003 + start, extra_processors=extra)
         state["texts"].extend(out.texts)
         state["scores"].extend(out.scores.tolist())
         store.save_checkpoint(f"generations-{name}", state)

@@ -43,6 +43,7 @@ from recalign.eval.grounding import (
 )
 from recalign.llm import (LORA_CONFIG, MODEL_CONFIG, MODEL_NULLABLE, Backbone, Prompter, check_lora, check_model,
                           check_train, fill, generate_step, lora_step, train_section)
+from recalign.llm.decoding import DECODING_CONFIG, TitleTrie, check_decoding
 from recalign.llm.prompts import check_template
 from recalign.methods.api import Experiment, Method, RunContext
 from recalign.tasks.next_item import (GENERATIVE_SAMPLES, Cases, check_generative_samples, full_histories,
@@ -77,6 +78,9 @@ DEFAULTS = {
         "beams": 4,
         "max_new_tokens": 32,
         "batch_size": 0,  # prompts per generate() call (0 = model.batch_size)
+        # decoding (llm.decoding): beam | d3 (ghost-aware length normalisation, + a CF assistant whose weight
+        # is chosen on valid; the assistant reuses inject.cf_train / inject.cf_data) | sample
+        **copy.deepcopy(DECODING_CONFIG),
     },
     "grounding": {
         "pooling": "last",  # last: last token's final hidden state | mean: mean over tokens
@@ -160,22 +164,122 @@ def ground(backbone, texts: list[list[str]], catalogue: torch.Tensor, g: dict) -
     return l2_distances(queries, catalogue).view(len(texts), beams, -1)
 
 
-def generation_stats(texts: list[list[str]], top_beam_nearest: torch.Tensor, targets, titles: list[str]) -> dict:
+def generation_stats(texts: list[list[str]], top_beam_nearest: torch.Tensor, targets, titles: list[str],
+                     popularity: torch.Tensor | None = None, histories=None) -> dict:
+    """Validity and collapse diagnostics of the top beams: distinct titles, the most generated ones (count,
+    share), the entropy (bits) of the generated-title distribution; with `popularity` (training-period counts)
+    the mean popularity percentile and the decile shares of the grounded (nearest) items and of the targets;
+    with `histories` the share of grounded items the user had already seen."""
+    from collections import Counter
+
     norm_titles = [normalise_title(t) for t in titles]
     catalogue = set(norm_titles)
     generated = [normalise_title(row[0]) for row in texts]
     n = max(1, len(generated))
-    return {
+    counts = Counter(generated)
+    shown = {}
+    for row, key in zip(texts, generated):
+        shown.setdefault(key, clean_generation(row[0]))
+    out = {
         "validity": sum(g == norm_titles[int(i)] for g, i in zip(generated, top_beam_nearest)) / n,
         "in_catalogue": sum(g in catalogue for g in generated) / n,
         "exact_target": sum(g == norm_titles[int(t)] for g, t in zip(generated, targets)) / n,
         "distinct_titles": len(set(generated)),
         "cases": len(generated),
+        "top_share": (counts.most_common(1)[0][1] / n) if counts else 0.0,
+        "top_titles": [[shown[key], count] for key, count in counts.most_common(5)],
+        "entropy_bits": float(sum(c / n * np.log2(n / c) for c in counts.values())),
     }
+    nearest = np.asarray(top_beam_nearest, dtype=np.int64).reshape(-1)
+    target_ids = np.asarray(targets, dtype=np.int64).reshape(-1)
+    if popularity is not None and len(nearest):
+        pct = popularity_percentiles(popularity)
+        deciles = lambda p: np.bincount(np.minimum((p * 10).astype(np.int64), 9), minlength=10) / len(p)
+        out.update({"popularity_generated": float(pct[nearest].mean()),
+                    "popularity_target": float(pct[target_ids].mean()),
+                    "popularity_deciles_generated": deciles(pct[nearest]).tolist(),
+                    "popularity_deciles_target": deciles(pct[target_ids]).tolist()})
+    if histories is not None and len(nearest):
+        out["in_history"] = float(np.mean([int(i) in set(np.asarray(h).tolist())
+                                           for i, h in zip(nearest, histories)]))
+    return out
 
 
-def cf_scores(ctx: RunContext, ds, split, shots, cases: dict) -> dict:
-    """Full-catalogue scores of a CF model for each case set (collaborative injection)."""
+def popularity_percentiles(counts) -> np.ndarray:
+    """Per item, the share of items less popular than it (ties count half): 0 = least, ~1 = most popular."""
+    counts = np.asarray(counts, dtype=np.float64)
+    order = np.sort(counts)
+    below = np.searchsorted(order, counts, side="left")
+    equal = np.searchsorted(order, counts, side="right") - below
+    return (below + 0.5 * equal) / max(1, len(counts))
+
+
+def answer_trie(backbone, titles: list[str], prompt_cfg: dict) -> TitleTrie:
+    """D3's trie: every catalogue item's trained answer (`prompt.output`) as tokens, then the end token."""
+    texts = [fill(prompt_cfg["output"], "prompt.output", title=t) for t in titles]
+    return TitleTrie.from_texts(backbone.tokenize_piece, texts, backbone.tokenizer.eos_token_id)
+
+
+def decode_step(ctx: RunContext, backbone, prompts: dict, catalogue, targets: dict, masks: dict, ks,
+                train_cf) -> tuple[dict, dict, dict, float]:
+    """Generate (generate.decoding) and ground the valid and test cases. With D3's assistant, its CF model
+    is trained (`train_cf(name)` -> {split: scores [cases, items]}), the valid cases are generated once per
+    assistant weight and the weight with the best valid NDCG@10 (the smallest on ties) decodes test.
+    Returns ({split: (generations, per-beam distances, distances)}, decoding summary, the CF scores by
+    model name, CF seconds)."""
+    cfg = ctx.config
+    gen = cfg["generate"]
+    section = {k: gen[k] for k in DECODING_CONFIG}
+    use_assistant = gen["decoding"] == "d3" and gen["assistant"] != "none"
+    section["constrained"] = bool(gen["constrained"] or use_assistant)  # the assistant lives on the trie: every weight
+    trie = answer_trie(backbone, ctx.dataset.titles(), cfg["prompt"]) if gen["constrained"] or use_assistant else None
+    cf_raw, cf_seconds, assist = {}, 0.0, {}
+    if use_assistant:
+        started = time.perf_counter()
+        cf_raw[gen["assistant"]] = train_cf(gen["assistant"])
+        cf_seconds = time.perf_counter() - started
+        for name, scores in cf_raw[gen["assistant"]].items():
+            scores = scores.double()
+            if masks[name] is not None:  # items the evaluation excludes get no assistant mass
+                scores = scores.masked_fill(masks[name], float("-inf"))
+            assist[name] = torch.log_softmax(scores, -1)
+
+    def decode(name: str, weight: float, checkpoint: str):
+        generated = generate_step(ctx.run, backbone, prompts[name], checkpoint, int(gen["beams"]),
+                                  int(gen["max_new_tokens"]), int(gen["batch_size"]), decoding=section, trie=trie,
+                                  assistant=assist.get(name) if weight > 0 else None, assistant_weight=weight,
+                                  seed=ctx.seed)
+        per_beam = ground(backbone, generated["texts"], catalogue, cfg["grounding"])
+        return generated, per_beam, aggregate_beams(per_beam, torch.tensor(generated["scores"]),
+                                                    cfg["grounding"]["beams"])
+
+    summary = {"decoding": gen["decoding"], "constrained": section["constrained"]}
+    if gen["decoding"] == "d3":
+        summary["ghost_threshold"] = float(gen["ghost_threshold"])
+    if gen["decoding"] == "sample":
+        summary.update(samples=int(gen["samples"]), temperature=float(gen["temperature"]), top_p=float(gen["top_p"]))
+    outputs = {}
+    if use_assistant:
+        metric = "ndcg@10" if 10 in ks else f"ndcg@{max(ks)}"
+        grid, by_weight = {}, {}
+        for weight in sorted({float(w) for w in gen["assistant_weights"]}):
+            by_weight[weight] = decode("valid", weight, f"valid-w{weight:g}")
+            grid[weight] = rank_metrics(by_weight[weight][2], targets["valid"], ks, masks["valid"])[metric]
+            ctx.log(f"d3 assistant {gen['assistant']} weight {weight:g}: valid {metric} {grid[weight]:.4f}")
+        chosen = max(grid, key=lambda w: (grid[w], -w))
+        outputs["valid"] = by_weight[chosen]
+        summary.update(assistant=gen["assistant"], assistant_weight=chosen, assistant_metric=metric,
+                       assistant_grid={f"{w:g}": v for w, v in grid.items()})
+        outputs["test"] = decode("test", chosen, "test")
+    else:
+        outputs["valid"] = decode("valid", 0.0, "valid")
+        outputs["test"] = decode("test", 0.0, "test")
+    return outputs, summary, cf_raw, cf_seconds
+
+
+def cf_scores(ctx: RunContext, ds, split, shots, cases: dict, model_name: str | None = None) -> dict:
+    """Full-catalogue scores of a CF model (`inject.cf_model` unless named) for each case set
+    (collaborative injection, D3's assistant)."""
     from recalign.cf import train_cf_model
     from recalign.cf.evaluate import score_cases
 
@@ -189,8 +293,9 @@ def cf_scores(ctx: RunContext, ds, split, shots, cases: dict) -> dict:
         raise InputError(f"inject.cf_data: expected 'all' or 'shots', got {inj['cf_data']!r}")
     train_cfg = {k: v for k, v in inj["cf_train"].items() if v}
     valid = cases["valid"]
-    model = train_cf_model(inj["cf_model"], data, {"train": train_cfg}, catalog=ds, valid=valid, run=ctx.run,
-                           checkpoint=f"cf-{inj['cf_model']}", seed=ctx.seed, log=lambda m: ctx.log(f"cf: {m}"))
+    model_name = model_name or inj["cf_model"]
+    model = train_cf_model(model_name, data, {"train": train_cfg}, catalog=ds, valid=valid, run=ctx.run,
+                           checkpoint=f"cf-{model_name}", seed=ctx.seed, log=lambda m: ctx.log(f"cf: {m}"))
     out = {}
     for name, case_set in cases.items():
         scores = torch.cat([scores.float() for _, scores, _ in score_cases(model, case_set)])
@@ -202,7 +307,7 @@ def cf_scores(ctx: RunContext, ds, split, shots, cases: dict) -> dict:
 
 # --------------------------------------------------------------------------------------------- run
 def validate(cfg: dict) -> None:
-    check_model(cfg["model"])
+    check_model(cfg["model"], training=True)
     check_template(cfg["prompt"], "prompt", SAMPLE_FIELDS)
     fill(cfg["prompt"]["output"], "prompt.output", title="t")
     fill(cfg["grounding"]["item_text"], "grounding.item_text", title="t")
@@ -212,6 +317,13 @@ def validate(cfg: dict) -> None:
     check_ks(cfg["eval"]["ks"])
     if int(cfg["generate"]["beams"]) < 1:
         raise InputError(f"generate.beams must be >= 1, got {cfg['generate']['beams']}")
+    check_decoding(cfg["generate"])
+    if cfg["generate"]["assistant"] != "none":
+        from recalign.cf import MODELS
+
+        if cfg["generate"]["assistant"] not in MODELS:
+            raise InputError(f"generate.assistant: {cfg['generate']['assistant']!r} is not a CF model; known: "
+                             f"none, {', '.join(MODELS)}")
     if cfg["grounding"]["beams"] not in ("top", "min", "weighted"):
         raise InputError(f"grounding.beams: expected top, min or weighted, got {cfg['grounding']['beams']!r}")
     if cfg["grounding"]["pooling"] not in ("last", "mean"):
@@ -261,18 +373,22 @@ def run(ctx: RunContext) -> dict:
 
     started = time.perf_counter()
     titles = ds.titles()
-    cases, dist, stats, masks, targets = {}, {}, {}, {}, {}
+    cases, dist, stats, masks, targets, histories = {}, {}, {}, {}, {}, {}
     for name, frame in (("valid", valid), ("test", test)):
-        generated = generate_step(ctx.run, backbone, prompts[name], name, int(cfg["generate"]["beams"]),
-                                  int(cfg["generate"]["max_new_tokens"]), int(cfg["generate"]["batch_size"]))
-        per_beam = ground(backbone, generated["texts"], catalogue, cfg["grounding"])
-        dist[name] = aggregate_beams(per_beam, torch.tensor(generated["scores"]), cfg["grounding"]["beams"])
-        top = per_beam[:, 0]
         targets[name] = torch.from_numpy(frame["item"].to_numpy(np.int64).copy())
-        stats[name] = generation_stats(generated["texts"], top.argmin(1), targets[name], titles)
-        histories = full_histories(ds, frame)
-        cases[name] = Cases(frame["user"].to_numpy(np.int64), histories, targets[name].numpy(), None)
-        masks[name] = history_mask(histories, ds.n_items) if cfg["eval"]["mask_history"] else None
+        histories[name] = full_histories(ds, frame)
+        cases[name] = Cases(frame["user"].to_numpy(np.int64), histories[name], targets[name].numpy(), None)
+        masks[name] = history_mask(histories[name], ds.n_items) if cfg["eval"]["mask_history"] else None
+    cutoff = split.train["timestamp"].max()
+    period = ds.interactions[ds.interactions["timestamp"] <= cutoff]
+    pop = popularity_counts(period["item"].to_numpy(), ds.n_items)
+    outputs, decoding, cf_raw, cf_seconds = decode_step(ctx, backbone, prompts, catalogue, targets, masks, ks,
+                                                        lambda model: cf_scores(ctx, ds, split, shots, cases, model))
+    for name, frame in (("valid", valid), ("test", test)):
+        generated, per_beam, dist[name] = outputs[name]
+        top = per_beam[:, 0]
+        stats[name] = generation_stats(generated["texts"], top.argmin(1), targets[name], titles, popularity=pop,
+                                       histories=histories[name])
         if name == "test":
             per_case = {"user": frame["user"].tolist(), "target": targets[name].tolist(),
                         "generated": [clean_generation(row[0]) for row in generated["texts"]],
@@ -286,15 +402,12 @@ def run(ctx: RunContext) -> dict:
     gammas = [float(g) for g in cfg["inject"]["gammas"]]
     signals = {}
     if cfg["inject"]["popularity"]:
-        cutoff = split.train["timestamp"].max()
-        period = ds.interactions[ds.interactions["timestamp"] <= cutoff]
-        pop = popularity_counts(period["item"].to_numpy(), ds.n_items)
         signals["pop"] = {"valid": pop, "test": pop}
-    cf_seconds = 0.0
     if cfg["inject"]["collaborative"]:
         started_cf = time.perf_counter()
-        signals["cf"] = cf_scores(ctx, ds, split, shots, cases)
-        cf_seconds = time.perf_counter() - started_cf
+        reused = cf_raw.get(cfg["inject"]["cf_model"])  # D3's assistant, when it is the same CF model
+        signals["cf"] = reused if reused is not None else cf_scores(ctx, ds, split, shots, cases)
+        cf_seconds += time.perf_counter() - started_cf
     for suffix, signal in signals.items():
         chosen = select_gamma(dist["valid"], targets["valid"], signal["valid"], dist["test"], targets["test"],
                               signal["test"], gammas, ks, masks["valid"], masks["test"])
@@ -313,6 +426,7 @@ def run(ctx: RunContext) -> dict:
                     "cf": cf_seconds},
         "variants": variants,
         "generation": stats,
+        "decoding": decoding,
         "examples": examples_out,
         "train_summary": {k: train_summary.get(k) for k in ("steps", "epochs_run", "best_score", "best_step",
                                                             "tokens", "history")},
@@ -365,6 +479,21 @@ def _report(metrics: dict) -> str:
         lines += ["", f"Generation (test, top beam): validity {gen['validity']:.3f} (text = title of its nearest "
                       f"item), in catalogue {gen['in_catalogue']:.3f}, exact target {gen['exact_target']:.3f}, "
                       f"{gen['distinct_titles']} distinct titles over {gen['cases']} cases."]
+        if "top_titles" in gen:
+            top = ", ".join(f"{t!r} x{c}" for t, c in gen["top_titles"][:3])
+            lines += ["", f"Collapse diagnostics: most generated {top} (top share {gen['top_share']:.3f}); entropy of "
+                          f"the generated titles {gen['entropy_bits']:.2f} bits (uniform over the cases: "
+                          f"{np.log2(max(1, gen['cases'])):.2f})."]
+        if "popularity_generated" in gen:
+            lines += [f"Mean popularity percentile (training period): grounded items "
+                      f"{gen['popularity_generated']:.3f}, targets {gen['popularity_target']:.3f}; grounded item "
+                      f"already in the user's history: {gen.get('in_history', float('nan')):.3f}."]
+    decoding = metrics.get("decoding")
+    if decoding:
+        lines += ["", "Decoding: " + ", ".join(f"{k} {v}" for k, v in decoding.items() if k != "assistant_grid")
+                  + ("; valid metric per assistant weight: " + ", ".join(
+                      f"{w}: {v:.4f}" for w, v in decoding["assistant_grid"].items())
+                     if decoding.get("assistant_grid") else "")]
     examples = metrics.get("examples", [])
     if examples:
         lines += ["", "| target | generated | nearest item |", "|---|---|---|"]
