@@ -114,6 +114,43 @@ def choose_guidance(model, valid, grid: tuple[float, ...]) -> dict:
     return scores
 
 
+def step_cost(names: list[str], n_batches: int = 6, rounds: int = 3) -> dict:
+    """Process CPU seconds (one thread) of loss + backward over the same `n_batches` batches of 2048 training
+    targets, models round robin, best of `rounds`: the per-epoch cost ratio without the noise of a shared
+    machine's wall clock."""
+    import torch
+
+    from recalign.cf import create_model, leave_one_out_sets
+    from recalign.cf.batches import build_windows, window_batches
+    from recalign.data import load_dataset
+
+    torch.set_num_threads(1)
+    ds = load_dataset("ml-100k")
+    data, _, _ = leave_one_out_sets(ds.interactions, ds.n_users, ds.n_items)
+    models, batches = {}, {}
+    for name in names:
+        model_name, overrides = OURS_ONLY.get(name, (name, {}))
+        models[name] = model = create_model(model_name, ds.n_users, ds.n_items, **overrides)
+        if not model.sequential:
+            raise SystemExit(f"--step-cost: {name} is not a sequential model")
+        model.prepare(data)
+        model.train()
+        windows = build_windows(data, model.max_len, model.stride)
+        batches[name] = list(window_batches(windows, 2048, np.random.default_rng(0)))[:n_batches]
+    seconds = {name: [] for name in names}
+    for _ in range(rounds):
+        for name, model in models.items():
+            started = time.process_time()
+            for batch in batches[name]:
+                model.zero_grad()
+                model.loss(batch, model.objectives[0]).backward()
+            seconds[name].append(time.process_time() - started)
+    best = {name: min(values) for name, values in seconds.items()}
+    base = best.get("sasrec")
+    return {name: {"cpu_seconds": value, **({"ratio_to_sasrec": value / base} if base else {})}
+            for name, value in best.items()}
+
+
 def run_peer(names: list[str], python: str, budget: float, seed: int) -> dict:
     from recalign.data import load_dataset
 
@@ -183,12 +220,17 @@ def main() -> None:
     parser.add_argument("--matched", action="store_true",
                         help="for every peer run stopped by its time bound, also train recalign's model for the "
                              "same number of epochs")
+    parser.add_argument("--step-cost", action="store_true",
+                        help="only measure the CPU cost of training steps of the --models (sequential) and exit")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
 
     from recalign.io import atomic_write_json
 
+    if args.step_cost:
+        print(json.dumps(step_cost([n for n in args.models.split(",") if n]), indent=1))
+        return
     out_path = Path(args.out)
     results = json.loads(out_path.read_text()) if out_path.exists() else {}
     results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
