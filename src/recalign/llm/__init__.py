@@ -58,12 +58,12 @@ from recalign.llm.loading import (DEFAULT_MODEL, MODEL_CONFIG, MODEL_NULLABLE, T
                                   tiny_llama)
 from recalign.llm.prompts import Prompter, Wrapper, fill, fit_history
 from recalign.llm.slots import CIE, SoftPrompt, soft_prompt_init
-from recalign.llm.steps import (LORA_CONFIG, Scorer, check_lora, check_model, check_train, check_yes_no, generate_step, lora_step, train_section,
+from recalign.llm.steps import (LORA_CONFIG, Scorer, answer_loss, check_lora, check_model, check_train, check_yes_no, generate_step, lora_step, train_section,
                                 train_slot_modules)
 from recalign.llm.train import Checkpointer, TrainConfig, TrainResult, train_loop, train_lora
 
 __all__ = [
-    "Backbone", "CIE", "Checkpointer", "DEFAULT_MODEL", "Encoded", "Generation", "LORA_CONFIG", "LoraSettings",
+    "Backbone", "CIE", "answer_loss", "Checkpointer", "DEFAULT_MODEL", "Encoded", "Generation", "LORA_CONFIG", "LoraSettings",
     "MODEL_CONFIG", "MODEL_NULLABLE", "Prompter", "Scorer", "SoftPrompt", "TINY_NAME", "TrainConfig", "TrainResult",
     "Wrapper", "check_lora", "check_model", "check_train", "check_yes_no", "fill", "fit_history", "generate_step", "load_model", "load_tokenizer",
     "lora_step", "soft_prompt_init", "tiny_llama", "train_loop", "train_lora", "train_section", "train_slot_modules",

@@ -102,6 +102,24 @@ def freeze(backbone: Backbone) -> None:
         parameter.requires_grad_(False)
 
 
+def answer_loss(backbone: Backbone, examples: Sequence[tuple[str, str]], batch_size: int,
+                answer_only: bool = True) -> Callable[[], float] | None:
+    """A validation callback for `lora_step`: the mean answer-token loss on (prompt, answer) pairs, negated
+    (higher = better for the loop); None when there are no pairs."""
+    if not examples:
+        return None
+
+    @torch.no_grad()
+    def evaluate() -> float:
+        total, count = 0.0, 0
+        for start in range(0, len(examples), batch_size):
+            batch = examples[start:start + batch_size]
+            loss, n = backbone.lm_loss([p for p, _ in batch], [a for _, a in batch], answer_only=answer_only)
+            total, count = total + loss.item() * n, count + n
+        return -total / max(1, count)
+    return evaluate
+
+
 def train_slot_modules(store, backbone: Backbone, modules: torch.nn.Module, config: TrainConfig, n_train: int,
                        loss_fn: Callable[[list[int]], torch.Tensor], valid_score: Callable[[], float], name: str,
                        log: Callable[[str], None] = lambda m: None) -> dict:

@@ -42,7 +42,7 @@ from recalign.eval.grounding import (
     select_gamma,
 )
 from recalign.llm import (LORA_CONFIG, MODEL_CONFIG, MODEL_NULLABLE, Backbone, Prompter, check_lora, check_model,
-                          check_train, fill, generate_step, lora_step, train_section)
+                          check_train, fill, generate_step, answer_loss, lora_step, train_section)
 from recalign.llm.decoding import DECODING_CONFIG, TitleTrie, check_decoding
 from recalign.llm.prompts import check_template
 from recalign.methods.api import Experiment, Method, RunContext
@@ -140,19 +140,9 @@ def catalogue_embeddings(ctx: RunContext, backbone, base_id: str) -> tuple[torch
 
 def train_step(ctx: RunContext, backbone, examples, valid_examples) -> dict:
     """Step 1: LoRA instruction tuning (resumable), best epoch by the answer loss on valid cases."""
-    cfg = ctx.config
-    evaluate = None
-    if valid_examples:
-        @torch.no_grad()
-        def evaluate() -> float:
-            total, count = 0.0, 0
-            for start in range(0, len(valid_examples), int(cfg["train"]["batch_size"])):
-                batch = valid_examples[start:start + int(cfg["train"]["batch_size"])]
-                loss, n = backbone.lm_loss([p for p, _ in batch], [a for _, a in batch],
-                                           answer_only=bool(cfg["train"]["answer_only"]))
-                total, count = total + loss.item() * n, count + n
-            return -total / max(1, count)  # mean answer-token loss, negated: higher = better for the loop
-    return lora_step(ctx.run, backbone, examples, cfg["lora"], cfg["train"], ctx.seed, "lora",
+    train = ctx.config["train"]
+    evaluate = answer_loss(backbone, valid_examples, int(train["batch_size"]), bool(train["answer_only"]))
+    return lora_step(ctx.run, backbone, examples, ctx.config["lora"], train, ctx.seed, "lora",
                      ctx.run.checkpoints / "adapter", evaluate=evaluate, log=lambda m: ctx.log(f"step 1: {m}"))
 
 

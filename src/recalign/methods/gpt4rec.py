@@ -39,7 +39,7 @@ from recalign.eval.intervals import ranking_intervals
 from recalign.eval.metrics import ranking_metrics
 from recalign.eval.retrieval import MERGES, BM25Index, merged_ranks
 from recalign.llm import (LORA_CONFIG, MODEL_CONFIG, MODEL_NULLABLE, Backbone, Prompter, check_lora, check_model,
-                          check_train, fill, generate_step, lora_step, train_section)
+                          check_train, fill, generate_step, answer_loss, lora_step, train_section)
 from recalign.llm.prompts import check_template
 from recalign.llm.trie import cached_generate_step
 from recalign.methods.api import Experiment, Method, RunContext
@@ -148,18 +148,7 @@ def validate(cfg: dict) -> None:
 def train_step(ctx: RunContext, backbone: Backbone, examples, valid_examples) -> dict:
     """Step 1: LoRA on (prompt, title) pairs (resumable), best epoch by the valid answer loss."""
     train = ctx.config["train"]
-    evaluate = None
-    if valid_examples:
-        @torch.no_grad()
-        def evaluate() -> float:
-            total, count = 0.0, 0
-            size = int(train["batch_size"])
-            for start in range(0, len(valid_examples), size):
-                batch = valid_examples[start:start + size]
-                loss, n = backbone.lm_loss([p for p, _ in batch], [a for _, a in batch],
-                                           answer_only=bool(train["answer_only"]))
-                total, count = total + loss.item() * n, count + n
-            return -total / max(1, count)
+    evaluate = answer_loss(backbone, valid_examples, int(train["batch_size"]), bool(train["answer_only"]))
     return lora_step(ctx.run, backbone, examples, ctx.config["lora"], train, ctx.seed, "lora",
                      ctx.run.checkpoints / "adapter", evaluate=evaluate, log=lambda m: ctx.log(f"step 1: {m}"))
 

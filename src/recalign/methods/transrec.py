@@ -47,7 +47,7 @@ from recalign.eval.metrics import check_metric_name
 from recalign.eval.ngram_grounding import GroundingParams, Key, evidence, item_scores
 from recalign.eval.token_index import TokenIndex, cached_index
 from recalign.llm import (LORA_CONFIG, MODEL_CONFIG, MODEL_NULLABLE, Backbone, Prompter, check_lora, check_model,
-                          check_train, lora_step, train_section)
+                          check_train, answer_loss, lora_step, train_section)
 from recalign.llm.constrained import IdentifierCorpus, constrained_generate_step, keys_of
 from recalign.llm.prompts import check_template
 from recalign.methods.api import Experiment, Method, RunContext
@@ -140,18 +140,7 @@ def build_index(ctx: RunContext, corpus: IdentifierCorpus, backbone: Backbone) -
 def train_step(ctx: RunContext, backbone: Backbone, examples, valid_examples) -> dict:
     """Step 1: LoRA on every facet's (prompt, answer) pairs; the best epoch by the valid answer loss."""
     train = ctx.config["train"]
-    evaluate = None
-    if valid_examples:
-        @torch.no_grad()
-        def evaluate() -> float:
-            total, count = 0.0, 0
-            size = int(train["batch_size"])
-            for start in range(0, len(valid_examples), size):
-                batch = valid_examples[start:start + size]
-                loss, n = backbone.lm_loss([q for q, _ in batch], [a for _, a in batch],
-                                           answer_only=bool(train["answer_only"]))
-                total, count = total + loss.item() * n, count + n
-            return -total / max(1, count)
+    evaluate = answer_loss(backbone, valid_examples, int(train["batch_size"]), bool(train["answer_only"]))
     return lora_step(ctx.run, backbone, examples, ctx.config["lora"], train, ctx.seed, "lora",
                      ctx.run.checkpoints / "adapter", evaluate=evaluate, log=lambda m: ctx.log(f"step 1: {m}"))
 
