@@ -32,6 +32,7 @@ returned beams that occur in the corpus: 1.0 by construction, checked), per-case
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass
 
@@ -241,6 +242,16 @@ def generation_stats(cases: CaseSet, corpus: IdentifierCorpus, index: TokenIndex
 
 
 # --------------------------------------------------------------------------------------------- run
+def _integer(value, where: str, minimum: int, note: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InputError(f"{where} must be an integer >= {minimum}{note}, got {value!r}")
+
+
+def _number(value, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InputError(f"{where} must be a finite number, got {value!r}")
+
+
 def validate(cfg: dict) -> None:
     check_model(cfg["model"], training=True)
     p = cfg["prompt"]
@@ -249,13 +260,12 @@ def validate(cfg: dict) -> None:
         check_template(p[facet], f"prompt.{facet}", SAMPLE_FIELDS)
     check_generative_samples(cfg["samples"])
     check_lora(cfg["lora"])
+    _integer(cfg["train"]["shots"], "train.shots", 0, " (0 = all training samples)")
+    _integer(cfg["train"]["valid_loss_size"], "train.valid_loss_size", 0)
     check_train(cfg["train"])
-    if cfg["train"]["valid_loss_size"] < 0:
-        raise InputError(f"train.valid_loss_size must be >= 0, got {cfg['train']['valid_loss_size']}")
     f = cfg["facets"]
     use = f["use"]
-    unknown = [x for x in use if x not in FACETS]
-    if unknown or not use or len(set(use)) != len(use):
+    if (not use or not all(isinstance(x, str) and x in FACETS for x in use) or len(set(use)) != len(use)):
         raise InputError(f"facets.use: expected a non-empty list of distinct facets from {', '.join(FACETS)}, "
                          f"got {use!r}")
     for facet in ("id", "attribute"):
@@ -264,25 +274,21 @@ def validate(cfg: dict) -> None:
                                                                      for m in pair)):
             raise InputError(f"facets.markers.{facet}: expected [opening, closing], two non-empty strings without "
                              f"spaces, got {pair!r}")
-    if f["title_span_words"] < 0:
-        raise InputError(f"facets.title_span_words must be >= 0 (0 = the whole title), got {f['title_span_words']}")
+    _integer(f["title_span_words"], "facets.title_span_words", 0, " (0 = the whole title)")
     g = cfg["generate"]
-    if g["beams"] < 1:
-        raise InputError(f"generate.beams must be >= 1, got {g['beams']}")
-    if g["batch_size"] < 0:
-        raise InputError(f"generate.batch_size must be >= 0 (0 = model.batch_size), got {g['batch_size']}")
+    _integer(g["beams"], "generate.beams", 1)
+    _integer(g["batch_size"], "generate.batch_size", 0, " (0 = model.batch_size)")
     for facet in FACETS:
-        value = g["max_new_tokens"].get(facet)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InputError(f"generate.max_new_tokens.{facet} must be an integer >= 1, got {value!r}")
+        _integer(g["max_new_tokens"].get(facet), f"generate.max_new_tokens.{facet}", 1)
     gr = cfg["grounding"]
-    params_of(gr["gamma"], gr["bias"], gr)  # gamma, smoothing, coverage, max_log_prob
+    for key in ("gamma", "smoothing", "coverage", "max_log_prob"):
+        _number(gr[key], f"grounding.{key}")
     for facet in FACETS:
-        if isinstance(gr["bias"].get(facet), bool) or not isinstance(gr["bias"].get(facet), (int, float)):
-            raise InputError(f"grounding.bias.{facet} must be a number, got {gr['bias'].get(facet)!r}")
+        _number(gr["bias"].get(facet), f"grounding.bias.{facet}")
+    params_of(gr["gamma"], gr["bias"], gr)  # the ranges of gamma, smoothing, coverage, max_log_prob
     for name, values in gr["grid"].items():
         if (not isinstance(values, list) or not values
-                or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values)):
+                or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in values)):
             raise InputError(f"grounding.grid.{name}: expected a non-empty list of numbers, got {values!r}")
     if any(v <= 0 for v in gr["grid"]["gamma"]):
         raise InputError(f"grounding.grid.gamma: every gamma must be > 0, got {gr['grid']['gamma']}")
@@ -291,8 +297,7 @@ def validate(cfg: dict) -> None:
         raise InputError(f"grounding.select_metric: expected a ranking metric such as ndcg@10, got "
                          f"{gr['select_metric']!r}")
     check_ks(cfg["eval"]["ks"])
-    if cfg["eval"]["sparse_max_history"] < 1:
-        raise InputError(f"eval.sparse_max_history must be >= 1, got {cfg['eval']['sparse_max_history']}")
+    _integer(cfg["eval"]["sparse_max_history"], "eval.sparse_max_history", 1)
 
 
 def run(ctx: RunContext) -> dict:
