@@ -4,7 +4,7 @@ the tables and writes JSON (every metric, its 95% bootstrap interval over the te
 valid NDCG@10).
 
     python bench/recinterpreter.py --encoders sasrec gru4rec caser --seeds 0 --recovery sasrec \\
-        --train-size 256 --test-size 50 --encoder-minutes 3 --out runs/bench-recinterpreter
+        --train-size 256 --test-size 50 --encoder-minutes 3 --set model.dtype=float32
 
 The residual probe runs for every (encoder, seed); the recovery probe (long answers, costly on a CPU) for the
 encoders named by --recovery, first seed only. Test windows are the same for every run (samples.subset_seed).
@@ -56,7 +56,7 @@ def run_one(args, encoder: str, seed: int, probes: list[str]) -> dict:
             "intervals": saved.get("intervals", {}), "samples": saved.get("samples", {}),
             "encoder_valid_ndcg@10": saved.get("encoder", {}).get("valid_ndcg@10"),
             "encoder_epochs": saved.get("encoder", {}).get("summary", {}).get("epochs"),
-            "seconds": saved.get("seconds", {}), "recovery_distribution": saved.get("recovery_distribution", {}),
+            "seconds": saved.get("seconds", {}), "precision": saved.get("precision"), "recovery_distribution": saved.get("recovery_distribution", {}),
             "training": {p: {k: v for k, v in t.items() if k != "history"} for p, t in saved.get("training", {}).items()}}
 
 

@@ -498,6 +498,7 @@ def run(ctx: RunContext) -> dict:
         "test": metrics, "valid": {},
         "seconds": {"train": seconds["encoder"] + seconds["train"], "eval": seconds["eval"], **seconds},
         "recovery_distribution": dists, "intervals": intervals, "training": training,
+        "precision": backbone.precision,
         "encoder": {"model": encoder.name, "params": encoder.params, "valid_ndcg@10": encoder_valid(encoder),
                     "summary": getattr(encoder, "train_summary", {})},
         "samples": {**windows["sizes"], "train_windows": len(windows["train"]), "valid_windows": len(windows["valid"]),
