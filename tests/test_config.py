@@ -31,6 +31,8 @@ def test_int_accepted_for_float_and_dumped_round_trip(tmp_path):
     ("train.fast=1", "expects true/false"),
     ("eval.ks=10", "expects a list"),
     ("noequals", "expected key=value"),
+    ("train.epochs=null", "key 'train.epochs' cannot be null; it expects an integer"),
+    ("eval.ks=~", "cannot be null; it expects a list"),
 ])
 def test_bad_sets(item, message):
     with pytest.raises(InputError, match=message):
@@ -88,3 +90,10 @@ def test_a_mapping_valued_setting_is_not_split_into_unknown_keys(tmp_path):
 def test_a_directory_as_config_file_says_so(tmp_path):
     with pytest.raises(InputError, match="is a directory"):
         cfg.resolve(DEFAULTS, tmp_path)
+
+
+def test_null_is_kept_for_keys_whose_default_is_null_or_declared_nullable():
+    out = cfg.resolve(DEFAULTS, None, ["model.name=null", "data.like_threshold=null"])
+    assert out["model"]["name"] is None and out["data"]["like_threshold"] is None
+    out = cfg.resolve(DEFAULTS, None, ["train.lr=null"], nullable={"train.lr": 0.1})
+    assert out["train"]["lr"] is None

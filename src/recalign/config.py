@@ -118,9 +118,16 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def _check_type(key: str, default: Any, value: Any, where: str) -> Any:
-    if default is None or value is None:
+_KIND = {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping"}
+
+
+def _check_type(key: str, default: Any, value: Any, where: str, may_be_null: bool = False) -> Any:
+    if default is None:
         return value
+    if value is None:
+        if may_be_null:
+            return value
+        raise InputError(f"{where}: key '{key}' cannot be null; it expects {_KIND.get(type(default), 'a value')}")
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise InputError(f"{where}: key '{key}' expects true/false, got {value!r}")
@@ -179,7 +186,7 @@ def resolve(defaults: dict, file: str | Path | None = None, sets: list[str] | No
                     f"{where}: unknown config key '{key}'; valid keys: {', '.join(sorted(valid))}"
                 )
             default = valid[key] if valid[key] is not None else nullable.get(key)
-            _set(config, key, _check_type(key, default, value, where))
+            _set(config, key, _check_type(key, default, value, where, may_be_null=valid[key] is None or key in nullable))
     return config
 
 
