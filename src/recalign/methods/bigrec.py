@@ -28,6 +28,7 @@ import torch
 from recalign.data import Needs, few_shot
 from recalign.errors import InputError
 from recalign.eval import check_ks
+from recalign.eval.ann import ANN_CONFIG, check_search, dense_distances
 from recalign.eval.intervals import ranking_intervals
 from recalign.eval.metrics import target_ranks
 from recalign.eval.grounding import (
@@ -88,6 +89,7 @@ DEFAULTS = {
         "item_text": "{title}",  # how a catalogue item is written before embedding
         "batch_size": 64,  # texts per embedding forward
         "cache_dir": "",  # "" = $RECALIGN_HOME/grounding
+        **copy.deepcopy(ANN_CONFIG),  # search: exact | hnsw | ivf (FAISS, eval.ann) and its ann parameters
     },
     "inject": {
         "popularity": True,
@@ -151,7 +153,12 @@ def ground(backbone, texts: list[list[str]], catalogue: torch.Tensor, g: dict) -
     beams = len(texts[0])
     flat = [clean_generation(t) or " " for row in texts for t in row]
     queries = backbone.embed(flat, pooling=g["pooling"], batch_size=int(g["batch_size"]), adapter=False)
-    return l2_distances(queries, catalogue).view(len(texts), beams, -1)
+    if g["search"] == "exact":
+        return l2_distances(queries, catalogue).view(len(texts), beams, -1)
+    from recalign import assets
+
+    return dense_distances(queries, catalogue, g, g["cache_dir"] or (assets.home() / "grounding")).view(
+        len(texts), beams, -1)
 
 
 def generation_stats(texts: list[list[str]], top_beam_nearest: torch.Tensor, targets, titles: list[str],
@@ -316,6 +323,7 @@ def validate(cfg: dict) -> None:
                              f"none, {', '.join(MODELS)}")
     if cfg["grounding"]["beams"] not in ("top", "min", "weighted"):
         raise InputError(f"grounding.beams: expected top, min or weighted, got {cfg['grounding']['beams']!r}")
+    check_search(cfg["grounding"])
     if cfg["grounding"]["pooling"] not in ("last", "mean"):
         raise InputError(f"grounding.pooling: expected last or mean, got {cfg['grounding']['pooling']!r}")
     if cfg["inject"]["cf_data"] not in ("all", "shots"):
