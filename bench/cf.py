@@ -4,7 +4,8 @@ Prints a table (NDCG@10, HR@10, NDCG@20, HR@20, epochs, seconds/epoch, eval seco
 bench/results/cf.json. `--peer` also runs RecBole 1.2.1 (from a throwaway venv outside the repo, see
 docs/benchmarks-cf.md) on the identical data file and protocol, one model at a time under a time bound.
 The seed's sequential baselines (dros, dros-gru4rec, dros-caser, acvae, dreamrec) have no RecBole peer;
-DreamRec's guidance weight is chosen on the valid split from `--guidance-grid`.
+DreamRec's guidance weight is chosen on the valid split from `--guidance-grid`; DROS's alpha/beta on the
+valid split from the pre-declared `DROS_GRID` (`--dros-grid`).
 
     OMP_WAIT_POLICY=PASSIVE nice -n 10 .venv/bin/python bench/cf.py [--models sasrec,mf] [--peer] [--max-minutes M]
 """
@@ -35,6 +36,13 @@ OURS_ONLY = {"caser": ("caser", {}), "fism": ("fism", {}), "dros": ("dros", {}),
 ROWS = [*PEER_NAMES, *[n for n in OURS_ONLY if n not in PEER_NAMES]]
 DEFAULT_MODELS = [n for n in ROWS if n not in ("dros-gru4rec", "dros-caser")]
 COLUMNS = ["ndcg@10", "hr@10", "ndcg@20", "hr@20"]
+# DROS (alpha, beta) tried on the valid split, declared before any run: the reference's default (0.1, 1), alpha
+# 10x smaller/larger, and beta at 0.1 (log-sum-exp ~ the largest weighted squared score) and 10 (~ their mean)
+DROS_GRID = [(0.01, 1.0), (0.1, 1.0), (1.0, 1.0), (0.1, 0.1), (0.1, 10.0)]
+
+
+class _Screened(Exception):
+    """Raised after the screening epoch (the checkpoint of that epoch is saved, not marked finished)."""
 
 
 def export_recbole(ds, directory: Path, name: str = "ml100k-loo") -> Path:
@@ -112,6 +120,94 @@ def choose_guidance(model, valid, grid: tuple[float, ...]) -> dict:
     model.params["guidance"] = max(scores, key=scores.get)
     print(f"dreamrec guidance on valid: {scores} -> {model.params['guidance']}", file=sys.stderr, flush=True)
     return scores
+
+
+def dros_grid(seed: int, screen_epochs: int, max_minutes: float, directory: Path) -> dict:
+    """DROS-SASRec's (alpha, beta) chosen on the valid split: every DROS_GRID point trains `screen_epochs`
+    epochs (same seed, data and order; early stopping may end one sooner), the one with the best valid
+    NDCG@10 so far continues from its checkpoint to early stopping (or `max_minutes` of training in all),
+    and only that model is tested. Returns the grid's valid curves and the chosen model's row."""
+    import torch
+
+    from recalign.cf import evaluate_ranking, leave_one_out_sets, train_cf_model
+    from recalign.data import load_dataset
+    from recalign.eval.intervals import mean_interval
+    from recalign.io import Checkpoints
+    from recalign.methods import get_method
+
+    torch.set_num_threads(int(os.environ.get("RECALIGN_THREADS", "1")))
+    ds = load_dataset("ml-100k")
+    data, valid, test = leave_one_out_sets(ds.interactions, ds.n_users, ds.n_items)
+    defaults = get_method("dros").defaults
+
+    def config(alpha: float, beta: float) -> dict:
+        train = dict(defaults["train"], max_minutes=max_minutes)
+        return {"model": dict(defaults["model"], alpha=alpha, beta=beta), "train": train}
+
+    def stop_at_screen(epoch: int, record: dict) -> None:
+        if epoch >= screen_epochs:
+            raise _Screened
+
+    grid = {}
+    for alpha, beta in DROS_GRID:
+        key = f"alpha={alpha:g},beta={beta:g}"
+        store = Checkpoints(directory / key)
+        started = time.perf_counter()
+        try:
+            model = train_cf_model("dros", data, config(alpha, beta), valid=valid, seed=seed, run=store,
+                                   checkpoint="dros", on_epoch_end=stop_at_screen)
+            history = model.train_summary["history"]
+        except _Screened:
+            history = store.load_checkpoint("dros")["history"]
+        curve = [r.get("valid") for r in history]
+        grid[key] = {"alpha": alpha, "beta": beta, "valid_curve": curve, "best_valid": max(curve),
+                     "screen_seconds": time.perf_counter() - started}
+        print(f"dros grid {key}: best valid ndcg@10 {max(curve):.4f} over {len(curve)} epochs",
+              file=sys.stderr, flush=True)
+    chosen = max(grid, key=lambda k: grid[k]["best_valid"])
+    alpha, beta = grid[chosen]["alpha"], grid[chosen]["beta"]
+    print(f"dros grid: chosen {chosen}; continuing it", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    model = train_cf_model("dros", data, config(alpha, beta), valid=valid, seed=seed,
+                           run=Checkpoints(directory / chosen), checkpoint="dros")
+    summary = dict(model.train_summary)
+    if summary["best_epoch"] is None:  # it had already stopped early while screened
+        state = Checkpoints(directory / chosen).load_checkpoint("dros")["state"]
+        summary.update(best_epoch=int(state["best_epoch"]), stopped="early stopping (while screened)")
+    metrics = evaluate_ranking(model, test, ks=(10, 20), intervals=True)
+    dros_ndcg = case_ndcg(model, test)
+    row = {"test": metrics, "epochs": summary["epochs"], "best_epoch": summary["best_epoch"],
+           "seconds_per_epoch": summary["seconds_per_epoch"], "train_seconds": summary["train_seconds"],
+           "continue_seconds": time.perf_counter() - started, "stopped": summary["stopped"],
+           "config": config(alpha, beta), "valid_curve": [r.get("valid") for r in summary["history"]]}
+    print(f"dros chosen {chosen}: test ndcg@10 {metrics['ndcg@10']:.4f} epochs {summary['epochs']} "
+          f"(best {summary['best_epoch']}, {summary['stopped']})", file=sys.stderr, flush=True)
+    # the base it wraps, same seed and cap, for a paired interval on the same 943 test cases
+    sasrec = train_cf_model("sasrec", data, {"train": dict(get_method("sasrec").defaults["train"],
+                                                           max_minutes=max_minutes)},
+                            valid=valid, seed=seed, run=Checkpoints(directory / "sasrec"), checkpoint="sasrec")
+    base_ndcg = case_ndcg(sasrec, test)
+    difference = dros_ndcg - base_ndcg
+    base = {"test": evaluate_ranking(sasrec, test, ks=(10, 20), intervals=True),
+            **{k: sasrec.train_summary[k] for k in ("epochs", "best_epoch", "seconds_per_epoch", "stopped")}}
+    paired = {"ndcg@10_difference": float(difference.mean()), "ci": mean_interval(difference),
+              "cases": len(difference)}
+    print(f"sasrec test ndcg@10 {base['test']['ndcg@10']:.4f}; dros - sasrec {paired['ndcg@10_difference']:+.4f} "
+          f"{paired['ci']}", file=sys.stderr, flush=True)
+    return {"grid": grid, "screen_epochs": screen_epochs, "max_minutes": max_minutes, "chosen": chosen,
+            "dros": row, "sasrec": base, "dros_minus_sasrec": paired, "threads": torch.get_num_threads(), "loadavg_at_end": os.getloadavg()}
+
+
+def case_ndcg(model, cases, k: int = 10) -> np.ndarray:
+    """Each test case's NDCG@k (expected ranks, history masked), as the evaluator averages them."""
+    import torch
+
+    from recalign.cf.evaluate import score_cases
+    from recalign.eval.metrics import target_ranks
+
+    ranks = torch.cat([target_ranks(scores, torch.from_numpy(cases.targets[rows]), mask)
+                       for rows, scores, mask in score_cases(model, cases)]).numpy().astype(np.float64)
+    return np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)
 
 
 def step_cost(names: list[str], n_batches: int = 6, rounds: int = 3) -> dict:
@@ -222,6 +318,11 @@ def main() -> None:
                              "same number of epochs")
     parser.add_argument("--step-cost", action="store_true",
                         help="only measure the CPU cost of training steps of the --models (sequential) and exit")
+    parser.add_argument("--dros-grid", action="store_true",
+                        help="only choose DROS's alpha/beta on the valid split (DROS_GRID) and test the chosen one")
+    parser.add_argument("--screen-epochs", type=int, default=15, help="--dros-grid: epochs per grid point")
+    parser.add_argument("--work", default=str(ROOT / "runs" / "bench-cf-dros-grid"),
+                        help="--dros-grid: checkpoint directory (a rerun resumes)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
@@ -233,6 +334,12 @@ def main() -> None:
         return
     out_path = Path(args.out)
     results = json.loads(out_path.read_text()) if out_path.exists() else {}
+    if args.dros_grid:
+        results["dros_grid"] = dros_grid(args.seed, args.screen_epochs, args.max_minutes, Path(args.work))
+        results["dros_grid"]["date"] = time.strftime("%Y-%m-%d %H:%M")
+        atomic_write_json(out_path, results)
+        print(json.dumps({k: v["best_valid"] for k, v in results["dros_grid"]["grid"].items()}, indent=1))
+        return
     results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
                           "processor": platform.processor(), "python": platform.python_version()}
     names = [n for n in args.models.split(",") if n]

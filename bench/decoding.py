@@ -280,6 +280,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench-decoding"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", help="extra bigrec --set key=value for the beam run")
+    parser.add_argument("--results", default=str(RESULTS / "bigrec-decoding.json"), help="results JSON to write")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("RECALIGN_THREADS", "2")))
     os.environ.setdefault("RECALIGN_QUIET", "1")
@@ -295,7 +296,7 @@ def main() -> None:
     result["variants"], extra = run_variants(args, composed, beam)
     result["reference"].update(extra)
     result["wall_seconds"] = time.perf_counter() - started
-    path = RESULTS / "bigrec-decoding.json"
+    path = Path(args.results)
     atomic_write_json(path, result)
     print(table(result))
     print(f"\nwrote {path}", file=sys.stderr)

@@ -245,3 +245,16 @@ def test_config_keys_resolve_through_the_method_defaults():
     assert model.backbone.name == "caser" and model.max_len == 3 and model.params["alpha"] == 0.2
     with pytest.raises(InputError, match="model.caser.max_lenn"):
         resolve(_defaults("dros"), sets=["model.caser.max_lenn=3"])
+
+
+def test_full_profile_declares_the_seed_baselines_with_valid_choices():
+    from recalign.methods import all_experiments
+    from recalign.runner import resolve_config
+
+    full = {e.name: e for e in all_experiments() if "full" in e.profiles}
+    assert {"dros", "acvae", "dreamrec"} <= set(full)
+    dros = resolve_config("dros", None, [f"{k}={v}" for k, v in full["dros"].full.items()])
+    assert dros["model"]["backbone"] == "sasrec" and dros["model"]["alpha"] > 0 and dros["model"]["beta"] > 0
+    dreamrec = resolve_config("dreamrec", None, [f"{k}={v}" for k, v in full["dreamrec"].full.items()])
+    assert dreamrec["model"]["guidance"] == 0.5
+    assert resolve_config("acvae", None, [])["protocol"] == "loo"

@@ -133,6 +133,7 @@ def _needs(config: dict):
 METHODS = [_make(name) for name in CF_MODELS]
 
 _TABLE = "CF baselines (leave-one-out, full ranking)"
+DROS_CHOSEN = {"model.alpha": 0.1, "model.beta": 1.0}
 EXPERIMENTS = [
     Experiment("pop", "pop", table=_TABLE),
     Experiment("itemcf", "itemcf", table=_TABLE),
@@ -144,6 +145,11 @@ EXPERIMENTS = [
     Experiment("lightgcn", "lightgcn", table=_TABLE, profiles=("full",)),
     Experiment("gru4rec", "gru4rec", table=_TABLE, profiles=("full",)),
     Experiment("caser", "caser", table=_TABLE, profiles=("full",)),
+    # the seed's sequential baselines (docs/benchmarks-cf.md): DROS's alpha/beta and DreamRec's guidance weight
+    # are the values chosen on the valid split by bench/cf.py (--dros-grid, --guidance-grid), never on test
+    Experiment("dros", "dros", table=_TABLE, profiles=("full",), full=DROS_CHOSEN),
+    Experiment("acvae", "acvae", table=_TABLE, profiles=("full",)),
+    Experiment("dreamrec", "dreamrec", table=_TABLE, profiles=("full",), full={"model.guidance": 0.5}),
     Experiment("mf-ctr", "mf", table="CF baselines as CTR models (AUC/UAUC)",
                quick={"protocol": "ctr", "train.epochs": 20, "train.max_minutes": 0.5}, full={"protocol": "ctr"}),
 ]
