@@ -61,6 +61,13 @@ def prompts_of(backbone: Backbone, prompt: dict, ds, frame, noun: str) -> list[s
     return prompter.render_all(frame_fields(frame, ds.titles(), noun))
 
 
+def write_predictions(ctx: RunContext, name: str, frame, scores) -> None:
+    """Per-sample scores (ICL's predictions.json format), so runs scored on the same samples can be paired."""
+    ctx.run.write_json(name, {"user": frame["user"].tolist(), "item": frame["item"].tolist(),
+                              "label": frame["label"].astype(int).tolist(),
+                              "score": np.asarray(scores, dtype=np.float64).tolist()})
+
+
 def train_and_score(ctx: RunContext, backbone: Backbone, ds, train_pool, eval_sets: dict, seed: int,
                     tag: str) -> dict:
     """Train fresh LoRA on N samples of `train_pool` (seed), early-stop on eval_sets["valid"], score every
@@ -104,6 +111,7 @@ def train_and_score(ctx: RunContext, backbone: Backbone, ds, train_pool, eval_se
         else:
             scores = backbone.score_yes_no(prompts[name], yes, no, progress=f"{tag} {name}").numpy()
         metrics[name] = ctr_report(frame, scores)
+        write_predictions(ctx, f"predictions-{tag}-{name}.json", frame, scores)
     eval_seconds = time.perf_counter() - started
     out = {"tag": tag, "seed": seed, "shots": len(shots), "metrics": metrics,
            "train": result,
