@@ -17,10 +17,12 @@ import json
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from recalign.io import atomic_write_json  # noqa: E402
 from recalign.runner import run_method  # noqa: E402
 
 VARIANTS = [("", "projected hidden states"), ("_shuffled", "another user's window"),
@@ -36,7 +38,10 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--valid-size", type=int, default=16)
     parser.add_argument("--test-size", type=int, default=50)
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--encoder-minutes", type=float, default=3.0)
+    parser.add_argument("--encoder-minutes", type=float, default=3.0, help="0 = no time cap")
+    parser.add_argument("--encoder-epochs", nargs="*", default=[], metavar="ENCODER=EPOCHS",
+                        help="fixed encoder epochs (e.g. sasrec=8): unlike --encoder-minutes, independent of the "
+                             "machine's load")
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--out", default="runs/bench-recinterpreter")
     parser.add_argument("--json", default="bench/results/recinterpreter.json")
@@ -50,13 +55,18 @@ def run_one(args, encoder: str, seed: int, probes: list[str]) -> dict:
             f"probes=[{', '.join(probes)}]", f"samples.train_size={args.train_size}",
             f"samples.valid_size={args.valid_size}", f"samples.test_size={args.test_size}",
             f"train.epochs={args.epochs}", f"encoder.train.max_minutes={args.encoder_minutes}", *args.extra]
+    epochs = dict(pair.split("=", 1) for pair in args.encoder_epochs)
+    if encoder in epochs:
+        sets.append(f"encoder.train.epochs={int(epochs[encoder])}")
+    load, started = os.getloadavg()[0], time.perf_counter()
     metrics = run_method("recinterpreter", "ml-100k", out, sets=sets, resume=True)
+    wall = {"wall_s": time.perf_counter() - started, "load_before": load, "load_after": os.getloadavg()[0]}
     saved = json.loads((out / "metrics.json").read_text())
     return {"encoder": encoder, "seed": seed, "probes": probes, "out": str(out), "test": metrics["test"],
             "intervals": saved.get("intervals", {}), "samples": saved.get("samples", {}),
             "encoder_valid_ndcg@10": saved.get("encoder", {}).get("valid_ndcg@10"),
             "encoder_epochs": saved.get("encoder", {}).get("summary", {}).get("epochs"),
-            "seconds": saved.get("seconds", {}), "precision": saved.get("precision"), "recovery_distribution": saved.get("recovery_distribution", {}),
+            "seconds": saved.get("seconds", {}), "this_call": wall, "precision": saved.get("precision"), "recovery_distribution": saved.get("recovery_distribution", {}),
             "training": {p: {k: v for k, v in t.items() if k != "history"} for p, t in saved.get("training", {}).items()}}
 
 
@@ -119,10 +129,9 @@ def main() -> None:
             probes = (["recovery", "residual"] if encoder in args.recovery and seed == args.seeds[0] else ["residual"])
             rows.append(run_one(args, encoder, seed, probes))
             print(tables(rows[-1:]), flush=True)
-    text = tables(rows)
-    print("\n" + text)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"machine": cpu_model(), "args": vars(args), "runs": rows}, indent=2))
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(Path(args.json), {"machine": cpu_model(), "args": vars(args), "runs": rows})  # after every run
+    print("\n" + tables(rows))
     print(f"\nwrote {args.json}")
 
 
