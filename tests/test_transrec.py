@@ -142,6 +142,33 @@ def test_processor_forces_the_markers_and_ends_whole_identifiers(tiny):
     assert rule.complete(ids[0]) and not rule.complete(ids[0][:-1]) and not rule.complete(tok(" Toy"))
 
 
+def test_title_generation_starts_with_a_span_start_word(ml, tiny):
+    """With `title_starts`, the title facet starts with a word a trained span can start with (never the year or
+    an article alone), anywhere in the corpus, and is free once that word is complete."""
+    from recalign.tasks.identifiers import title_start_words
+
+    texts, plain = corpus_of(ml, tiny.tokenizer)
+    words = title_start_words(texts)
+    assert "Story" in words and "(1995)" not in words and "The" not in words and "Se7en)" not in words
+    from recalign.llm.constrained import IdentifierCorpus
+
+    corpus = IdentifierCorpus(texts, tiny.tokenizer, FACETS["markers"], [str(r) for r in ml.items["raw_id"]], words)
+    assert corpus.docs == plain.docs  # the documents do not change, only where generation may start
+    index = TokenIndex.build(corpus.docs, tiny.tokenizer.eos_token_id)
+    eos = tiny.tokenizer.eos_token_id
+    scores = torch.log_softmax(torch.randn(1, len(tiny.tokenizer)), -1)
+    tok = tiny.tokenize_piece
+    rule = corpus.rules["title"]
+    first = set(finite(step(index, rule, eos, [], scores)))
+    assert tok(" Story")[0] in first and tok(" Fields")[0] in first
+    # " The" only starts the word "The)" (a span start: "the)" is no stopword), so the article can not end there
+    assert finite(step(index, rule, eos, tok(" The"), scores)) == tok(")")
+    after_paren = finite(step(index, rule, eos, tok(" ("), scores))  # only from a word like "(Se7en)"
+    assert after_paren and tok("1")[0] not in after_paren  # a year can not be generated on its own
+    assert tok(" (")[0] in finite(step(index, rule, eos, tok(" Story"), scores))  # past the first word: free
+    assert finite(step(index, FacetRule(), eos, tok(" ("), scores)).count(tok("1")[0]) == 1  # without the rule
+
+
 def test_constrained_beam_search_returns_only_corpus_sequences_with_their_log_probs(tiny, tmp_path):
     index, ids, titles = tiny_catalogue(tiny)
     tok = tiny.tokenize_piece

@@ -35,14 +35,18 @@ from recalign.errors import InputError
 from recalign.eval.token_index import TokenIndex
 
 _FORCED = "forced"
+_NOTHING = np.zeros(0, dtype=np.int64)
 
 
 @dataclass(frozen=True)
 class FacetRule:
-    """How generations of one facet start and end (token ids of the backbone's tokenizer)."""
+    """How generations of one facet start and end (token ids of the backbone's tokenizer). `first`: when
+    given, the words (as token sequences) a generation without `start` must begin with, e.g. the words a
+    title span can start at; past a whole first word the generation is free again. Empty: any corpus token."""
 
     start: tuple[int, ...] = ()
     stops: tuple[tuple[int, ...], ...] = ()
+    first: tuple[tuple[int, ...], ...] = ()
 
     def complete(self, tokens: Sequence[int]) -> bool:
         """True when `tokens` (a generation) is a whole identifier: past `start`, it ends with a stop (rules
@@ -64,6 +68,20 @@ class IndexConstraint(LogitsProcessor):
         self._prompt_rows: torch.Tensor | None = None
         self._row_keys: list[tuple[int, ...]] = []
         self.dead_ends = 0  # beams ended because nothing could follow
+        self._first_children: dict[tuple[int, ...], np.ndarray] | None = None
+        if rule.first and not rule.start:
+            children: dict[tuple[int, ...], set] = {}
+            for word in rule.first:
+                for k in range(len(word)):
+                    children.setdefault(tuple(word[:k]), set()).add(word[k])
+            self._first_children = {k: np.asarray(sorted(v), dtype=np.int64) for k, v in children.items()}
+            self._first_words = set(rule.first)
+
+    def _within_first_word(self, generated: tuple[int, ...]) -> np.ndarray | None:
+        """The tokens that may come next while the first word is not complete; None once it is."""
+        if any(generated[:k] in self._first_words for k in range(1, len(generated) + 1)):
+            return None
+        return self._first_children.get(generated, _NOTHING)
 
     def prompt_key(self, prompt_ids: Sequence[int]) -> tuple[int, ...]:
         """The key of a prompt's records: its token ids without left padding."""
@@ -104,6 +122,10 @@ class IndexConstraint(LogitsProcessor):
             tokens, _ = self.index.next_tokens(generated)
             if not generated and len(tokens):
                 tokens = tokens[tokens != self.eos]
+            if self._first_children is not None and len(tokens):
+                within = self._within_first_word(generated)
+                if within is not None:
+                    tokens = tokens[np.isin(tokens, within)]
             if not len(tokens):
                 self.dead_ends += 1
                 self._end(out, r)
@@ -144,15 +166,16 @@ class IdentifierCorpus:
 
     Texts are tokenised in one batched tokenizer call per facet (no special tokens). The ID and attribute
     facets start at their opening marker and end after their closing marker (`markers[facet]`); the title
-    facet starts anywhere (position-free) and ends where a document ends. An item's document is its
-    identifiers in the order ID, attributes, title; as in the reference, an identifier that opens with the
-    closing marker of the one before shares it (` || 12 ## Comedy @@ ## Drama @@ Title`), so an opening marker
-    is always followed by its own facet's text. `names` (the items' ids) name the item in errors."""
+    facet starts anywhere (position-free; with `title_starts`, with one of those words, wherever it occurs)
+    and ends where a document ends. An item's document is its identifiers in the order ID, attributes, title;
+    as in the reference, an identifier that opens with the closing marker of the one before shares it
+    (` || 12 ## Comedy @@ ## Drama @@ Title`), so an opening marker is always followed by its own facet's
+    text. `names` (the items' ids) name the item in errors."""
 
     ORDER = ("id", "attribute", "title")
 
     def __init__(self, texts: dict[str, list[list[str]]], tokenizer, markers: dict[str, Sequence[str]],
-                 names: Sequence[str]):
+                 names: Sequence[str], title_starts: Sequence[str] = ()):
         self.texts = texts
         self.use = [f for f in self.ORDER if f in texts]
         eos = tokenizer.eos_token_id
@@ -171,7 +194,9 @@ class IdentifierCorpus:
                                          f"tokenizer's end-of-sequence token")
                 rows.append(ids)
             self.tokens[facet] = rows
-        self.rules = {"title": FacetRule()}
+        starts = (tokenizer([f" {w}" for w in title_starts], add_special_tokens=False)["input_ids"]
+                  if title_starts else [])
+        self.rules = {"title": FacetRule(first=tuple(sorted({tuple(ids) for ids in starts if ids})))}
         for facet in ("id", "attribute"):
             if facet not in texts:
                 continue

@@ -13,9 +13,9 @@ categories, or a span of its title starting at a random word (so any part of a t
 
 Step 2 (generation). Per facet, beam search under `llm.constrained.IndexConstraint`: every generated token
 sequence occurs in the corpus. The ID and attribute facets start at their opening marker and end after the
-closing one; the title facet may start at any position of any document (position-free) and ends where a
-document ends. Every prefix of a title beam and every complete ID / attribute beam is a key n-gram with
-its log-probability.
+closing one; the title facet may start at any word a trained title span may start with (not a stopword or a
+year), wherever it occurs (position-free), and ends where a document ends. Every prefix of a title beam and
+every complete ID / attribute beam is a key n-gram with its log-probability.
 
 Step 3 (aggregated grounding, `eval.ngram_grounding`). Keys score the items whose documents contain them:
 max(0, log-odds of p(n|q) with facet bias against the smoothed corpus frequency)^gamma, summed per item
@@ -52,7 +52,7 @@ from recalign.llm import (LORA_CONFIG, MODEL_CONFIG, MODEL_NULLABLE, Backbone, P
 from recalign.llm.constrained import IdentifierCorpus, constrained_generate_step, keys_of
 from recalign.llm.prompts import check_template
 from recalign.methods.api import Experiment, Method, RunContext
-from recalign.tasks.identifiers import FACETS, facet_answers, facet_texts, history_texts
+from recalign.tasks.identifiers import FACETS, facet_answers, facet_texts, history_texts, title_start_words
 from recalign.tasks.next_item import (GENERATIVE_SAMPLES, check_generative_samples, full_histories,
                                       generative_samples, history_mask)
 from recalign.tasks.text import SAMPLE_FIELDS, frame_fields
@@ -316,7 +316,8 @@ def run(ctx: RunContext) -> dict:
     backbone = Backbone.from_config(cfg["model"])
     started = time.perf_counter()
     texts = facet_texts(ds, use, cfg["facets"]["markers"])
-    corpus = IdentifierCorpus(texts, backbone.tokenizer, cfg["facets"]["markers"], [str(r) for r in ds.items["raw_id"]])
+    corpus = IdentifierCorpus(texts, backbone.tokenizer, cfg["facets"]["markers"], [str(r) for r in ds.items["raw_id"]],
+                              title_start_words(texts) if "title" in texts else ())
     index, cached = build_index(ctx, corpus, backbone)
     index_seconds = time.perf_counter() - started
     ctx.log(f"identifier index: {index.n_docs} items, {index.n_tokens} tokens, "

@@ -9,7 +9,8 @@
   display title, its categories joined by ", ".
 - `facet_answers(texts, targets, use, title_span_words, eos, seed)` -> {facet: per target, the trained
   answer}: the ID, one of the categories (seeded draw), or a span of the title from a random start word
-  (`title_span`), followed by `eos` when the answer is a whole identifier.
+  (`title_span`, `span_starts`), followed by `eos` when the answer is a whole identifier.
+- `title_start_words(texts)`: the words a title span may start with (what generation may start with).
 """
 
 from __future__ import annotations
@@ -68,14 +69,27 @@ def history_texts(ds) -> dict[str, list[str]]:
     return {"id": raw_ids, "title": titles, "attribute": [", ".join(c) for c in categories]}
 
 
+def span_starts(words: Sequence[str]) -> list[int]:
+    """Where a title span may start: any word but a stopword or a display title's "(1995)" year (a span of
+    the year alone names hundreds of items, and a model tuned on such spans learns to answer with the year)."""
+    return [i for i, w in enumerate(words) if w.casefold() not in SPAN_STOPWORDS and not YEAR.fullmatch(w)] or [0]
+
+
+def title_start_words(texts: Mapping[str, list[list[str]]]) -> list[str]:
+    """Every word a title span of some item may start with (sorted)."""
+    words = set()
+    for (title,) in texts["title"]:
+        split = title.split()
+        words.update(split[i] for i in span_starts(split))
+    return sorted(words)
+
+
 def title_span(words: list[str], max_words: int, rng: np.random.Generator) -> tuple[str, bool]:
     """(" w_i ... w_j", whether the span reaches the end of the title): a span of up to `max_words` words from
-    a random start word that is neither a stopword nor the "(1995)" year of a display title (a span of the year
-    alone names hundreds of items, and a model tuned on such spans learns to answer with the year).
-    `max_words` 0: the whole title."""
+    a random start word (`span_starts`). `max_words` 0: the whole title."""
     if max_words <= 0:
         return " " + " ".join(words), True
-    starts = [i for i, w in enumerate(words) if w.casefold() not in SPAN_STOPWORDS and not YEAR.fullmatch(w)] or [0]
+    starts = span_starts(words)
     start = int(starts[rng.integers(len(starts))])
     end = min(len(words), start + max_words)
     return " " + " ".join(words[start:end]), end == len(words)
