@@ -95,7 +95,7 @@ def run_ours(names: list[str], seed: int, max_epochs: int | None, fixed_epochs: 
             extra["guidance_valid"] = choose_guidance(model, valid, guidance_grid)
             config["model"]["guidance"] = model.params["guidance"]
         started = time.perf_counter()
-        metrics = evaluate_ranking(model, test, ks=(10, 20))
+        metrics = evaluate_ranking(model, test, ks=(10, 20), intervals=True)
         eval_seconds = time.perf_counter() - started
         summary = model.train_summary
         out[name] = {"test": metrics, "epochs": summary["epochs"], "best_epoch": summary["best_epoch"],

@@ -134,6 +134,8 @@ class Composed:
         ranks = target_ranks(-dist, self.targets[split], self.masks[split])
         out = {k: v for k, v in ranking_metrics(ranks, [10]).items() if k in ("ndcg@10", "hr@10")}
         out.update(ranking_intervals(ranks.numpy(), [10]))
+        r = ranks.numpy().astype(np.float64)
+        out["case_ndcg@10"] = np.where(r < 10, 1.0 / np.log2(r + 2.0), 0.0).tolist()  # for paired differences
         nearest = dist.argmin(1).numpy()
         norm = [normalise_title(t) for t in top]
         counts = Counter(norm)
@@ -245,24 +247,45 @@ def reference_rows(args, composed: Composed) -> dict:
     return out
 
 
+def paired_vs_beam(variants: dict) -> dict:
+    """NDCG@10 of each decoding minus beam's on the same test cases, with the bootstrap interval of the mean
+    per-case difference (`recalign.eval.intervals.mean_interval`)."""
+    from recalign.eval.intervals import mean_interval
+
+    beam = np.asarray(variants["beam"]["case_ndcg@10"])
+    out = {}
+    for name, row in variants.items():
+        if name != "beam":
+            difference = np.asarray(row["case_ndcg@10"]) - beam
+            out[name] = {"ndcg@10_difference": float(difference.mean()), "ci": mean_interval(difference),
+                         "cases": len(difference), "cases_better": int((difference > 0).sum()),
+                         "cases_worse": int((difference < 0).sum())}
+    return out
+
+
 def _ci(ci) -> str:
     return f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "–"
 
 
 def table(result: dict) -> str:
     lines = ["| decoding | distinct titles / cases | most generated (share) | entropy (bits) | validity | "
-             "pop. pct grounded / target | in history | NDCG@10 [95% CI] | HR@10 [95% CI] | s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "pop. pct grounded / target | in history | NDCG@10 [95% CI] | HR@10 [95% CI] | "
+             "NDCG@10 − beam [95% CI, paired] | s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    paired = result.get("paired_vs_beam", {})
     for name, row in result.get("variants", {}).items():
         g = row["generation"]
         top = g["top_titles"][0]
+        diff = paired.get(name)
+        delta = f"{diff['ndcg@10_difference']:+.4f} {_ci(diff['ci'])}" if diff else "–"
         lines.append(f"| {name} | {g['distinct_titles']} / {g['cases']} | {top[0]} ({g['top_share']:.2f}) | "
                      f"{g['entropy_bits']:.2f} | {g['validity']:.3f} | {g['popularity_generated']:.2f} / "
                      f"{g['popularity_target']:.2f} | {g['in_history']:.2f} | {row['ndcg@10']:.4f} "
-                     f"{_ci(row['ndcg@10_ci'])} | {row['hr@10']:.4f} {_ci(row['hr@10_ci'])} | {row['seconds']:.0f} |")
+                     f"{_ci(row['ndcg@10_ci'])} | {row['hr@10']:.4f} {_ci(row['hr@10_ci'])} | {delta} | "
+                     f"{row['seconds']:.0f} |")
     for label, metrics in result.get("reference", {}).items():
         lines.append(f"| {label} | | | | | | | {metrics['ndcg@10']:.4f} {_ci(metrics.get('ndcg@10_ci'))} | "
-                     f"{metrics['hr@10']:.4f} {_ci(metrics.get('hr@10_ci'))} | |")
+                     f"{metrics['hr@10']:.4f} {_ci(metrics.get('hr@10_ci'))} | | |")
     return "\n".join(lines)
 
 
@@ -295,6 +318,7 @@ def main() -> None:
     result["reference"] = reference_rows(args, composed)
     result["variants"], extra = run_variants(args, composed, beam)
     result["reference"].update(extra)
+    result["paired_vs_beam"] = paired_vs_beam(result["variants"])
     result["wall_seconds"] = time.perf_counter() - started
     path = Path(args.results)
     atomic_write_json(path, result)
