@@ -17,8 +17,8 @@ from recalign.errors import InputError
 from recalign.llm import Backbone, TrainConfig, tiny_llama, load_tokenizer, train_slot_modules
 from recalign.llm.slots import SeqProjector
 from recalign.tasks.interpret import (TitleMatcher, bootstrap_interval, extract_answer, normalise, other_user_rows,
-                                      popularity_ranks, probe_windows, recovery_counts, recovery_metrics,
-                                      residual_metrics, sequences, title_forms)
+                                      popularity_ranks, probe_windows, proportion_interval, ratio_interval,
+                                      recovery_counts, recovery_metrics, residual_metrics, sequences, title_forms)
 
 TITLES = ["Seven (Se7en) (1995)", "Usual Suspects, The (1995)", "Toy Story (1995)", "Heat (1995)",
           "Good, The Bad and The Ugly, The (1966)", "Amélie (2001)", "Scream (1996)", "Scream 2 (1997)",
@@ -103,6 +103,24 @@ def test_bootstrap_interval_brackets_the_mean():
     low, high = bootstrap_interval(values, draws=500)
     assert low < 0.3 < high and high - low < 0.25
     assert bootstrap_interval(np.zeros(5)) == [0.0, 0.0]
+
+
+def test_proportion_interval_is_wilsons_and_not_empty_at_zero_hits():
+    # Wilson at 0 of n: [0, z^2 / (n + z^2)]; z = 1.959964 -> 3.841459 / 53.841459 for n = 50
+    low, high = proportion_interval(np.zeros(50, bool))
+    assert low == 0.0 and high == pytest.approx(3.841459 / 53.841459, abs=1e-5)
+    # 5 of 50: centre (p + z^2/2n) / (1 + z^2/n), half-width z sqrt(p(1-p)/n + z^2/4n^2) / (1 + z^2/n)
+    z2, n, p = 3.841459, 50, 0.1
+    centre, half = (p + z2 / (2 * n)) / (1 + z2 / n), (z2 * (p * (1 - p) / n + z2 / (4 * n * n))) ** 0.5 / (1 + z2 / n)
+    assert proportion_interval(np.r_[np.ones(5), np.zeros(45)] > 0) == pytest.approx([centre - half, centre + half],
+                                                                                  abs=1e-5)
+
+
+def test_ratio_interval_resamples_cases_of_a_sum_ratio():
+    recovered, named = np.array([2, 0, 1, 3, 0, 1, 2, 0, 1, 2]), np.array([4, 2, 2, 4, 1, 2, 4, 3, 2, 4])
+    low, high = ratio_interval(recovered, named, draws=500)
+    assert low < recovered.sum() / named.sum() < high and 0 <= low and high <= 1  # 12 / 28
+    assert ratio_interval(np.zeros(6), np.full(6, 10)) == [0.0, 0.0]
 
 
 # ------------------------------------------------------------------------------------------- windows

@@ -37,7 +37,8 @@ from recalign.llm.slots import SeqProjector
 from recalign.methods.api import Experiment, Method, RunContext
 from recalign.tasks.interpret import (PROBE_SAMPLES, TitleMatcher, bootstrap_interval, check_probe_samples,
                                       named_item_text, other_user_rows, popularity_ranks, probe_windows,
-                                      recovery_counts, recovery_metrics, residual_metrics, sequences)
+                                      proportion_interval, ratio_interval, recovery_counts, recovery_metrics,
+                                      residual_metrics, sequences)
 from recalign.tasks.text import quote_titles
 
 PROBES = ("recovery", "residual")
@@ -374,6 +375,10 @@ def run(ctx: RunContext) -> dict:
     def interval(name: str, values) -> None:
         intervals[name] = bootstrap_interval(values, draws, seed) if draws else None
 
+    def hit_intervals(ranks, suffix: str) -> None:  # Wilson: a bootstrap of 0 hits is [0, 0]
+        for k in (1, 5):
+            intervals[f"residual_top{k}{suffix}"] = proportion_interval(np.asarray(ranks) < k)
+
     catalogue = None
     for probe in cfg["probes"]:
         section = pcfg[probe]
@@ -467,12 +472,16 @@ def run(ctx: RunContext) -> dict:
                 recovered, named = recovery_counts(matcher, generated, seqs, template, ANSWER_FIELD[probe])
                 metrics.update(recovery_metrics(recovered, named, length, suffix))
                 interval(f"recovery_mean{suffix}", recovered)
+                if draws:
+                    intervals[f"recovery_precision{suffix}"] = ratio_interval(recovered, named, draws, seed)
                 cases[f"recovered{suffix}"] = recovered.tolist()
             if "pop" in controls:
                 top = set(np.argsort(-popularity, kind="stable")[:length].tolist())
                 recovered = np.array([len(top & set(s)) for s in seqs])
                 metrics.update(recovery_metrics(recovered, np.full(n_test, length), length, "_pop"))
                 interval("recovery_mean_pop", recovered)
+                if draws:
+                    intervals["recovery_precision_pop"] = ratio_interval(recovered, np.full(n_test, length), draws, seed)
         else:
             if catalogue is None:
                 catalogue = catalogue_embeddings(ctx, backbone, titles, base_id)
@@ -480,14 +489,14 @@ def run(ctx: RunContext) -> dict:
                 names = [named_item_text(matcher, t, template, ANSWER_FIELD[probe]) for t in generated]
                 ranks, top = residual_ranks(backbone, names, matcher, catalogue, test, cfg)
                 metrics.update(residual_metrics(ranks, suffix))
-                interval(f"residual_top1{suffix}", ranks < 1)
+                hit_intervals(ranks, suffix)
                 cases[f"residual_named{suffix}"] = names
                 cases[f"residual_top{suffix}"] = [titles[i] for i in top]
             if "pop" in controls:
                 excluded = [s[:-1] for s in seqs] if cfg["eval"]["mask_list1"] else [()] * n_test
                 ranks = popularity_ranks(popularity, [s[-1] for s in seqs], excluded)
                 metrics.update(residual_metrics(ranks, "_pop"))
-                interval("residual_top1_pop", ranks < 1)
+                hit_intervals(ranks, "_pop")
         seconds["eval"] += time.perf_counter() - started
         ctx.log(f"{probe}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()
                                          if k.startswith(probe) and isinstance(v, float)))

@@ -15,7 +15,9 @@
 - `recovery_metrics`: per sequence how many of its items the generation names; the distribution 0..L, the
   mean, and the precision (share of named entries that are distinct items of the sequence).
 - `extract_answer`: the text between an answer template's prefix and suffix (what grounding reads).
-- `bootstrap_interval`: a 95% percentile bootstrap interval of a mean over cases (scipy).
+- `bootstrap_interval`: a 95% percentile bootstrap interval of a mean over cases (scipy);
+  `proportion_interval`: the Wilson interval of a share of hits (top-1 / top-5 accuracy: a bootstrap of 0
+  hits in 50 is [0, 0], Wilson's is [0, 0.07]); `ratio_interval`: a bootstrap interval of sum(a) / sum(b).
 """
 
 from __future__ import annotations
@@ -288,3 +290,26 @@ def bootstrap_interval(values, draws: int = 2000, seed: int = 0) -> list[float]:
     result = bootstrap((values,), np.mean, confidence_level=0.95, n_resamples=draws, method="percentile",
                        random_state=np.random.default_rng(seed))
     return [float(result.confidence_interval.low), float(result.confidence_interval.high)]
+
+
+def proportion_interval(hits) -> list[float]:
+    """95% Wilson score interval of the share of true values in `hits` (scipy.stats.binomtest)."""
+    from scipy.stats import binomtest
+
+    hits = np.asarray(hits, dtype=bool)
+    if hits.size == 0:
+        return [float("nan"), float("nan")]
+    ci = binomtest(int(hits.sum()), int(hits.size)).proportion_ci(confidence_level=0.95, method="wilson")
+    return [float(ci.low), float(ci.high)]
+
+
+def ratio_interval(numerators, denominators, draws: int = 2000, seed: int = 0) -> list[float]:
+    """95% percentile bootstrap interval of sum(numerators) / sum(denominators) over resampled cases (a
+    resample whose denominators sum to 0 gives 0, as `recovery_metrics` does)."""
+    from recalign.eval.intervals import bootstrap
+
+    a, b = np.asarray(numerators, np.float64), np.asarray(denominators, np.float64)
+    if a.size == 0:
+        return [float("nan"), float("nan")]
+    interval = bootstrap(lambda idx: float(a[idx].sum() / b[idx].sum()) if b[idx].sum() else 0.0, a.size, draws, seed)
+    return interval or [float("nan"), float("nan")]
