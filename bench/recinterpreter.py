@@ -112,6 +112,35 @@ def tables(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def compact(rows: list[dict]) -> str:
+    """One line per (encoder, seed) of the residual probe: does the projected state beat its controls?"""
+    lines = ["| encoder | seed | encoder epochs | encoder valid NDCG@10 | top-1 own | top-1 random | top-1 shuffled "
+             "| NLL(shuffled) − NLL(own) | NLL(random) − NLL(own) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "residual_top1" in r["test"]:
+            lines.append(f"| {r['encoder']} | {r['seed']} | {r['encoder_epochs']} | {r['encoder_valid_ndcg@10']:.4f} "
+                         f"| {cell(r, 'residual_top1')} | {cell(r, 'residual_top1_random')} "
+                         f"| {cell(r, 'residual_top1_shuffled')} | {cell(r, 'residual_nll_gap_shuffled')} "
+                         f"| {cell(r, 'residual_nll_gap_random')} |")
+    return "\n".join(lines)
+
+
+def distribution(rows: list[dict]) -> str:
+    """The recovery probe's share of test windows recovering k titles, k = 0..L."""
+    lines = []
+    for r in rows:
+        dists = r.get("recovery_distribution", {})
+        if not dists:
+            continue
+        length = len(next(iter(dists.values()))) - 1
+        lines += [f"| {r['encoder']} seed {r['seed']}: share of windows recovering k titles | "
+                  + " | ".join(str(k) for k in range(length + 1)) + " |", "|---" * (length + 2) + "|"]
+        for key, values in dists.items():
+            label = dict(VARIANTS).get(key.removeprefix("recovery_dist"), key)
+            lines.append(f"| {label} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
+    return "\n".join(lines)
+
+
 def cpu_model() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
@@ -131,7 +160,7 @@ def main() -> None:
             print(tables(rows[-1:]), flush=True)
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             atomic_write_json(Path(args.json), {"machine": cpu_model(), "args": vars(args), "runs": rows})  # after every run
-    print("\n" + tables(rows))
+    print("\n" + tables(rows) + "\n\n" + compact(rows) + "\n\n" + distribution(rows))
     print(f"\nwrote {args.json}")
 
 
