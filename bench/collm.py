@@ -13,7 +13,7 @@ One `collm` run per seed trains MF + step 1 + step 2 and scores the MF, ICL (fir
 zeroed-CF rows; the LightGCN / SASRec runs reuse that run's step-1 adapter (`step1.init_from`). Runs go to
 OUT/seed-N/<name>/ and are resumed when the command is run again.
 
-    nice -n 10 .venv/bin/python bench/collm.py --seeds 0 [--train 256 --valid 48 --test-warm 150 --test-cold 150]
+    nice -n 10 .venv/bin/python bench/collm.py --seeds 0 [--train 256 --valid 48 --test-warm 1000 --test-cold 1000 --per-user 100]
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--train", type=int, default=256, help="few-shot training samples for the LLM steps")
     parser.add_argument("--valid", type=int, default=48)
-    parser.add_argument("--test-warm", type=int, default=150)
-    parser.add_argument("--test-cold", type=int, default=150)
-    parser.add_argument("--per-user", type=int, default=15, help="at most this many test cases per user")
+    parser.add_argument("--test-warm", type=int, default=1000)
+    parser.add_argument("--test-cold", type=int, default=1000)
+    parser.add_argument("--per-user", type=int, default=100, help="at most this many test cases per user")
     parser.add_argument("--cf", nargs="+", default=["mf", "lightgcn", "sasrec"], choices=["mf", "lightgcn", "sasrec"])
     parser.add_argument("--no-softprompt", action="store_true")
     parser.add_argument("--full-seeds", type=int, default=None,

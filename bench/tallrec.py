@@ -6,7 +6,7 @@ Runs go through `recalign run` (run directories under --work, resumable: rerun t
 continue after an interruption). Writes bench/results/tallrec.json and prints the table.
 
     OMP_WAIT_POLICY=PASSIVE nice -n 10 .venv/bin/python bench/tallrec.py [--shots 16,64,256] [--seeds 3]
-        [--test-size 300] [--valid-size 64] [--work runs/bench-tallrec] [--set key=value ...]
+        [--test-size 2000] [--valid-size 128] [--work runs/bench-tallrec] [--set key=value ...]
 """
 
 from __future__ import annotations
@@ -93,8 +93,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shots", default="16,64,256")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--test-size", type=int, default=300)
-    parser.add_argument("--valid-size", type=int, default=64)
+    parser.add_argument("--test-size", type=int, default=2000)
+    parser.add_argument("--valid-size", type=int, default=128)
     parser.add_argument("--work", default=str(ROOT / "runs" / "bench-tallrec"))  # /runs/ is git-ignored
     parser.add_argument("--no-cf", action="store_true")
     parser.add_argument("--set", dest="sets", action="append", default=[], 

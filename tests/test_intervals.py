@@ -59,3 +59,37 @@ def test_ranking_intervals_hold_the_ranking_metrics():
         lo, hi = out[f"{name}_ci"]
         assert lo <= point[name] <= hi
     assert out["hr@10_ci"][0] == pytest.approx(0.1, abs=0.04)
+
+
+def test_paired_predictions_pairs_the_same_samples_and_refuses_others():
+    from recalign.errors import InputError
+    from recalign.eval.intervals import paired_predictions
+
+    rng = np.random.default_rng(3)
+    n = 600
+    users, labels = rng.integers(0, 40, n), rng.random(n) < 0.5
+    good, weak = labels + rng.normal(0, 0.7, n), labels + rng.normal(0, 3.0, n)
+    record = lambda s: {"user": users.tolist(), "item": list(range(n)), "label": labels.astype(int).tolist(),
+                        "score": s.tolist()}
+    out = paired_predictions(record(good), record(weak), rounds=300)
+    assert out["n"] == n and out["users"] == len(set(users.tolist()))
+    assert out["auc"]["difference"] == pytest.approx(auc(labels, good) - auc(labels, weak))
+    lo, hi = out["auc"]["ci"]
+    assert 0 < lo < out["auc"]["difference"] < hi  # a clear gap: the interval excludes zero
+    assert out["uauc"]["difference"] == pytest.approx(uauc(users, labels, good)[0] - uauc(users, labels, weak)[0])
+    assert out["uauc"]["ci"][0] > 0
+    shifted = {**record(weak), "item": list(range(1, n + 1))}
+    with pytest.raises(InputError, match="different samples"):
+        paired_predictions(record(good), shifted)
+
+
+def test_reproduce_report_shows_intervals_and_the_quick_noise_statement(tmp_path):
+    from recalign.methods.api import Experiment
+    from recalign.report.summary import QUICK_NOISE, write_reproduce_report
+
+    metrics = {"test": {"auc": 0.7, "auc_ci": [0.68, 0.72], "uauc": 0.6, "n": 2000}, "seconds": {"total": 1.0}}
+    for profile, noted in (("quick", True), ("full", False)):
+        text = write_reproduce_report(tmp_path / profile, profile, [(Experiment("x", "icl", table="t"), metrics)]) \
+            .read_text()
+        assert "0.7000 [0.680, 0.720]" in text and "| 0.6000 |" in text
+        assert (QUICK_NOISE in text) is noted

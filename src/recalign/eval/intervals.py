@@ -80,3 +80,26 @@ def ranking_intervals(ranks, ks) -> dict:
         out[f"ndcg@{k}_ci"] = mean_interval(np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0))
         out[f"hr@{k}_ci"] = mean_interval(hit.astype(np.float64))
     return out
+
+
+def paired_uauc_difference(users, labels, scores_a, scores_b, rounds: int = ROUNDS, seed: int = 0) -> dict:
+    """UAUC(a) - UAUC(b) on the same cases: the interval resamples users (each user's AUC difference)."""
+    diffs = per_user_auc(users, labels, scores_a) - per_user_auc(users, labels, scores_b)
+    return {"difference": float(diffs.mean()) if diffs.size else float("nan"),
+            "ci": mean_interval(diffs, rounds, seed)}
+
+
+def paired_predictions(a: dict, b: dict, rounds: int = ROUNDS) -> dict:
+    """AUC and UAUC differences a - b with paired intervals, from two per-sample score records
+    ({"user", "item", "label", "score"} lists, e.g. a run's predictions JSON) of the SAME samples in the same
+    order. Different samples are an InputError: an unpaired difference has no paired interval."""
+    from recalign.errors import InputError
+
+    for key in ("user", "item", "label"):
+        if list(a[key]) != list(b[key]):
+            raise InputError(f"paired_predictions: the two score records hold different samples ({key} differs; "
+                             f"{len(a[key])} vs {len(b[key])} samples)")
+    users, labels = np.asarray(a["user"]), np.asarray(a["label"], dtype=bool)
+    return {"n": len(labels), "users": int(np.unique(users).size),
+            "auc": paired_auc_difference(labels, a["score"], b["score"], rounds),
+            "uauc": paired_uauc_difference(users, labels, a["score"], b["score"], rounds)}

@@ -59,8 +59,9 @@ METHODS = [Method("icl", "Zero-shot LLM (TALLRec prompt, Yes/No logit score), no
                   needs=lambda c: Needs.ctr(c["samples"]["history_len"]),
                   smoke={"model.name": "tiny-random", "samples.valid_size": 8, "samples.test_size": 12})]
 
+FULL_TEST_SIZE = 2000  # the same 2,000 test samples as TALLRec's full profile (methods.tallrec.FULL_TEST_SIZE)
 EXPERIMENTS = [
     Experiment("icl", "icl", table="TALLRec: ICL vs instruction tuning (AUC)",
                quick={"samples.test_size": 200, "samples.valid_size": 32},
-               full={"samples.test_size": 1000, "samples.valid_size": 128}),
+               full={"samples.test_size": FULL_TEST_SIZE, "samples.valid_size": 128}),
 ]

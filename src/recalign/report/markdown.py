@@ -28,6 +28,16 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def interval_lines(test: dict) -> list[str]:
+    """The test metrics' 95% bootstrap intervals (`<metric>_ci`) and the sample count they rest on."""
+    cells = [f"{key[:-3]} {test[key[:-3]]:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]" for key, ci in test.items()
+             if key.endswith("_ci") and ci and isinstance(test.get(key[:-3]), float)]
+    if not cells:
+        return []
+    size = f" on {test['n']} test samples" if "n" in test else ""
+    return [f"95% bootstrap intervals{size}: " + "; ".join(cells), ""]
+
+
 def run_report(metrics: dict, config: dict, spec) -> str:
     parts = [
         f"# {metrics['method']} on {metrics['dataset']}",
@@ -41,6 +51,7 @@ def run_report(metrics: dict, config: dict, spec) -> str:
         "",
         "Seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in metrics["seconds"].items()),
         "",
+        *interval_lines(metrics.get("test", {})),
     ]
     if spec.report is not None:
         parts += [spec.report(metrics), ""]

@@ -14,6 +14,23 @@ from recalign.io import atomic_write_text
 HEADLINE = ["auc", "uauc", "auc_warm", "auc_cold", "ndcg@10", "hr@10", "ndcg@20", "hr@20", "recall@10", "mrr@10"]
 
 
+QUICK_NOISE = ("Quick profile: one seed, short training and small test sets (a few hundred samples or fewer), so "
+               "its numbers carry a few hundredths of noise (see the intervals); the full profile scores Yes/No "
+               "methods on 2,000 test samples.")
+
+
+def with_intervals(metrics: dict, columns: list[str]) -> dict:
+    """Each column's value as text, with its `<column>_ci` interval when the run recorded one."""
+    out = {}
+    for column in columns:
+        value, interval = metrics.get(column), metrics.get(f"{column}_ci")
+        if isinstance(value, float) and interval and len(interval) == 2:
+            out[column] = f"{value:.4f} [{interval[0]:.3f}, {interval[1]:.3f}]"
+        else:
+            out[column] = value
+    return out
+
+
 def _headline_columns(results) -> list[str]:
     present = set()
     for _, metrics in results:
@@ -45,11 +62,15 @@ def write_reproduce_report(out: Path, profile: str, results) -> Path:
     for exp, metrics in results:
         groups[exp.table or exp.method].append((exp, metrics))
     md = [f"# recalign reproduce ({profile} profile)", "",
-          "Each row is one run directory under this folder; numbers are test-split metrics.", ""]
+          "Each row is one run directory under this folder; numbers are test-split metrics with their 95% "
+          "bootstrap interval in brackets where the run has one.", ""]
     body = [f"<h1>recalign reproduce ({html.escape(profile)} profile)</h1>"]
+    if profile == "quick":
+        md += [QUICK_NOISE, ""]
+        body.append(f"<p><strong>{html.escape(QUICK_NOISE)}</strong></p>")
     for table, rows in groups.items():
         columns = _headline_columns(rows)
-        md += [f"## {table}", "", metrics_table([(e.name, m["test"]) for e, m in rows], columns),
+        md += [f"## {table}", "", metrics_table([(e.name, with_intervals(m["test"], columns)) for e, m in rows], columns),
                "", "Wall seconds: " + ", ".join(f"{e.name} {m['seconds'].get('total', 0):.0f}" for e, m in rows), ""]
         body.append(f"<h2>{html.escape(table)}</h2>")
         body.append(_html_table(rows, columns))
@@ -71,7 +92,7 @@ def _html_table(rows, columns) -> str:
     head = "<tr><th></th>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>"
     lines = [head]
     for exp, metrics in rows:
-        cells = "".join(f"<td>{_cell(metrics['test'].get(c))}</td>" for c in columns)
+        cells = "".join(f"<td>{_cell(with_intervals(metrics['test'], columns).get(c))}</td>" for c in columns)
         lines.append(f"<tr><th>{html.escape(exp.name)}</th>{cells}</tr>")
     return "<table>" + "".join(lines) + "</table>"
 
