@@ -36,13 +36,10 @@ OURS_ONLY = {"caser": ("caser", {}), "fism": ("fism", {}), "dros": ("dros", {}),
 ROWS = [*PEER_NAMES, *[n for n in OURS_ONLY if n not in PEER_NAMES]]
 DEFAULT_MODELS = [n for n in ROWS if n not in ("dros-gru4rec", "dros-caser")]
 COLUMNS = ["ndcg@10", "hr@10", "ndcg@20", "hr@20"]
-# DROS (alpha, beta) tried on the valid split, declared before any run: the reference's default (0.1, 1), alpha
-# 10x smaller/larger, and beta at 0.1 (log-sum-exp ~ the largest weighted squared score) and 10 (~ their mean)
-DROS_GRID = [(0.01, 1.0), (0.1, 1.0), (1.0, 1.0), (0.1, 0.1), (0.1, 10.0)]
-
-
-class _Screened(Exception):
-    """Raised after the screening epoch (the checkpoint of that epoch is saved, not marked finished)."""
+# DROS's alpha tried on the valid split, declared before any run: 0 (exactly its SASRec base), the reference's
+# 0.1, and 10x smaller / larger; beta stays the reference's 1 (the log-sum-exp is dominated by the largest
+# weighted squared score, where alpha and 1/beta act as one factor)
+DROS_GRID = [(0.0, 1.0), (0.01, 1.0), (0.1, 1.0), (1.0, 1.0)]
 
 
 def export_recbole(ds, directory: Path, name: str = "ml100k-loo") -> Path:
@@ -122,11 +119,11 @@ def choose_guidance(model, valid, grid: tuple[float, ...]) -> dict:
     return scores
 
 
-def dros_grid(seed: int, screen_epochs: int, max_minutes: float, directory: Path) -> dict:
-    """DROS-SASRec's (alpha, beta) chosen on the valid split: every DROS_GRID point trains `screen_epochs`
-    epochs (same seed, data and order; early stopping may end one sooner), the one with the best valid
-    NDCG@10 so far continues from its checkpoint to early stopping (or `max_minutes` of training in all),
-    and only that model is tested. Returns the grid's valid curves and the chosen model's row."""
+def dros_grid(seed: int, epochs: int, directory: Path) -> dict:
+    """DROS-SASRec's alpha chosen on the valid split: every DROS_GRID point trains `epochs` epochs (same seed,
+    data and batch order; the best valid epoch is kept), the best valid NDCG@10 picks the point. Every point is
+    then tested (the choice is made before), and the chosen one is compared with alpha = 0 (SASRec) on the
+    same test cases with a paired interval."""
     import torch
 
     from recalign.cf import evaluate_ranking, leave_one_out_sets, train_cf_model
@@ -139,63 +136,35 @@ def dros_grid(seed: int, screen_epochs: int, max_minutes: float, directory: Path
     ds = load_dataset("ml-100k")
     data, valid, test = leave_one_out_sets(ds.interactions, ds.n_users, ds.n_items)
     defaults = get_method("dros").defaults
-
-    def config(alpha: float, beta: float) -> dict:
-        train = dict(defaults["train"], max_minutes=max_minutes)
-        return {"model": dict(defaults["model"], alpha=alpha, beta=beta), "train": train}
-
-    def stop_at_screen(epoch: int, record: dict) -> None:
-        if epoch >= screen_epochs:
-            raise _Screened
-
-    grid = {}
+    grid, per_case = {}, {}
     for alpha, beta in DROS_GRID:
         key = f"alpha={alpha:g},beta={beta:g}"
-        store = Checkpoints(directory / key)
+        config = {"model": dict(defaults["model"], alpha=alpha, beta=beta), "train": dict(defaults["train"], epochs=epochs)}
         started = time.perf_counter()
-        try:
-            model = train_cf_model("dros", data, config(alpha, beta), valid=valid, seed=seed, run=store,
-                                   checkpoint="dros", on_epoch_end=stop_at_screen)
-            history = model.train_summary["history"]
-        except _Screened:
-            history = store.load_checkpoint("dros")["history"]
-        curve = [r.get("valid") for r in history]
+        model = train_cf_model("dros", data, config, valid=valid, seed=seed, run=Checkpoints(directory / key),
+                               checkpoint="dros")
+        summary = model.train_summary
+        curve = [r.get("valid") for r in summary["history"]]
         grid[key] = {"alpha": alpha, "beta": beta, "valid_curve": curve, "best_valid": max(curve),
-                     "screen_seconds": time.perf_counter() - started}
-        print(f"dros grid {key}: best valid ndcg@10 {max(curve):.4f} over {len(curve)} epochs",
-              file=sys.stderr, flush=True)
-    chosen = max(grid, key=lambda k: grid[k]["best_valid"])
-    alpha, beta = grid[chosen]["alpha"], grid[chosen]["beta"]
-    print(f"dros grid: chosen {chosen}; continuing it", file=sys.stderr, flush=True)
-    started = time.perf_counter()
-    model = train_cf_model("dros", data, config(alpha, beta), valid=valid, seed=seed,
-                           run=Checkpoints(directory / chosen), checkpoint="dros")
-    summary = dict(model.train_summary)
-    if summary["best_epoch"] is None:  # it had already stopped early while screened
-        state = Checkpoints(directory / chosen).load_checkpoint("dros")["state"]
-        summary.update(best_epoch=int(state["best_epoch"]), stopped="early stopping (while screened)")
-    metrics = evaluate_ranking(model, test, ks=(10, 20), intervals=True)
-    dros_ndcg = case_ndcg(model, test)
-    row = {"test": metrics, "epochs": summary["epochs"], "best_epoch": summary["best_epoch"],
-           "seconds_per_epoch": summary["seconds_per_epoch"], "train_seconds": summary["train_seconds"],
-           "continue_seconds": time.perf_counter() - started, "stopped": summary["stopped"],
-           "config": config(alpha, beta), "valid_curve": [r.get("valid") for r in summary["history"]]}
-    print(f"dros chosen {chosen}: test ndcg@10 {metrics['ndcg@10']:.4f} epochs {summary['epochs']} "
-          f"(best {summary['best_epoch']}, {summary['stopped']})", file=sys.stderr, flush=True)
-    # the base it wraps, same seed and cap, for a paired interval on the same 943 test cases
-    sasrec = train_cf_model("sasrec", data, {"train": dict(get_method("sasrec").defaults["train"],
-                                                           max_minutes=max_minutes)},
-                            valid=valid, seed=seed, run=Checkpoints(directory / "sasrec"), checkpoint="sasrec")
-    base_ndcg = case_ndcg(sasrec, test)
-    difference = dros_ndcg - base_ndcg
-    base = {"test": evaluate_ranking(sasrec, test, ks=(10, 20), intervals=True),
-            **{k: sasrec.train_summary[k] for k in ("epochs", "best_epoch", "seconds_per_epoch", "stopped")}}
-    paired = {"ndcg@10_difference": float(difference.mean()), "ci": mean_interval(difference),
+                     "best_epoch": curve.index(max(curve)) + 1, "epochs": len(curve),
+                     "seconds_per_epoch": summary["seconds_per_epoch"], "wall_seconds": time.perf_counter() - started,
+                     "test": evaluate_ranking(model, test, ks=(10, 20), intervals=True)}
+        per_case[key] = case_ndcg(model, test)
+        print(f"dros grid {key}: best valid ndcg@10 {max(curve):.4f} (epoch {grid[key]['best_epoch']} of "
+              f"{len(curve)})", file=sys.stderr, flush=True)
+    chosen = max(grid, key=lambda k: (grid[k]["best_valid"], -grid[k]["alpha"]))
+    base = "alpha=0,beta=1"
+    difference = per_case[chosen] - per_case[base]
+    paired = {"chosen_minus_alpha0": float(difference.mean()), "ci": mean_interval(difference),
               "cases": len(difference)}
-    print(f"sasrec test ndcg@10 {base['test']['ndcg@10']:.4f}; dros - sasrec {paired['ndcg@10_difference']:+.4f} "
-          f"{paired['ci']}", file=sys.stderr, flush=True)
-    return {"grid": grid, "screen_epochs": screen_epochs, "max_minutes": max_minutes, "chosen": chosen,
-            "dros": row, "sasrec": base, "dros_minus_sasrec": paired, "threads": torch.get_num_threads(), "loadavg_at_end": os.getloadavg()}
+    for key in grid:
+        if key != base:
+            d = per_case[key] - per_case[base]
+            grid[key]["minus_alpha0"] = {"ndcg@10": float(d.mean()), "ci": mean_interval(d)}
+    print(f"dros grid: chosen {chosen} on valid; test ndcg@10 {grid[chosen]['test']['ndcg@10']:.4f}, "
+          f"minus alpha 0: {paired['chosen_minus_alpha0']:+.4f} {paired['ci']}", file=sys.stderr, flush=True)
+    return {"grid": grid, "epochs": epochs, "chosen": chosen, "paired": paired, "config": defaults,
+            "threads": torch.get_num_threads(), "loadavg_at_end": os.getloadavg()}
 
 
 def case_ndcg(model, cases, k: int = 10) -> np.ndarray:
@@ -319,8 +288,8 @@ def main() -> None:
     parser.add_argument("--step-cost", action="store_true",
                         help="only measure the CPU cost of training steps of the --models (sequential) and exit")
     parser.add_argument("--dros-grid", action="store_true",
-                        help="only choose DROS's alpha/beta on the valid split (DROS_GRID) and test the chosen one")
-    parser.add_argument("--screen-epochs", type=int, default=15, help="--dros-grid: epochs per grid point")
+                        help="only choose DROS's alpha on the valid split (DROS_GRID), test every point")
+    parser.add_argument("--grid-epochs", type=int, default=8, help="--dros-grid: epochs per grid point")
     parser.add_argument("--work", default=str(ROOT / "runs" / "bench-cf-dros-grid"),
                         help="--dros-grid: checkpoint directory (a rerun resumes)")
     parser.add_argument("--seed", type=int, default=0)
@@ -335,7 +304,7 @@ def main() -> None:
     out_path = Path(args.out)
     results = json.loads(out_path.read_text()) if out_path.exists() else {}
     if args.dros_grid:
-        results["dros_grid"] = dros_grid(args.seed, args.screen_epochs, args.max_minutes, Path(args.work))
+        results["dros_grid"] = dros_grid(args.seed, args.grid_epochs, Path(args.work))
         results["dros_grid"]["date"] = time.strftime("%Y-%m-%d %H:%M")
         atomic_write_json(out_path, results)
         print(json.dumps({k: v["best_valid"] for k, v in results["dros_grid"]["grid"].items()}, indent=1))
