@@ -176,7 +176,8 @@ def assistant_scores(composed: Composed, args) -> tuple[dict, dict]:
     return out, evaluate_ranking(model, composed.cases["test"], ks=(10,), intervals=True)
 
 
-def run_variants(args, composed: Composed, beam: dict) -> tuple[dict, dict]:
+def run_variants(args, composed: Composed, beam: dict, save=None) -> tuple[dict, dict]:
+    """Beam's row and each variant's; `save(rows, reference)` is called after every row (partial results)."""
     from recalign.io import Checkpoints
     from recalign.llm import generate_step
     from recalign.llm.decoding import DECODING_CONFIG
@@ -227,6 +228,8 @@ def run_variants(args, composed: Composed, beam: dict) -> tuple[dict, dict]:
         seconds = json.loads(timing.read_text())["seconds"] if timing.is_file() else time.perf_counter() - started
         timing.write_text(json.dumps({"seconds": seconds}))
         out[name] = {**composed.evaluate("test", st["texts"]), "seconds": seconds, "decoding": section}
+        if save is not None:
+            save(out, reference)
         print(f"{name}: ndcg@10 {out[name]['ndcg@10']:.4f} distinct {out[name]['generation']['distinct_titles']} "
               f"({out[name]['seconds']:.0f}s)", file=sys.stderr, flush=True)
     return out, reference
@@ -316,12 +319,16 @@ def main() -> None:
                           "train_summary": beam["metrics"]["train_summary"]}
     composed = Composed(directory)
     result["reference"] = reference_rows(args, composed)
-    result["variants"], extra = run_variants(args, composed, beam)
-    result["reference"].update(extra)
-    result["paired_vs_beam"] = paired_vs_beam(result["variants"])
-    result["wall_seconds"] = time.perf_counter() - started
     path = Path(args.results)
-    atomic_write_json(path, result)
+    references = dict(result["reference"])
+
+    def save(rows: dict, extra: dict) -> None:
+        result.update(variants=rows, reference={**references, **extra}, paired_vs_beam=paired_vs_beam(rows),
+                      wall_seconds=time.perf_counter() - started, loadavg_now=os.getloadavg())
+        atomic_write_json(path, result)
+
+    rows, extra = run_variants(args, composed, beam, save)
+    save(rows, extra)
     print(table(result))
     print(f"\nwrote {path}", file=sys.stderr)
 
