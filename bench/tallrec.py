@@ -157,5 +157,66 @@ def main() -> None:
     print(f"wrote {args.results}")
 
 
+ORDER_SEED = 19
+
+
+def score_test(argv: list[str]) -> None:
+    """`bench/tallrec.py score`: per-sample test scores of ICL (no adapter) or of a finished TALLRec run's
+    adapter (`--run DIR`: its config.yaml and checkpoints/adapter-seed<S>), on the test draw of `--test-size`
+    (the same samples as every run with that size), in shards (`--shard k/K`) so several single-thread
+    processes share a loaded CPU. Samples are scored in a fixed random order (ORDER_SEED; shard k takes every
+    K-th of it), written every `--every` samples (atomically) and resumed from the file: whatever an
+    interrupted shard scored is a random subset of the test draw, the same subset for every model scored
+    with the same shards, so rows stay paired."""
+    import json
+
+    import torch
+
+    parser = argparse.ArgumentParser(prog="bench/tallrec.py score")
+    parser.add_argument("--run", default=None, help="a TALLRec run directory (default: ICL, the base model)")
+    parser.add_argument("--seed", type=int, default=0, help="which seed's adapter of --run")
+    parser.add_argument("--test-size", type=int, default=2000)
+    parser.add_argument("--shard", default="1/1", help="k/K: the k-th of K contiguous parts of the test draw")
+    parser.add_argument("--every", type=int, default=25)
+    parser.add_argument("--out", required=True, help="the predictions JSON to write (resumed when it exists)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("RECALIGN_THREADS", "1")))
+    from recalign import config as cfg_mod
+    from recalign.data import load_dataset
+    from recalign.io import atomic_write_json
+    from recalign.llm import Backbone
+    from recalign.llm.steps import lora_step
+    from recalign.methods.tallrec import DEFAULTS, prompts_of
+    from recalign.tasks.ctr import tallrec_protocol
+
+    config = cfg_mod.load_yaml(Path(args.run) / "config.yaml") if args.run else {**DEFAULTS, "data": {}}
+    ds = load_dataset("ml-100k")
+    test = tallrec_protocol(ds, {**config["samples"], "test_size": args.test_size}).test
+    k, parts = (int(x) for x in args.shard.split("/"))
+    rows = np.random.default_rng(ORDER_SEED).permutation(len(test))[k - 1::parts]
+    frame = test.iloc[rows]
+    backbone = Backbone.from_config(config["model"])
+    if args.run:
+        adapter = Path(args.run) / "checkpoints" / f"adapter-seed{args.seed}"
+        lora_step(None, backbone, [], config["lora"], config["train"], args.seed, "score", adapter, init_from=adapter)
+    prompt = config["prompt"]
+    prompts = prompts_of(backbone, prompt, ds, frame, config["data"].get("domain") or ds.domain)
+    out = Path(args.out)
+    scores = json.loads(out.read_text())["score"] if out.exists() else []
+    record = {"user": frame["user"].tolist(), "item": frame["item"].tolist(),
+              "label": frame["label"].astype(int).tolist(), "rows": rows.tolist(),
+              "test_size": args.test_size, "run": args.run, "score": scores}
+    while len(scores) < len(prompts):
+        batch = prompts[len(scores):len(scores) + args.every]
+        scores += backbone.score_yes_no(batch, prompt["yes"], prompt["no"]).tolist()
+        atomic_write_json(out, {**record, "score": scores})
+        print(f"{out.name}: {len(scores)}/{len(prompts)}", flush=True)
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if sys.argv[1:2] == ["score"]:
+        score_test(sys.argv[2:])
+    else:
+        main()
