@@ -281,15 +281,11 @@ BIGREC_DOC = "docs/benchmarks-bigrec.md"
 BIGREC_HIT_RANKS = [0, 3]
 
 
-def bootstrap(values: np.ndarray, draws: int = 4000, seed: int = 0) -> list[float]:
-    from scipy.stats import bootstrap as scipy_bootstrap
+def bootstrap(values: np.ndarray) -> list[float]:
+    """95% percentile-bootstrap interval of the mean of per-case values (`recalign.eval.intervals`)."""
+    from recalign.eval.intervals import mean_interval
 
-    values = np.asarray(values, dtype=np.float64)
-    if np.all(values == values[0]):
-        return [float(values[0])] * 2
-    res = scipy_bootstrap((values,), np.mean, confidence_level=0.95, n_resamples=draws, method="percentile",
-                          random_state=np.random.default_rng(seed))
-    return [float(res.confidence_interval.low), float(res.confidence_interval.high)]
+    return mean_interval(values)
 
 
 def per_case(ranks: np.ndarray, k: int) -> dict[str, np.ndarray]:
@@ -308,20 +304,56 @@ def difference_interval(a: np.ndarray, b: np.ndarray, paired: bool, draws: int =
     return [float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))]
 
 
-def pop_ranks(ds, samples_cfg: dict) -> np.ndarray:
-    """Pop (all): training-period popularity, each user's earlier items masked, on the same test cases."""
+def cf_ranks(ds, samples_cfg: dict, shots: int, seed: int, minutes: float) -> dict[str, np.ndarray]:
+    """Pop (all) and SASRec (the run's `shots` samples; all training-period interactions): 0-based target ranks
+    on the run's test cases, each user's earlier items masked (as in docs/benchmarks-bigrec.md: default
+    hyper-parameters, early stopping on NDCG@10 of the valid cases, at most `minutes` of training)."""
     import torch
 
+    from recalign.cf import train_cf_model
+    from recalign.cf.evaluate import score_cases
+    from recalign.data import few_shot
     from recalign.eval import target_ranks
     from recalign.eval.grounding import popularity_counts
-    from recalign.tasks.next_item import full_histories, generative_samples, history_mask
+    from recalign.methods import get_method
+    from recalign.tasks.next_item import Cases, full_histories, generative_samples, history_mask
 
-    split, _, test = generative_samples(ds, samples_cfg)
+    split, valid, test = generative_samples(ds, samples_cfg)
     period = ds.interactions[ds.interactions["timestamp"] <= split.train["timestamp"].max()]
     pop = popularity_counts(period["item"].to_numpy(), ds.n_items).float()
     scores = pop.expand(len(test), -1).clone()
     mask = history_mask(full_histories(ds, test), ds.n_items)
-    return target_ranks(scores, torch.from_numpy(test["item"].to_numpy(np.int64).copy()), mask).numpy()
+    targets = torch.from_numpy(test["item"].to_numpy(np.int64).copy())
+    out = {"pop (all)": target_ranks(scores, targets, mask).numpy()}
+    if minutes <= 0:
+        return out
+    cases = {name: Cases(frame["user"].to_numpy(np.int64), full_histories(ds, frame), frame["item"].to_numpy(np.int64))
+             for name, frame in (("valid", valid), ("test", test))}
+    defaults = get_method("sasrec").defaults
+    config = {"model": dict(defaults.get("model", {})), "train": {**defaults.get("train", {}), "max_minutes": minutes}}
+    train_sets = {f"sasrec ({shots} samples)": few_shot(split.train, shots, seed), "sasrec (all)": period}
+    for label, data in train_sets.items():
+        started = time.perf_counter()
+        model = train_cf_model("sasrec", data, config, catalog=ds, valid=cases["valid"], seed=seed)
+        ranks = [target_ranks(sc, torch.from_numpy(cases["test"].targets[rows]), m)
+                 for rows, sc, m in score_cases(model, cases["test"])]
+        out[label] = torch.cat(ranks).numpy()
+        print(f"{label}: {len(data):,} rows, trained in {time.perf_counter() - started:.0f}s", file=sys.stderr)
+    return out
+
+
+def title_generations(cases: list[dict]) -> dict:
+    """How the top title beams look: distinct texts, the most frequent, and the share that is a year span
+    ("(1996)", "The (1996)": a stopword and/or a year only)."""
+    from collections import Counter
+
+    from recalign.tasks.identifiers import SPAN_STOPWORDS, YEAR
+
+    texts = [c["generated"]["title"]["text"] for c in cases if "title" in c.get("generated", {})]
+    year_only = [all(w.casefold() in SPAN_STOPWORDS or YEAR.fullmatch(w) or YEAR.match(w) for w in t.split())
+                 for t in texts]
+    return {"beams": len(texts), "distinct": len(set(texts)), "year_or_stopword_only": float(np.mean(year_only)),
+            "most_common": Counter(texts).most_common(8)}
 
 
 def quality(args) -> dict:
@@ -341,13 +373,22 @@ def quality(args) -> dict:
     cases = json.loads((out_dir / "cases-test.json").read_text())
     ds = load_dataset("ml-100k")
     samples_cfg = {**get_method("transrec").defaults["samples"], "valid_size": args.valid, "test_size": args.test}
-    pop = pop_ranks(ds, samples_cfg)
+    key = {"shots": args.shots, "seed": args.seed, "valid": args.valid, "test": args.test, "cf_minutes": args.cf_minutes}
+    cached = RESULTS / "transrec-baselines.json"  # one SASRec training serves every run on the same cases
+    earlier = json.loads(cached.read_text()) if cached.is_file() else {}
+    if earlier.get("key") == key:
+        baselines = {k: np.asarray(v, dtype=np.float64) for k, v in earlier["ranks"].items()}
+    else:
+        baselines = cf_ranks(ds, samples_cfg, args.shots, args.seed, args.cf_minutes)
+        _write(cached.name, {"key": key, "machine": machine(),
+                             "ranks": {k: [float(r) for r in v] for k, v in baselines.items()}})
+    pop = baselines["pop (all)"]
     n = len(cases)
-    assert len(pop) == n
-    rank_names = [k for k in cases[0] if k.startswith("rank")]
+    assert all(len(r) == n for r in baselines.values())
+    ranks_of = {k: np.asarray([c[k] for c in cases]) for k in cases[0] if k.startswith("rank")}
+    ranks_of.update(baselines)
     table = {}
-    for name in rank_names + ["pop"]:
-        ranks = pop if name == "pop" else np.asarray([c[name] for c in cases])
+    for name, ranks in ranks_of.items():
         row = {}
         for k in (5, 10, 20):
             for metric, values in per_case(ranks, k).items():
@@ -366,6 +407,12 @@ def quality(args) -> dict:
             compare[metric] = {"transrec": float(ours[metric].mean()), "pop": float(popk[metric].mean()),
                                "transrec_minus_pop_ci95_paired": difference_interval(ours[metric], popk[metric],
                                                                                      True)}
+            for label, ranks in baselines.items():
+                if label.startswith("sasrec"):
+                    theirs_k = per_case(ranks, k)[metric]
+                    compare[metric][label] = float(theirs_k.mean())
+                    compare[metric][f"transrec_minus_{label}_ci95_paired"] = difference_interval(
+                        ours[metric], theirs_k, True)
             if same_cases:
                 compare[metric].update({
                     "bigrec": float(theirs[metric].mean()),
@@ -384,20 +431,25 @@ def quality(args) -> dict:
                                                       "answers_in_index", "samples", "index", "train_summary",
                                                       "groups")},
               "variants": {k: {kk: vv for kk, vv in v.items() if kk != "grid"} for k, v in metrics["variants"].items()},
-              "grid": next((v["grid"] for v in metrics["variants"].values() if "grid" in v), None)}
-    _write("transrec-quality.json", result)
-    print(f"\n{n} test cases; wall {wall / 60:.1f} min")
-    print("| ranking | NDCG@5 | NDCG@10 | Recall@5 | Recall@10 | Recall@20 |")
+              "grid": next((v["grid"] for v in metrics["variants"].values() if "grid" in v), None),
+              "title_generations": title_generations(cases),
+              "per_case_ranks": {k: [float(r) for r in v] for k, v in ranks_of.items()}}
+    _write(args.json, result)
+    print(f"\n{n} test cases; wall {wall / 60:.1f} min; title beams: {result['title_generations']}")
+    print("| ranking | NDCG@10 | HR@10 | NDCG@20 | HR@20 | hits@10 |")
     print("|---|---|---|---|---|---|")
     for name, row in table.items():
-        cells = [f"{row[m]['value']:.4f} [{row[m]['ci95'][0]:.3f}, {row[m]['ci95'][1]:.3f}]"
-                 for m in ("ndcg@5", "ndcg@10", "recall@5", "recall@10", "recall@20")]
+        cells = [f"{row[m]['value']:.4f} [{row[m]['ci95'][0]:.4f}, {row[m]['ci95'][1]:.4f}]"
+                 for m in ("ndcg@10", "recall@10", "ndcg@20", "recall@20")] + [f"{row['recall@10']['value'] * n:.0f}"]
         print(f"| {name} | " + " | ".join(cells) + " |")
     for metric, c in compare.items():
-        vs_bigrec = (f" vs BIGRec {c['bigrec']:.4f} (difference, 95% CI unpaired "
-                     f"{c['transrec_minus_bigrec_ci95_unpaired']})" if "bigrec" in c else "")
-        print(f"{metric}: TransRec {c['transrec']:.4f}{vs_bigrec}; vs Pop {c['pop']:.4f} (difference, 95% CI "
-              f"paired {c['transrec_minus_pop_ci95_paired']})")
+        ci = lambda v: f"[{v[0]:+.4f}, {v[1]:+.4f}]"  # noqa: E731
+        others = "; ".join(f"vs {label[len('transrec_minus_'):-len('_ci95_paired')]} (paired) {ci(v)}"
+                           for label, v in c.items() if label.startswith("transrec_minus_")
+                           and label.endswith("_ci95_paired"))
+        vs_bigrec = (f"; vs BIGRec {c['bigrec']:.4f} (unpaired) {ci(c['transrec_minus_bigrec_ci95_unpaired'])}"
+                     if "bigrec" in c else "")
+        print(f"{metric}: TransRec {c['transrec']:.4f}, difference 95% CI {others}{vs_bigrec}")
     return result
 
 
@@ -425,6 +477,9 @@ def main() -> None:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", default=str(ROOT / "runs" / "bench-transrec"))
     q.add_argument("--set", action="append", help="extra --set overrides for the run")
+    q.add_argument("--cf-minutes", type=float, default=3.0,
+                   help="train SASRec on the shots and on all data for at most this long each (0: Pop only)")
+    q.add_argument("--json", default="transrec-quality.json", help="results file name under bench/results/")
     q.add_argument("--samples-match-bigrec", action=argparse.BooleanOptionalAction, default=True,
                    help="compare with BIGRec's published 200 cases (only with --test 200 and default samples.*)")
     args = parser.parse_args()
