@@ -188,11 +188,18 @@ def build_dataset(
 def _dense_ids(values: pd.Series, column: str, at, extra=()) -> tuple[list[str], np.ndarray]:
     """(sorted distinct ids, dense id per row). Checked on the distinct values only, so a million rows
     cost a few thousand checks; `extra` ids (an item table's) join the sorted list unchecked."""
-    raw = values.to_numpy(dtype=object)
-    missing = pd.isna(raw)
-    if missing.any():
-        raise InputError(f"{at(int(np.argmax(missing)))}: missing {column}")
-    codes, uniques = pd.factorize(raw)
+    if isinstance(values.dtype, pd.CategoricalDtype):  # a streamed reader's ids: codes, no string per row
+        codes, used = pd.factorize(values.cat.codes.to_numpy())
+        missing = used < 0
+        if missing.any():
+            raise InputError(f"{at(int(np.argmax(codes == int(np.argmax(missing)))))}: missing {column}")
+        uniques = values.cat.categories.to_numpy(dtype=object)[used]
+    else:
+        raw = values.to_numpy(dtype=object)
+        missing = pd.isna(raw)
+        if missing.any():
+            raise InputError(f"{at(int(np.argmax(missing)))}: missing {column}")
+        codes, uniques = pd.factorize(raw)
     cleaned = []
     for k, value in enumerate(uniques.tolist()):
         text = str(value).strip(BLANKS)

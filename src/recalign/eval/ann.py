@@ -39,8 +39,8 @@ ANN_CONFIG = {
         "hnsw_m": 32,  # HNSW graph degree
         "ef_construction": 80,
         "ef_search": 128,  # HNSW breadth at query time (higher = better recall, slower)
-        "nlist": 0,  # IVF cells (0 = 4 * sqrt(items))
-        "nprobe": 32,  # IVF cells visited per query
+        "nlist": 0,  # IVF cells (0 = sqrt(items))
+        "nprobe": 16,  # IVF cells visited per query
         "codec": "flat",  # IVF vectors stored as float32 (flat) or 8-bit scalars (sq8)
         "index_dir": "",  # where built indexes are kept ("" = the grounding cache directory)
     },
@@ -66,7 +66,7 @@ def check_search(section: dict, where: str = "grounding") -> None:
             raise InputError(f"{where}.ann.{key}: expected an integer >= 1, got {value!r}")
     nlist = ann.get("nlist", 0)
     if isinstance(nlist, bool) or not isinstance(nlist, int) or nlist < 0:
-        raise InputError(f"{where}.ann.nlist: expected an integer >= 0 (0 = 4 * sqrt(items)), got {nlist!r}")
+        raise InputError(f"{where}.ann.nlist: expected an integer >= 0 (0 = sqrt(items)), got {nlist!r}")
     if ann.get("codec", "flat") not in CODECS:
         raise InputError(f"{where}.ann.codec: expected one of {', '.join(CODECS)}, got {ann.get('codec')!r}")
     if not isinstance(ann.get("index_dir", ""), str):
@@ -77,7 +77,7 @@ def _params(search: str, ann: dict, n_items: int) -> dict:
     merged = {**ANN_CONFIG["ann"], **ann}
     if search == "hnsw":
         return {"search": "hnsw", "m": int(merged["hnsw_m"]), "ef_construction": int(merged["ef_construction"])}
-    nlist = int(merged["nlist"]) or max(1, int(4 * np.sqrt(n_items)))
+    nlist = int(merged["nlist"]) or max(1, int(np.sqrt(n_items)))
     return {"search": "ivf", "nlist": min(nlist, n_items), "codec": merged["codec"]}
 
 

@@ -171,21 +171,73 @@ def read_columns(path: Path, sep: str, expected: int, encoding: str = "utf-8",
                  what: str = "") -> tuple[list[np.ndarray], np.ndarray]:
     """`read_delimited` column-wise: (one array of stripped strings per column, line numbers).
 
-    Fast path: pandas' C parser when the file is clean (every line has exactly `expected` fields, no
-    blank line, no quoting); anything else goes through the line-by-line parser, which names file:line."""
+    The file is read in blocks (`stream_columns`); for a large interaction file use `read_id_table`,
+    which keeps ids as codes instead of one Python string per cell."""
+    blocks = list(stream_columns(path, sep, expected, encoding, what))
+    columns = [np.concatenate([b[0][c] for b in blocks]) for c in range(expected)]
+    return columns, np.concatenate([b[1] for b in blocks])
+
+
+BLOCK_BYTES = 1 << 24  # a block of whole lines parsed at once: bounds memory whatever the file's size
+
+
+def _blocks(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(number of the block's first line, bytes of whole lines), streamed from a plain or gzip file."""
+    try:
+        with _open_binary(path) as handle:
+            line_no, first = 1, True
+            while data := handle.read(BLOCK_BYTES):
+                if not data.endswith(b"\n"):
+                    data += handle.readline()
+                if first:
+                    data, first = data.removeprefix(b"\xef\xbb\xbf"), False  # a byte-order mark is not data
+                yield line_no, data
+                line_no += data.count(b"\n")
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise InputError(f"{path}: truncated or corrupt gzip file ({exc})") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({(exc.strerror or str(exc)).lower()})") from None
+
+
+def stream_columns(path: Path, sep: str, expected: int, encoding: str = "utf-8",
+                   what: str = "") -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
+    """Blocks of (one array of stripped strings per column, line numbers) of a `sep`-separated file.
+
+    Each block goes through pandas' C parser when it is clean (every line has exactly `expected` fields, no
+    blank line, no quoting); any other block through the line-by-line parser, which names file:line."""
     require_file(path, what or "data")
-    fast = _fast_columns(path, sep, expected, encoding)
-    if fast is not None:
-        return fast
-    rows, line_nos = read_delimited(path, sep, expected, encoding, what)
-    return [np.array([f.strip(BLANKS) for f in column], dtype=object) for column in zip(*rows)], line_nos
+    any_data = False
+    for first_line, data in _blocks(path):
+        block = _fast_block(data, sep, expected, encoding, first_line)
+        if block is None:
+            block = _slow_block(path, data, sep, expected, encoding, first_line)
+        if len(block[1]):
+            any_data = True
+            yield block
+    if not any_data:
+        raise InputError(f"{path}: file has no data")
 
 
-def _fast_columns(path: Path, sep: str, expected: int, encoding: str):
+def _slow_block(path: Path, data: bytes, sep: str, expected: int, encoding: str, first_line: int):
+    rows, line_nos = [], []
+    for offset, raw in enumerate(data.split(b"\n")):
+        line_no = first_line + offset
+        try:
+            line = raw.decode(encoding).rstrip("\r\n")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{path}:{line_no}: not valid {encoding} text (byte {exc.start} of the line)") from None
+        if not line.strip():
+            continue
+        rows.append(split_fields(line, sep, expected, path, line_no))
+        line_nos.append(line_no)
+    columns = [np.array([f.strip(BLANKS) for f in column], dtype=object) for column in zip(*rows)]
+    return columns or [np.array([], dtype=object)] * expected, np.asarray(line_nos, dtype=np.int64)
+
+
+def _fast_block(data: bytes, sep: str, expected: int, encoding: str, first_line: int):
     import csv
     import io
 
-    data = b"".join(_raw_lines(path))
     token = sep.encode(encoding)
     if b"\x00" in data:
         return None  # the C parser's handling of NUL is its own; the line parser keeps every byte
@@ -205,7 +257,56 @@ def _fast_columns(path: Path, sep: str, expected: int, encoding: str):
         return None
     needs_strip = any(ch in data for ch in (b" ", b"\r", b"\x0b", b"\x0c"))
     columns = [(frame[c].str.strip(BLANKS) if needs_strip else frame[c]).to_numpy(dtype=object) for c in frame.columns]
-    return columns, np.arange(1, lines + 1, dtype=np.int64)
+    return columns, np.arange(first_line, first_line + lines, dtype=np.int64)
+
+
+class IdColumn:
+    """Ids appended in blocks (or one by one) and kept as int32 codes into the distinct values seen, so a
+    column of 20M ids costs 80 MB plus its distinct strings instead of 20M Python strings."""
+
+    def __init__(self):
+        self._codes: list[np.ndarray] = []
+        self._lookup: dict[str, int] = {}
+        self._pending: list[str] = []
+
+    def extend(self, values) -> None:
+        codes, uniques = pd.factorize(np.asarray(values, dtype=object))
+        lookup = self._lookup
+        mapping = np.fromiter((lookup.setdefault(u, len(lookup)) for u in uniques.tolist()), np.int64, len(uniques))
+        self._codes.append(mapping[codes].astype(np.int32))
+
+    def append(self, value: str) -> None:
+        self._pending.append(value)
+        if len(self._pending) >= 65536:
+            self.extend(self._pending)
+            self._pending = []
+
+    def categorical(self) -> pd.Categorical:
+        if self._pending:
+            self.extend(self._pending)
+            self._pending = []
+        codes = np.concatenate(self._codes) if self._codes else np.empty(0, np.int32)
+        return pd.Categorical.from_codes(codes, categories=pd.Index(list(self._lookup), dtype=object))
+
+
+def read_id_table(path: Path, sep: str, expected: int, encoding: str, what: str, ids: dict[int, str],
+                  numbers: dict[int, tuple[str, str]]) -> pd.DataFrame:
+    """An interaction file read in blocks into compact columns: `ids` {field index: column name} as
+    categoricals (`IdColumn`), `numbers` {field index: (column name, the format's name for errors)} as
+    float64, plus `line` (each row's line number)."""
+    id_columns = {name: IdColumn() for name in ids.values()}
+    parts: dict[str, list[np.ndarray]] = {name: [] for name, _ in numbers.values()}
+    line_parts = []
+    for columns, line_nos in stream_columns(path, sep, expected, encoding, what):
+        for index, name in ids.items():
+            id_columns[name].extend(columns[index])
+        for index, (name, label) in numbers.items():
+            parts[name].append(numeric_column(columns[index], label, path, line_nos))
+        line_parts.append(line_nos)
+    out = {name: column.categorical() for name, column in id_columns.items()}
+    out.update({name: np.concatenate(chunks) for name, chunks in parts.items()})
+    out["line"] = np.concatenate(line_parts)
+    return pd.DataFrame(out)
 
 
 def to_float(value: str, path: Path, line_no: int, column: str) -> float:

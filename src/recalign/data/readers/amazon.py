@@ -8,10 +8,13 @@ import math
 import re
 from pathlib import Path
 
+from array import array
+
+import numpy as np
 import pandas as pd
 
 from recalign.data.dataset import Dataset, Origin, build_dataset
-from recalign.data.readers._common import iter_lines, only_interacted, present, record_id, require_file, shown
+from recalign.data.readers._common import IdColumn, iter_lines, only_interacted, present, record_id, require_file, shown
 from recalign.errors import InputError
 
 _SUFFIXES = (".json", ".json.gz", ".jsonl", ".jsonl.gz")
@@ -114,20 +117,21 @@ def read_amazon(path: str | Path, name: str | None = None, like_threshold: float
     reviews_path, meta_path = locate(path)
     like_threshold = 3.0 if like_threshold is None else like_threshold
 
-    users, items, ratings, stamps, lines = [], [], [], [], []
+    users, items, ratings, stamps, lines = IdColumn(), IdColumn(), array("d"), array("d"), array("q")
     for line_no, record in _records(reviews_path, REVIEW_KEYS):
         users.append(record_id(record, "reviewerID", reviews_path, line_no))
         items.append(record_id(record, "asin", reviews_path, line_no))
         ratings.append(_number(record, "overall", reviews_path, line_no))
         stamps.append(_number(record, "unixReviewTime", reviews_path, line_no))
         lines.append(line_no)
-    interactions = pd.DataFrame({"user_id": users, "item_id": items, "rating": ratings, "timestamp": stamps,
-                                 "line": lines})
+    interactions = pd.DataFrame({"user_id": users.categorical(), "item_id": items.categorical(),
+                                 "rating": np.frombuffer(ratings), "timestamp": np.frombuffer(stamps),
+                                 "line": np.frombuffer(lines, dtype=np.int64)})
     interactions = interactions.drop_duplicates(["user_id", "item_id", "timestamp"]).reset_index(drop=True)
 
     item_table = None
     if meta_path is not None:
-        wanted = set(interactions["item_id"])
+        wanted = set(interactions["item_id"].cat.categories)
         records = []
         for line_no, record in _records(meta_path, ("asin",)):
             asin = record_id(record, "asin", meta_path, line_no).strip()

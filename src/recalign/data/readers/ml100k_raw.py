@@ -10,7 +10,7 @@ import pandas as pd
 
 from recalign.data.dataset import Dataset, Origin, build_dataset
 from recalign.data.readers._common import (
-    integer_column, numeric_column, only_interacted, present, read_columns, read_delimited, split_title_year,
+    integer_column, only_interacted, present, read_columns, read_delimited, read_id_table, split_title_year,
 )
 from recalign.errors import InputError
 
@@ -34,14 +34,8 @@ def read_ml100k_raw(path: str | Path, name: str | None = None, like_threshold: f
     data_path = path if path.is_file() else directory / "u.data"
     like_threshold = 3.0 if like_threshold is None else like_threshold
 
-    columns, line_nos = read_columns(data_path, "\t", 4, "latin-1", "u.data")
-    interactions = pd.DataFrame({
-        "user_id": columns[0],
-        "item_id": columns[1],
-        "rating": numeric_column(columns[2], "rating", data_path, line_nos),
-        "timestamp": numeric_column(columns[3], "timestamp", data_path, line_nos),
-        "line": line_nos,
-    })
+    interactions = read_id_table(data_path, "\t", 4, "latin-1", "u.data", {0: "user_id", 1: "item_id"},
+                                 {2: ("rating", "rating"), 3: ("timestamp", "timestamp")})
 
     items = None
     item_path = directory / "u.item"

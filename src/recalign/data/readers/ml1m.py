@@ -8,7 +8,7 @@ import pandas as pd
 
 from recalign.data.dataset import Dataset, Origin, build_dataset
 from recalign.data.readers._common import (
-    integer_column, iter_lines, numeric_column, only_interacted, present, read_columns, require_file,
+    integer_column, iter_lines, only_interacted, present, read_columns, read_id_table, require_file,
     split_title_year,
 )
 from recalign.errors import InputError
@@ -35,14 +35,8 @@ def read_ml1m(path: str | Path, name: str | None = None, like_threshold: float |
     ratings_path = path if path.is_file() else directory / "ratings.dat"
     like_threshold = 3.0 if like_threshold is None else like_threshold
 
-    columns, line_nos = read_columns(ratings_path, SEP, 4, "latin-1", "ratings.dat")
-    interactions = pd.DataFrame({
-        "user_id": columns[0],
-        "item_id": columns[1],
-        "rating": numeric_column(columns[2], "Rating", ratings_path, line_nos),
-        "timestamp": numeric_column(columns[3], "Timestamp", ratings_path, line_nos),
-        "line": line_nos,
-    })
+    interactions = read_id_table(ratings_path, SEP, 4, "latin-1", "ratings.dat", {0: "user_id", 1: "item_id"},
+                                 {2: ("rating", "Rating"), 3: ("timestamp", "Timestamp")})
 
     items = None
     movies_path = directory / "movies.dat"

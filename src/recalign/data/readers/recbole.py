@@ -10,7 +10,7 @@ import pandas as pd
 
 from recalign.data.dataset import Dataset, Origin, build_dataset
 from recalign.data.readers._common import (
-    numeric_column, only_interacted, present, read_lines, require_file, split_title_year,
+    iter_lines, numeric_column, only_interacted, present, require_file, split_title_year,
 )
 from recalign.errors import InputError
 
@@ -19,39 +19,39 @@ IMPLICIT_RATING = 5.0  # an .inter file without a rating column: every interacti
 
 
 def _read_atomic(path: Path, required: list[str]) -> tuple[pd.DataFrame, np.ndarray]:
-    """The table (all strings) and each row's line number."""
-    lines = read_lines(require_file(path, "RecBole atomic"))
-    header_line = next(i for i, line in enumerate(lines) if line.strip())
-    header = lines[header_line].split("\t")
+    """The table (all strings) and each row's line number; the file is streamed line by line."""
+    lines = iter_lines(require_file(path, "RecBole atomic"))
+    header_no, header_text = next(lines)  # iter_lines skips blank lines and raises on a file without data
+    header = header_text.split("\t")
     names = []
     for position, field in enumerate(header, start=1):
         name, _, kind = field.strip().partition(":")
         if not name or kind not in _TYPES:
             raise InputError(
-                f"{path}:{header_line + 1}: header field {position} {field!r} is not 'name:type' with type in "
+                f"{path}:{header_no}: header field {position} {field!r} is not 'name:type' with type in "
                 f"{sorted(_TYPES)} (is the file tab-separated?)"
             )
         if name in names:
-            raise InputError(f"{path}:{header_line + 1}: duplicate column '{name}' in header")
+            raise InputError(f"{path}:{header_no}: duplicate column '{name}' in header")
         names.append(name)
     missing = [c for c in required if c not in names]
     if missing:
-        raise InputError(f"{path}:{header_line + 1}: missing column(s) {', '.join(missing)} "
+        raise InputError(f"{path}:{header_no}: missing column(s) {', '.join(missing)} "
                          f"(header has {', '.join(names)})")
-    rows, line_nos = [], []
-    for line_no, line in enumerate(lines[header_line + 1:], start=header_line + 2):
-        if not line.strip():
-            continue
-        if line == lines[header_line]:
+    columns: list[list[str]] = [[] for _ in names]
+    line_nos = []
+    for line_no, line in lines:
+        if line == header_text:
             raise InputError(f"{path}:{line_no}: header line repeated inside the data")
         fields = line.split("\t")
         if len(fields) != len(names):
             raise InputError(f"{path}:{line_no}: expected {len(names)} tab-separated fields, found {len(fields)}")
-        rows.append(fields)
+        for column, value in zip(columns, fields):
+            column.append(value)
         line_nos.append(line_no)
-    if not rows:
+    if not line_nos:
         raise InputError(f"{path}: header only, no rows")
-    return pd.DataFrame(rows, columns=names), np.asarray(line_nos)
+    return pd.DataFrame(dict(zip(names, columns)), columns=names), np.asarray(line_nos)
 
 
 def _resolve_prefix(path: Path) -> Path:

@@ -8,10 +8,13 @@ import re
 from datetime import datetime
 from pathlib import Path
 
+from array import array
+
+import numpy as np
 import pandas as pd
 
 from recalign.data.dataset import Dataset, Origin, build_dataset
-from recalign.data.readers._common import iter_lines, only_interacted, present, record_id, require_file, shown
+from recalign.data.readers._common import IdColumn, iter_lines, only_interacted, present, record_id, require_file, shown
 from recalign.errors import InputError
 
 IMPLICIT_RATING = 5.0  # no ratings in Steam: a review is a positive at every like threshold below 5
@@ -82,14 +85,15 @@ def read_steam(path: str | Path, name: str | None = None, like_threshold: float 
     reviews_path, games_path = locate(path)
     like_threshold = 3.0 if like_threshold is None else like_threshold
 
-    users, items, stamps, lines = [], [], [], []
+    users, items, stamps, lines = IdColumn(), IdColumn(), array("q"), array("q")
     for line_no, record in _literals(reviews_path, REVIEW_KEYS):
         users.append(record_id(record, "username", reviews_path, line_no, null="None"))
         items.append(record_id(record, "product_id", reviews_path, line_no, null="None"))
         stamps.append(_day(record["date"], reviews_path, line_no))
         lines.append(line_no)
-    interactions = pd.DataFrame({"user_id": users, "item_id": items, "rating": IMPLICIT_RATING,
-                                 "timestamp": stamps, "line": lines})
+    interactions = pd.DataFrame({"user_id": users.categorical(), "item_id": items.categorical(),
+                                 "rating": IMPLICIT_RATING, "timestamp": np.frombuffer(stamps, dtype=np.int64),
+                                 "line": np.frombuffer(lines, dtype=np.int64)})
 
     item_table = None
     if games_path is not None:
