@@ -213,10 +213,62 @@ def score_test(argv: list[str]) -> None:
         print(f"{out.name}: {len(scores)}/{len(prompts)}", flush=True)
 
 
+def pair_scores(argv: list[str]) -> None:
+    """`bench/tallrec.py pair NAME=GLOB ... --diff A-B ...`: the test metrics (with 95% intervals) of each
+    model's `score` shards on the rows every model has scored, and paired intervals of the differences."""
+    import glob
+    import json
+
+    parser = argparse.ArgumentParser(prog="bench/tallrec.py pair")
+    parser.add_argument("models", nargs="+", help="NAME=GLOB of `score` shard files")
+    parser.add_argument("--diff", action="append", default=[], help="A-B: a paired difference to report")
+    parser.add_argument("--results", required=True)
+    args = parser.parse_args(argv)
+    from recalign.data import load_dataset
+    from recalign.eval.intervals import paired_predictions
+    from recalign.io import atomic_write_json
+    from recalign.tasks.ctr import TALLREC_SAMPLES, ctr_report, tallrec_protocol
+
+    scored, sizes = {}, set()
+    for spec in args.models:
+        name, pattern = spec.split("=", 1)
+        scored[name] = {}
+        for path in sorted(glob.glob(pattern)):
+            shard = json.loads(Path(path).read_text())
+            sizes.add(shard["test_size"])
+            scored[name].update({row: (shard["user"][i], shard["item"][i], shard["label"][i], score)
+                                 for i, (row, score) in enumerate(zip(shard["rows"], shard["score"]))})
+    if len(sizes) != 1:
+        raise SystemExit(f"the shards come from different test draws: test sizes {sorted(sizes)}")
+    test = tallrec_protocol(load_dataset("ml-100k"), {**TALLREC_SAMPLES, "test_size": sizes.pop()}).test
+    rows = sorted(set.intersection(*(set(v) for v in scored.values())))
+    frame = test.iloc[rows].reset_index(drop=True)
+    records = {}
+    for name, by_row in scored.items():
+        user, item, label, score = (list(x) for x in zip(*(by_row[r] for r in rows)))
+        if user != frame["user"].tolist() or item != frame["item"].tolist():
+            raise SystemExit(f"{name}: its scored samples are not the test draw's rows")
+        records[name] = {"user": user, "item": item, "label": label, "score": score}
+    out = {"test_draw": len(test), "rows_scored_by_all": len(rows), "users": int(frame["user"].nunique()),
+           "models": {name: ctr_report(frame, np.asarray(r["score"])) for name, r in records.items()},
+           "differences": {}}
+    for spec in args.diff:
+        a, b = spec.split("-")
+        out["differences"][spec] = paired_predictions(records[a], records[b])
+    for name, m in out["models"].items():
+        print(f"{name}: AUC {m['auc']:.4f} {m['auc_ci']}  UAUC {m['uauc']:.4f} {m['uauc_ci']}  (n {m['n']})")
+    for spec, d in out["differences"].items():
+        print(f"{spec}: AUC {d['auc']['difference']:+.4f} {d['auc']['ci']}  UAUC {d['uauc']['difference']:+.4f} "
+              f"{d['uauc']['ci']}")
+    atomic_write_json(Path(args.results), out)
+
+
 if __name__ == "__main__":
     import sys
 
     if sys.argv[1:2] == ["score"]:
         score_test(sys.argv[2:])
+    elif sys.argv[1:2] == ["pair"]:
+        pair_scores(sys.argv[2:])
     else:
         main()
