@@ -11,7 +11,7 @@ import recalign
 ROOT = Path(recalign.__file__).parent
 # lowest first; packages on one level do not import each other
 LAYERS = [
-    {"errors", "io", "progress", "assets", "config"},  # foundation: every layer may use it
+    {"errors", "io", "progress", "assets", "config", "distributed"},  # foundation: every layer may use it
     {"data", "eval", "report"},  # report: Markdown/HTML tables and plots from metrics dicts
     {"tasks"},
     {"cf", "llm"},
@@ -20,7 +20,7 @@ LAYERS = [
     {"cli", "serve", "__main__"},
 ]
 LEVEL = {name: level for level, names in enumerate(LAYERS) for name in names}
-SAME_LEVEL_ALLOWED = {("runner", "runs"), ("cli", "serve")}  # the CLI starts the server
+SAME_LEVEL_ALLOWED = {("runner", "runs"), ("cli", "serve"), ("__main__", "cli")}  # the CLI starts the server
 
 
 def _imports(path: Path) -> set[str]:

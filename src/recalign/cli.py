@@ -99,14 +99,23 @@ def run(
     out: str = typer.Option(..., "--out", "-o", help="run directory (a new, empty or unfinished one)"),
     resume: bool = typer.Option(False, "--resume", help="keep a finished run (an unfinished one is always continued)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="delete the run already in --out and start afresh"),
+    processes: int = typer.Option(1, "--processes", help="data-parallel processes (one per GPU, or per CPU core); "
+                                  "re-launches the command with torchrun"),
 ):
     """Train and evaluate METHOD; writes config.yaml, report.md, metrics.json (last), run.log, checkpoints.
 
     Rerunning the same command continues an interrupted run from its checkpoints."""
-    from recalign.runner import run_method
+    from recalign import distributed
+    from recalign.runner import resolve_config, run_method
 
+    if distributed.needs_launch(processes):
+        resolve_config(method, str(config) if config else None, sets or [])  # bad config: one line, before launching
+        args = ["run", method, "--dataset", dataset, "--out", str(out)] + (["--config", str(config)] if config else [])
+        args += [a for s in sets or [] for a in ("--set", s)] + (["--resume"] if resume else [])
+        raise typer.Exit(distributed.launch(processes, args + (["--overwrite"] if overwrite else [])))
     metrics = run_method(method, dataset, out, str(config) if config else None, sets or [], resume, overwrite)
-    print(json.dumps({"out": str(out), "test": metrics["test"]}))
+    if distributed.current().main:
+        print(json.dumps({"out": str(out), "test": metrics["test"]}))
 
 
 @app.command("methods")
@@ -250,7 +259,8 @@ def main() -> None:
     except InputError as exc:
         if debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # one line from a multi-process run too
+            print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except _NO_ARGS_HELP:  # the help text has been printed
         sys.exit(2)

@@ -212,7 +212,13 @@ class Checkpoints:
         return self.path / f"{name}.safetensors"
 
     def save_checkpoint(self, name: str, state: Any) -> Path:
-        return save_state(self.file(name), state)
+        """Written by the main process of a multi-process run; the others wait until it is there."""
+        from recalign import distributed
+
+        processes = distributed.current()
+        path = save_state(self.file(name), state) if processes.main else self.file(name)
+        processes.barrier()
+        return path
 
     def load_checkpoint(self, name: str) -> Any | None:
         """The saved state, or None when there is none."""

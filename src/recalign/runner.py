@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from recalign import config as cfg
+from recalign import distributed
 from recalign.errors import InputError
 from recalign.methods import Experiment, RunContext, all_experiments, get_method
 from recalign.runs import RunDir
@@ -49,6 +50,7 @@ def run_method(method: str, dataset: str, out: str | Path, config_file: str | No
     kept with `resume`, `overwrite` deletes either and starts afresh."""
     spec = get_method(method)
     config = resolve_config(method, config_file, sets)
+    distributed.current()  # a multi-process launch: the process group (and the launch config's checks) first
     run = RunDir(out, resume=resume, overwrite=overwrite)
     run.check()  # --out itself (under a file, /proc, unwritable...) before the dataset is read
     context = RunContext(method=method, dataset_name=dataset, config=config, run=run)

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from recalign import distributed
 from recalign.errors import InputError
 from recalign.io import Checkpoints, atomic_write_json, atomic_write_text, clean_temporaries, is_temporary
 
@@ -112,18 +113,24 @@ class RunDir:
             self._same_config(config_text, "an unfinished run")
             self.resume = True  # the same command continues from the checkpoints
         self.new = state == "new"
-        try:
-            self.created = not self.path.exists()
-            self.path.mkdir(parents=True, exist_ok=True)
-            clean_temporaries(self.path)
-            clean_temporaries(self.checkpoints)
-            if state == "new":
-                atomic_write_text(self.path / "config.yaml", config_text)
-        except OSError as exc:
-            raise InputError(f"{where}: cannot write there ({exc.strerror or exc})") from None
+        processes = distributed.current()
+        processes.barrier()  # every process has read the state before the main process changes it
+        self.created = not self.path.exists()
+        if processes.main:
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+                clean_temporaries(self.path)
+                clean_temporaries(self.checkpoints)
+                if state == "new":
+                    atomic_write_text(self.path / "config.yaml", config_text)
+            except OSError as exc:
+                raise InputError(f"{where}: cannot write there ({exc.strerror or exc})") from None
+        processes.barrier()
 
     def discard(self) -> None:
         """Remove what this run wrote (a bad input found mid-run of a new run)."""
+        if not distributed.current().main:
+            return
         if self.created:
             shutil.rmtree(self.path, ignore_errors=True)
         elif self.path.is_dir():
@@ -153,8 +160,17 @@ class RunDir:
             raise InputError(f"--out {self.path}: --overwrite could not delete the old run ({exc.strerror or exc})") from None
 
     # ----- outputs
+    # Only the main process of a multi-process run writes (`recalign.distributed`); every process runs the
+    # same code, so the barriers after a write line up.
     def write_metrics(self, metrics: dict) -> None:
-        atomic_write_json(self.path / "metrics.json", metrics)
+        self._main_writes(atomic_write_json, self.path / "metrics.json", metrics)
+
+    @staticmethod
+    def _main_writes(write, *args) -> None:
+        processes = distributed.current()
+        if processes.main:
+            write(*args)
+        processes.barrier()
 
     def read_metrics(self) -> dict:
         path = self.path / "metrics.json"
@@ -167,12 +183,14 @@ class RunDir:
         return metrics
 
     def write_text(self, name: str, text: str) -> None:
-        atomic_write_text(self.path / name, text)
+        self._main_writes(atomic_write_text, self.path / name, text)
 
     def write_json(self, name: str, data: Any) -> None:
-        atomic_write_json(self.path / name, data)
+        self._main_writes(atomic_write_json, self.path / name, data)
 
     def log(self, message: str) -> None:
+        if not distributed.current().main:
+            return
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         self.path.mkdir(parents=True, exist_ok=True)
         with open(self.path / "run.log", "a", encoding="utf-8") as handle:

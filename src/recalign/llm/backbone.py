@@ -21,6 +21,7 @@ from typing import Iterator, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from recalign import distributed
 from recalign.errors import InputError
 
 Slots = Mapping[str, torch.Tensor]
@@ -351,8 +352,9 @@ class Backbone:
         slot_k = self._slot_k(slots)
         ids, positions = zip(*(self._prompt_ids(p, slot_k) for p in prompts))
         use_prefix = (self.prefix_cache if prefix_cache is None else prefix_cache) and not slots
-        out = torch.empty(len(prompts), dtype=torch.float32)
-        batches = self._batches([len(r) for r in ids], batch_size)
+        out = torch.zeros(len(prompts), dtype=torch.float32)
+        processes = distributed.current()  # several processes: each scores whole batches, the rows are added up
+        batches = processes.share(self._batches([len(r) for r in ids], batch_size))
         if progress:
             from recalign.progress import track
 
@@ -368,7 +370,7 @@ class Backbone:
                     last = self.logits(enc, sub)[:, -1]
                 last = last.float()
                 out[torch.tensor(batch)] = (last[:, y] - last[:, n]).cpu()
-        return out
+        return processes.sum(out)
 
     def scoring_tokens(self, prompts: Sequence[str], prefix_cache: bool | None = None,
                        batch_size: int | None = None) -> tuple[int, int]:

@@ -8,6 +8,11 @@
 - `Scorer`: Yes/No scores of prompt lists, timed, and cached in the store so a resumed run does not score
   a set twice.
 
+In a multi-process run (`recalign.distributed`) the training steps are data-parallel: every process starts
+from the main process's weights, takes its share of each micro-batch, and the gradients are averaged before
+each optimizer step, so the processes stay identical and the effective batch is one process's
+(`data_parallel`); scoring is shared out by `Backbone.score_yes_no`; only the main process writes.
+
 Config vocabulary: `LORA_CONFIG` is the `lora:` section and `train_section(...)` builds a `train:`-style
 section (every `TrainConfig` key once, in one spelling) for every LLM method.
 """
@@ -15,13 +20,14 @@ section (every `TrainConfig` key once, in one spelling) for every LLM method.
 from __future__ import annotations
 
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from recalign import distributed
 from recalign.errors import InputError
 from recalign.llm.backbone import Backbone, LoraSettings
 from recalign.llm.train import Checkpointer, TrainConfig, train_lora, train_loop
@@ -89,12 +95,56 @@ def lora_step(store, backbone: Backbone, examples: Sequence[tuple[str, str]], lo
         log(f"{name}: LoRA adapter loaded from {init_from}")
         freeze(backbone)
         return {"loaded_from": str(init_from), "seconds": time.perf_counter() - started}
-    result = train_lora(backbone, examples, TrainConfig.from_config(train, seed=seed), evaluate=evaluate,
+    processes = distributed.current()
+    processes.broadcast(backbone.trainable_parameters())  # the same start on every process
+    config, store = data_parallel(TrainConfig.from_config(train, seed=seed), store, processes)
+    result = train_lora(backbone, examples, config, evaluate=evaluate,
                         checkpointer=Checkpointer(store, name), answer_only=bool(train.get("answer_only", True)),
-                        loss=train.get("loss", "lm"), yes=yes, no=no, log=log)
-    backbone.save_adapter(adapter_dir)
+                        loss=train.get("loss", "lm"), yes=yes, no=no, log=log,
+                        processes=processes if processes.active else None)
+    if processes.main:
+        backbone.save_adapter(adapter_dir)
+    processes.barrier()
     freeze(backbone)
     return {**result.as_dict(), "seconds": time.perf_counter() - started}
+
+
+def data_parallel(config: TrainConfig, store, processes: "distributed.Processes") -> tuple[TrainConfig, object]:
+    """The loop's config and checkpoint store for `processes` (unchanged for one process).
+
+    Every optimizer step takes the same `batch_size * grad_accum` examples, in the same order, as one
+    process. When the processes divide `grad_accum`, each takes whole micro-batches of `batch_size` (the
+    loop's micro-batch grows to `batch_size * processes`, `grad_accum` shrinks by as much); otherwise each
+    takes a part of every micro-batch. The checkpoint counts micro-batches of `train.batch_size` either way,
+    so a run continues with another number of processes."""
+    if not processes.active or config.grad_accum % processes.size:
+        return config, store
+    k = processes.size
+    return replace(config, batch_size=config.batch_size * k, grad_accum=config.grad_accum // k), _Position(store, k)
+
+
+class _Position:
+    """A checkpoint store for a loop whose micro-batch holds `k` configured micro-batches: `micro` is saved
+    in units of the configured micro-batch (the position of one process's run)."""
+
+    def __init__(self, store, k: int):
+        self.store, self.k = store, k
+
+    @property
+    def resume(self) -> bool:
+        return getattr(self.store, "resume", True)
+
+    def save_checkpoint(self, name: str, state: dict):
+        return self.store.save_checkpoint(name, {**state, "micro": int(state["micro"]) * self.k})
+
+    def load_checkpoint(self, name: str):
+        state = self.store.load_checkpoint(name)
+        if state is None:
+            return None
+        if int(state["micro"]) % self.k:
+            raise InputError(f"checkpoint {name} stopped after micro-batch {state['micro']}, which {self.k} "
+                             f"processes cannot continue from; continue it with one process")
+        return {**state, "micro": int(state["micro"]) // self.k}
 
 
 def freeze(backbone: Backbone) -> None:
@@ -112,10 +162,13 @@ def answer_loss(backbone: Backbone, examples: Sequence[tuple[str, str]], batch_s
     @torch.no_grad()
     def evaluate() -> float:
         total, count = 0.0, 0
-        for start in range(0, len(examples), batch_size):
+        processes = distributed.current()  # each process a share of the batches, the sums added up
+        for start in processes.share(range(0, len(examples), batch_size)):
             batch = examples[start:start + batch_size]
             loss, n = backbone.lm_loss([p for p, _ in batch], [a for _, a in batch], answer_only=answer_only)
             total, count = total + loss.item() * n, count + n
+        if processes.active:
+            total, count = processes.sum(torch.tensor([total, count], dtype=torch.float64)).tolist()
         return -total / max(1, count)
     return evaluate
 
@@ -132,10 +185,13 @@ def train_slot_modules(store, backbone: Backbone, modules: torch.nn.Module, conf
     backbone.model.eval()  # no dropout in the frozen LLM; gradients still flow to the slot embeddings
     parameters = [p for p in modules.parameters() if p.requires_grad]
     started = time.perf_counter()
+    processes = distributed.current()
+    processes.broadcast(parameters)
+    config, store = data_parallel(config, store, processes)
     result = train_loop(parameters, list(range(n_train)), loss_fn, config, evaluate=valid_score,
                         get_state=lambda: {k: v.detach().clone() for k, v in modules.state_dict().items()},
                         set_state=modules.load_state_dict, checkpointer=Checkpointer(store, name),
-                        log=log, set_train_mode=modules.train)
+                        log=log, set_train_mode=modules.train, processes=processes if processes.active else None)
     return {**result.as_dict(), "seconds": time.perf_counter() - started}
 
 

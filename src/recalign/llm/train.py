@@ -80,11 +80,14 @@ def train_loop(parameters: Sequence[torch.nn.Parameter], examples: Sequence, los
                config: TrainConfig, evaluate: Callable[[], float] | None = None,
                get_state: Callable[[], dict] | None = None, set_state: Callable[[dict], None] | None = None,
                checkpointer: Checkpointer | None = None, log: Callable[[str], None] = lambda m: None,
-               set_train_mode: Callable[[bool], None] | None = None) -> TrainResult:
+               set_train_mode: Callable[[bool], None] | None = None, processes=None) -> TrainResult:
     """Train `parameters` on `examples`; returns a TrainResult. With `evaluate`, the best-scoring state
     (per `get_state`) is restored at the end. With a `checkpointer`, state is saved after every
-    evaluation and the loop resumes from it (same example order, same RNG)."""
+    evaluation and the loop resumes from it (same example order, same RNG). `processes`
+    (`recalign.distributed.Processes`): each micro-batch is shared out and the gradients averaged."""
     parameters = list(parameters)
+    if processes is not None:
+        loss_fn = processes.shard_loss(loss_fn)
     if not parameters:
         raise InputError("nothing to train: no parameter requires a gradient")
     if not examples:
@@ -180,6 +183,8 @@ def train_loop(parameters: Sequence[torch.nn.Parameter], examples: Sequence, los
             result.tokens += int(n_tokens)
             micro += 1
             if pending == config.grad_accum or micro == micro_per_epoch:
+                if processes is not None:
+                    processes.average_gradients(parameters)
                 if config.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
                 optimizer.step()
@@ -216,7 +221,7 @@ def train_loop(parameters: Sequence[torch.nn.Parameter], examples: Sequence, los
 def train_lora(backbone, examples: Sequence[tuple[str, str]], config: TrainConfig,
                evaluate: Callable[[], float] | None = None, checkpointer: Checkpointer | None = None,
                answer_only: bool = True, loss: str = "lm", yes: str = "Yes", no: str = "No",
-               log: Callable[[str], None] = lambda m: None) -> TrainResult:
+               log: Callable[[str], None] = lambda m: None, processes=None) -> TrainResult:
     """LoRA instruction tuning on (prompt, answer) pairs; the backbone must already carry LoRA (`add_lora`).
 
     loss="lm": causal-LM loss on the answer tokens (`answer_only=False`: on every token, as the reference
@@ -240,4 +245,5 @@ def train_lora(backbone, examples: Sequence[tuple[str, str]], config: TrainConfi
 
     return train_loop(backbone.trainable_parameters(), list(examples), loss_fn, config, evaluate=evaluate,
                       get_state=backbone.adapter_state, set_state=backbone.set_adapter_state,
-                      checkpointer=checkpointer, log=log, set_train_mode=backbone.model.train)
+                      checkpointer=checkpointer, log=log, set_train_mode=backbone.model.train,
+                      processes=processes)
