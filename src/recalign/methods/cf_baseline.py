@@ -15,6 +15,7 @@ import copy
 import time
 
 from recalign.cf import MODELS as CF_MODELS
+from recalign.cf.checks import check_model_settings, check_train_settings
 from recalign.errors import InputError
 from recalign.methods.api import Experiment, Method, RunContext
 from recalign.eval.metrics import check_metric_name
@@ -60,20 +61,14 @@ def _validate(name: str):
             objective = train["objective"]
             if objective and objective not in cls.objectives:
                 raise InputError(f"train.objective: {name} supports {', '.join(cls.objectives)}, got {objective!r}")
-            for key in ("epochs", "batch_size"):
-                if train[key] < 1:
-                    raise InputError(f"train.{key}: must be >= 1, got {train[key]}")
-            if train["lr"] <= 0:
-                raise InputError(f"train.lr: must be > 0, got {train['lr']}")
+            check_train_settings(train)
             check_metric_name(train["valid_metric"], "train.valid_metric")
         check_split(config["ctr"]["split"], "ctr.split")
         if config["ctr"]["history_len"] < 1:
             raise InputError(f"ctr.history_len: must be >= 1, got {config['ctr']['history_len']}")
-        model = config.get("model", {})
-        if "max_len" in model and model["max_len"] < 1:
-            raise InputError(f"model.max_len: must be >= 1, got {model['max_len']}")
-        if "k" in model and model["k"] < 1:
-            raise InputError(f"model.k: must be >= 1, got {model['k']}")
+        if config["eval"]["batch_size"] < 1:
+            raise InputError(f"eval.batch_size: must be >= 1, got {config['eval']['batch_size']}")
+        check_model_settings(config.get("model", {}))
     return validate
 
 

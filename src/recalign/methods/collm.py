@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from recalign.cf.checks import check_model_settings, check_train_settings
 from recalign.errors import InputError
 from recalign.eval.metrics import check_metric_name
 from recalign.llm import (CIE, LORA_CONFIG, MODEL_CONFIG, MODEL_NULLABLE, Backbone, Prompter, Scorer, TrainConfig,
@@ -85,6 +86,8 @@ def validate(config: dict) -> None:
     check_metric_name(cf["train"]["valid_metric"], "cf.train.valid_metric")
     if cf["model"] not in CF_MODELS:
         raise InputError(f"cf.model: expected one of {', '.join(CF_MODELS)}, got {cf['model']!r}")
+    check_train_settings(cf["train"], "cf.train")
+    check_model_settings(cf["params"], "cf.params")
     for key in ("tokens", "hidden_mult"):
         value = config["cie"][key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
