@@ -83,7 +83,7 @@ def tables(rows: list[dict]) -> str:
     residual = [r for r in rows if "residual" in r["probes"]]
     if residual:
         n = residual[0]["samples"].get("test_windows")
-        lines += [f"Residual probe ({n} test windows; 95% bootstrap intervals)", "",
+        lines += [f"Residual probe ({n} test windows; 95% intervals: Wilson for top-k, bootstrap for the NLL)", "",
                   "| encoder | seed | encoder valid NDCG@10 | variant | top-1 | top-5 | answer NLL |",
                   "|---|---|---|---|---|---|---|"]
         for r in residual:
@@ -100,7 +100,7 @@ def tables(rows: list[dict]) -> str:
     if recovery:
         n = recovery[0]["samples"].get("test_windows")
         length = len(recovery[0]["recovery_distribution"].get("recovery_dist", [0] * 11)) - 1
-        lines += [f"Recovery probe ({n} test windows; titles recovered of L = {length})", "",
+        lines += [f"Recovery probe ({n} test windows; titles recovered of L = {length}; 95% bootstrap intervals)", "",
                   "| encoder | seed | variant | mean recovered | precision | answer NLL |", "|---|---|---|---|---|---|"]
         for r in recovery:
             for suffix, label in VARIANTS:
