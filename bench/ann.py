@@ -138,8 +138,9 @@ def run_streamed(n: int, n_queries: int, nprobes: list[int], cat: Catalogue, nli
     queries = cat.queries(n, n_queries)
     queries_t = torch.from_numpy(queries)
     index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatL2(D), D, nlist, faiss.ScalarQuantizer.QT_8bit)
+    index.cp.niter = 10  # as recalign.eval.ann.build_index
     started = time.perf_counter()
-    index.train(cat.rows(0, max(64 * nlist, chunk)))
+    index.train(cat.rows(10 ** 10, 32 * nlist))  # training draws from the same distribution
     train_s = time.perf_counter() - started
     best_d = best_i = None
     exact_s = add_s = 0.0
@@ -180,12 +181,12 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--methods", default="hnsw,ivf")
-    parser.add_argument("--ef", default="32,64,128,256")
+    parser.add_argument("--ef", default="16,32,64,128")
     parser.add_argument("--nprobe", default="4,8,16,32")
     parser.add_argument("--streamed", action="store_true")
-    parser.add_argument("--nlist", type=int, default=0, help="IVF cells (0 = sqrt(items), the config default)")
-    parser.add_argument("--hnsw-m", type=int, default=32)
-    parser.add_argument("--ef-construction", type=int, default=80)
+    parser.add_argument("--nlist", type=int, default=0, help="IVF cells (0 = 4 * sqrt(items), the config default)")
+    parser.add_argument("--hnsw-m", type=int, default=16)
+    parser.add_argument("--ef-construction", type=int, default=40)
     parser.add_argument("--out", default="ann.json")
     args = parser.parse_args()
     import faiss
@@ -209,7 +210,7 @@ def main() -> None:
 
     build = {"hnsw_m": args.hnsw_m, "ef_construction": args.ef_construction, "nlist": args.nlist}
     for n in ints(args.sizes):
-        rows = (run_streamed(n, args.queries, ints(args.nprobe), cat, args.nlist or int(np.sqrt(n)))
+        rows = (run_streamed(n, args.queries, ints(args.nprobe), cat, args.nlist or int(4 * np.sqrt(n)))
                 if args.streamed else run_in_memory(n, args.queries, args.repeats, sweeps, cat, build, save))
         done += rows
         save([])

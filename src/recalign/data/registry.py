@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 from recalign import assets
+from recalign.data.cache import DatasetCache
 from recalign.data.dataset import Dataset, k_core
 from recalign.data.readers import READERS
 from recalign.data.readers._common import first_line_of, present, require_usable
@@ -49,7 +50,8 @@ def load_dataset(
 ) -> Dataset:
     """Load a dataset by embedded name (`ml-100k`) or by path with a reader `fmt`.
 
-    A path without `fmt` has its format detected from its file names (`detect_format`).
+    A path without `fmt` has its format detected from its file names (`detect_format`). The reader's
+    result is cached as parquet (`data.cache`: rebuilt when the files or the reader version change).
     `like_threshold=None` uses the format's own default (Book-Crossing: 5 on its 1-10 scale, else 3)."""
     if fmt is not None and fmt not in READERS:
         raise InputError(f"unknown dataset format '{fmt}'; known formats: {', '.join(READERS)}")
@@ -66,8 +68,9 @@ def load_dataset(
     if name_or_path in EMBEDDED and fmt in (None, "recbole"):
         asset, prefix, default_domain = EMBEDDED[name_or_path]
         directory = assets.fetch(asset)
-        ds = READERS["recbole"](directory / prefix, name=name_or_path, like_threshold=like_threshold,
-                                domain=domain or default_domain)
+        kwargs = {"name": name_or_path, "like_threshold": like_threshold, "domain": domain or default_domain}
+        ds = DatasetCache().get("recbole", directory / prefix, kwargs,
+                                lambda: READERS["recbole"](directory / prefix, **kwargs))
     else:
         if not present(path) and not present(Path(f"{path}.inter")):
             if name_or_path in EMBEDDED:
@@ -81,5 +84,5 @@ def load_dataset(
         kwargs = {"like_threshold": like_threshold}
         if domain:
             kwargs["domain"] = domain
-        ds = READERS[fmt](path, **kwargs)
+        ds = DatasetCache().get(fmt, path, kwargs, lambda: READERS[fmt](path, **kwargs))
     return k_core(ds, k_core_users, k_core_items)

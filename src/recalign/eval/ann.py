@@ -36,10 +36,10 @@ ANN_CONFIG = {
     "search": "exact",  # exact | hnsw | ivf (FAISS; for catalogues of ~100k items and more)
     "ann": {
         "k": 100,  # candidates per query from the approximate index; the others rank after them
-        "hnsw_m": 32,  # HNSW graph degree
-        "ef_construction": 80,
+        "hnsw_m": 16,  # HNSW graph degree
+        "ef_construction": 40,
         "ef_search": 128,  # HNSW breadth at query time (higher = better recall, slower)
-        "nlist": 0,  # IVF cells (0 = sqrt(items))
+        "nlist": 0,  # IVF cells (0 = 4 * sqrt(items))
         "nprobe": 16,  # IVF cells visited per query
         "codec": "flat",  # IVF vectors stored as float32 (flat) or 8-bit scalars (sq8)
         "index_dir": "",  # where built indexes are kept ("" = the grounding cache directory)
@@ -66,7 +66,7 @@ def check_search(section: dict, where: str = "grounding") -> None:
             raise InputError(f"{where}.ann.{key}: expected an integer >= 1, got {value!r}")
     nlist = ann.get("nlist", 0)
     if isinstance(nlist, bool) or not isinstance(nlist, int) or nlist < 0:
-        raise InputError(f"{where}.ann.nlist: expected an integer >= 0 (0 = sqrt(items)), got {nlist!r}")
+        raise InputError(f"{where}.ann.nlist: expected an integer >= 0 (0 = 4 * sqrt(items)), got {nlist!r}")
     if ann.get("codec", "flat") not in CODECS:
         raise InputError(f"{where}.ann.codec: expected one of {', '.join(CODECS)}, got {ann.get('codec')!r}")
     if not isinstance(ann.get("index_dir", ""), str):
@@ -77,7 +77,7 @@ def _params(search: str, ann: dict, n_items: int) -> dict:
     merged = {**ANN_CONFIG["ann"], **ann}
     if search == "hnsw":
         return {"search": "hnsw", "m": int(merged["hnsw_m"]), "ef_construction": int(merged["ef_construction"])}
-    nlist = int(merged["nlist"]) or max(1, int(np.sqrt(n_items)))
+    nlist = int(merged["nlist"]) or max(1, int(4 * np.sqrt(n_items)))
     return {"search": "ivf", "nlist": min(nlist, n_items), "codec": merged["codec"]}
 
 
@@ -104,7 +104,8 @@ def build_index(embeddings: np.ndarray, params: dict, train_rows: int = 0, seed:
         else:
             index = faiss.IndexIVFFlat(quantizer, d, params["nlist"])
         index.cp.seed = seed
-        rows = min(n, train_rows or max(64 * params["nlist"], 50_000))
+        index.cp.niter = 10  # k-means iterations: 10 instead of FAISS's 25 (build time; recall measured)
+        rows = min(n, train_rows or max(32 * params["nlist"], 50_000))
         pick = np.sort(np.random.default_rng(seed).choice(n, rows, replace=False)) if rows < n else slice(None)
         index.train(np.ascontiguousarray(embeddings[pick], dtype=np.float32))
     for start in range(0, n, 65536):
