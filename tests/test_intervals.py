@@ -93,3 +93,11 @@ def test_reproduce_report_shows_intervals_and_the_quick_noise_statement(tmp_path
             .read_text()
         assert "0.7000 [0.680, 0.720]" in text and "| 0.6000 |" in text
         assert (QUICK_NOISE in text) is noted
+
+
+def test_run_report_lists_the_test_intervals_with_the_sample_count():
+    from recalign.report.markdown import interval_lines
+
+    lines = interval_lines({"auc": 0.7, "auc_ci": [0.68, 0.72], "uauc": 0.6, "uauc_ci": None, "n": 2000})
+    assert lines[0] == "95% bootstrap intervals on 2000 test samples: auc 0.7000 [0.6800, 0.7200]"
+    assert interval_lines({"auc": 0.7, "n": 5}) == []  # a multi-seed aggregate keeps intervals per seed only

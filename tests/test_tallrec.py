@@ -33,6 +33,13 @@ def test_tallrec_runs_end_to_end_with_seeds_and_resume(tmp_path, monkeypatch, ca
     for seed in (0, 1):
         assert (out / "checkpoints" / f"adapter-seed{seed}" / "adapter_model.safetensors").is_file()
     assert "| seed | shots |" in (out / "report.md").read_text()
+    # per-sample scores, for pairing runs scored on the same samples: they give back the seed's test AUC
+    from recalign.eval.metrics import auc
+
+    scored = json.loads((out / "predictions-seed1-test.json").read_text())
+    assert len(scored["score"]) == 40 and set(scored["label"]) <= {0, 1}
+    assert auc(scored["label"], scored["score"]) == pytest.approx(metrics["per_seed"][1]["test"]["auc"])
+    assert len(json.loads((out / "predictions-seed0-valid.json").read_text())["score"]) == 24
     # resume after losing metrics.json: finished seeds are read back, same numbers
     (out / "metrics.json").unlink()
     code, _, err = invoke(monkeypatch, capsys, "run", "tallrec", "--dataset", "ml-100k", "--out", str(out), *TINY,
