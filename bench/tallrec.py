@@ -80,6 +80,30 @@ def schedules(shots: list[int]) -> dict[int, dict]:
     return out
 
 
+def paired_with_icl(work: Path, shots: list[int], seeds: int) -> dict:
+    """Per shot count and seed: TALLRec − ICL on the same test samples (paired AUC/UAUC intervals), from the
+    runs' per-sample scores; runs without them (made before scores were written) are left out."""
+    import json
+
+    from recalign.eval.intervals import paired_predictions
+
+    icl = work / "icl" / "predictions.json"
+    if not icl.exists():
+        return {}
+    icl_scores = json.loads(icl.read_text())
+    out = {}
+    for n in shots:
+        for seed in range(seeds):
+            path = work / f"tallrec-{n}" / f"predictions-seed{seed}-test.json"
+            if path.exists():
+                out[f"{n}/{seed}"] = paired_predictions(json.loads(path.read_text()), icl_scores)
+    return out
+
+
+def span(ci) -> str:
+    return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "[–]"
+
+
 def fmt(values) -> str:
     values = [v for v in values if v is not None and not np.isnan(v)]
     if not values:
@@ -140,7 +164,18 @@ def main() -> None:
         detail.append(f"| {n} | {fmt(seeds_of(f'tallrec-{n}', 'uauc'))} | {fmt(seeds_of(f'tallrec-{n}', 'auc_warm'))} | "
                       f"{fmt(seeds_of(f'tallrec-{n}', 'auc_cold'))} | {r['seconds']['train']:.0f} | "
                       f"{r['seconds']['eval']:.0f} |")
-    print("\nTest AUC (mean ± std over seeds)\n" + "\n".join(lines) + "\n\n" + "\n".join(detail))
+    paired = paired_with_icl(work, shots, args.seeds)
+    intervals = ["| N | seed | TALLRec test AUC [95%] | TALLRec − ICL, paired ΔAUC [95%] | ΔUAUC [95%] |",
+                 "|---|---|---|---|---|"]
+    for n in shots:
+        for row in results[f"tallrec-{n}"].get("per_seed", []):
+            d = paired.get(f"{n}/{row['seed']}")
+            ci = row["test"].get("auc_ci") or [float("nan")] * 2
+            intervals.append(f"| {n} | {row['seed']} | {row['test']['auc']:.4f} [{ci[0]:.3f}, {ci[1]:.3f}] | "
+                             + (f"{d['auc']['difference']:+.4f} {span(d['auc']['ci'])} | "
+                                f"{d['uauc']['difference']:+.4f} {span(d['uauc']['ci'])} |" if d else "– | – |"))
+    print("\nTest AUC (mean ± std over seeds)\n" + "\n".join(lines) + "\n\n" + "\n".join(detail)
+          + "\n\n" + "\n".join(intervals))
     print(f"\nwall time {wall / 60:.1f} min (runs finished earlier and resumed count only their reading)")
     from recalign.io import atomic_write_json
 
@@ -152,7 +187,7 @@ def main() -> None:
         "runs": {name: {"test": m["test"], "valid": m["valid"], "seconds": m["seconds"],
                         "per_seed": [{k: v for k, v in row.items() if k != "history"} for row in m.get("per_seed", [])]}
                  for name, m in results.items()},
-        "mf_ctr": cf, "table": lines, "detail": detail,
+        "mf_ctr": cf, "table": lines, "detail": detail, "intervals": intervals, "paired_with_icl": paired,
     })
     print(f"wrote {args.results}")
 
