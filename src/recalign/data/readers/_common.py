@@ -249,7 +249,7 @@ def _fast_block(data: bytes, sep: str, expected: int, encoding: str, first_line:
     if not data.strip() or data.count(b"\t") != (expected - 1) * lines:
         return None  # a blank line, a short or long row: let the slow path say where
     try:
-        frame = pd.read_csv(io.BytesIO(data), sep="\t", header=None, dtype=str, encoding=encoding,
+        frame = pd.read_csv(io.BytesIO(data), sep="\t", header=None, dtype=object, encoding=encoding,
                             na_filter=False, skip_blank_lines=False, engine="c", quoting=csv.QUOTE_NONE)
     except (ValueError, UnicodeDecodeError, pd.errors.ParserError):
         return None
