@@ -5,12 +5,15 @@ SmolLM2-135M in float32.
 Each round runs `python -m recalign run tallrec ...` (one process, OMP_NUM_THREADS = all cores) and
 `torchrun --standalone --nproc_per_node N -m recalign run tallrec ...` (N processes, cores / N threads each)
 into fresh run directories, alternating (1, N, 1, N, ...) so that load from other jobs hits both alike.
-Reported per round and as medians: training samples/s (shots x epochs / train seconds), scoring samples/s
-(scored samples / eval seconds), the N-vs-1 ratios, and the metric agreement (|AUC difference|, loss curve).
+Reported per round and as medians: training samples/s (shots x epochs / train seconds, the validation
+scoring at the epoch end included), scoring samples/s (test samples / eval seconds), wall and CPU seconds of
+the whole command (CPU: every process, imports and model loading included), the N-vs-1 ratios, and the
+metric agreement (|test AUC difference|, relative difference of the training loss).
 
 On a CPU the processes share the same cores: N processes with 1/N of the threads each do not add compute,
-so a ratio near 1 (or below, from the gradient all-reduce and the duplicated model) is the expected result;
-the point of the run is that the metrics agree. On GPUs each process has its own device (bench/gpu_throughput.py).
+so a ratio near 1 (or below, from the gradient all-reduce and the duplicated model) is the expected result
+on an idle machine; on a machine loaded by other jobs, N processes also get a larger share of the scheduler,
+which the CPU seconds show. The point of the run is that the metrics agree. On GPUs each process has its own device (bench/gpu_throughput.py).
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/scale.py [--processes 2] [--shots 32] [--valid-size 16]
         [--test-size 64] [--rounds 2] [--model smollm2-135m-instruct] [--tiny]
@@ -22,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -47,16 +51,19 @@ def one_run(processes: int, out: Path, args, cores: int) -> dict:
     recalign = ["-m", "recalign", "run", "tallrec", "--out", str(out), *run_sets(args)]
     launcher = [] if processes == 1 else ["-m", "torch.distributed.run", "--standalone",
                                           f"--nproc_per_node={processes}"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)  # counts every waited-for descendant
     started = time.perf_counter()
     done = subprocess.run([sys.executable, *launcher, *recalign], env=env, capture_output=True, text=True)
     wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if done.returncode:
         raise SystemExit(f"{processes} process(es) failed:\n{done.stderr[-2000:]}")
     metrics = json.loads((out / "metrics.json").read_text())
     seed = metrics["per_seed"][0]
     trained = metrics["shots"] * 1
     scored = metrics["samples"]["test_scored"]  # valid scores come from the last evaluation during training
-    return {"processes": processes, "wall_s": wall, "train_s": metrics["seconds"]["train"],
+    return {"processes": processes, "wall_s": wall, "cpu_s": cpu, "train_s": metrics["seconds"]["train"],
             "eval_s": metrics["seconds"]["eval"], "train_samples_per_s": trained / metrics["seconds"]["train"],
             "score_samples_per_s": scored / metrics["seconds"]["eval"], "test_auc": metrics["test"]["auc"],
             "test_auc_ci": metrics["test"].get("auc_ci"), "valid_auc": metrics["valid"].get("auc"),
@@ -99,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     n = args.processes
     summary = {key: {"1": median(1, key), str(n): median(n, key), "ratio": median(n, key) / median(1, key)}
-               for key in ("train_samples_per_s", "score_samples_per_s", "wall_s")}
+               for key in ("train_samples_per_s", "score_samples_per_s", "wall_s", "cpu_s")}
     pairs = [(a, b) for a in rows for b in rows if a["processes"] == 1 and b["processes"] == n
              and a["round"] == b["round"]]
     agreement = {"max_abs_test_auc_diff": max(abs(a["test_auc"] - b["test_auc"]) for a, b in pairs),
@@ -114,7 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
               "summary": summary, "agreement": agreement, "rows": rows}
     print(f"| measure | 1 process | {n} processes | ratio |\n|---|---|---|---|")
     for key, label in (("train_samples_per_s", "LoRA training, samples/s"),
-                       ("score_samples_per_s", "Yes/No scoring, samples/s"), ("wall_s", "whole run, s")):
+                       ("score_samples_per_s", "Yes/No scoring, samples/s"), ("wall_s", "whole run, s"),
+                       ("cpu_s", "whole run, CPU s (all processes)")):
         s = summary[key]
         print(f"| {label} | {s['1']:.2f} | {s[str(n)]:.2f} | {s['ratio']:.2f} |")
     print(f"\nmax |test AUC difference| {agreement['max_abs_test_auc_diff']:.4f}; max relative loss difference "
