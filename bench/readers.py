@@ -1,8 +1,9 @@
 """Benchmark: dataset loading cold (reader parses the files, writes the parquet cache) vs warm (the cache
-is read), with the peak RSS of each load, for ML-100K (the embedded RecBole files), ML-1M and a synthetic
-20M-interaction file in ML-1M format.
+is read), with the peak RSS of each load, for ML-100K (the embedded RecBole files), ML-1M, a synthetic
+Amazon-2018-format JSON-lines file (1M reviews + metadata: JSON parsing is what makes a cold load of a real
+review dump slow) and a synthetic 20M-interaction file in ML-1M format.
 
-    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/readers.py [--big 20000000] [--work /tmp/recalign-readers]
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/readers.py [--big 20000000] [--amazon 1000000]
 
 ML-1M's files are not on this machine, so an ML-1M-format directory of the same size is synthesised
 (1,000,209 ratings, 6,040 users, 3,706 movies, movies.dat, users.dat; ids, ratings and times drawn at
@@ -68,6 +69,30 @@ def write_ml1m_format(directory: Path, n_ratings: int, n_users: int, n_items: in
     return directory
 
 
+def write_amazon_format(directory: Path, n_reviews: int, n_users: int, n_items: int, seed: int = 2,
+                        chunk: int = 500_000) -> Path:
+    """Amazon-2018-style JSON lines (reviewerID, asin, overall, unixReviewTime + review text) and metadata."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if (directory / "done").exists():
+        return directory
+    rng = np.random.default_rng(seed)
+    with open(directory / "Synthetic_5.json", "w") as handle:
+        for start in range(0, n_reviews, chunk):
+            count = min(chunk, n_reviews - start)
+            rows = zip(rng.integers(0, n_users, count).tolist(), rng.integers(0, n_items, count).tolist(),
+                       rng.integers(1, 6, count).tolist(), rng.integers(1_300_000_000, 1_540_000_000, count).tolist())
+            handle.write("".join(json.dumps({"overall": float(r), "verified": True, "reviewerID": f"A{u:013d}",
+                                             "asin": f"B{i:09d}", "unixReviewTime": t,
+                                             "reviewText": "Works as described, would buy again.",
+                                             "summary": "Good"}) + "\n" for u, i, r, t in rows))
+    with open(directory / "meta_Synthetic.json", "w") as handle:
+        handle.write("".join(json.dumps({"asin": f"B{i:09d}", "title": f"Product {i}", "brand": "Acme",
+                                         "category": ["Home", "Kitchen"], "date": "March 3, 2015"}) + "\n"
+                             for i in range(n_items)))
+    (directory / "done").write_text("")
+    return directory
+
+
 def load_once(path: str, cache_dir: Path) -> dict:
     env = {**os.environ, "RECALIGN_DATA_CACHE": str(cache_dir), "RECALIGN_QUIET": "1",
            "PYTHONPATH": str(ROOT / "src")}
@@ -98,6 +123,7 @@ def measure(name: str, path: str, cache_dir: Path, cold_repeats: int, warm_repea
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--big", type=int, default=20_000_000, help="interactions in the synthetic file")
+    parser.add_argument("--amazon", type=int, default=1_000_000, help="reviews in the synthetic Amazon file")
     parser.add_argument("--work", default="/tmp/recalign-readers")
     parser.add_argument("--out", default="readers.json")
     args = parser.parse_args()
@@ -110,7 +136,8 @@ def main() -> None:
     ml1m = write_ml1m_format(work / "ml-1m", 1_000_209, 6040, 3706)
     started = time.perf_counter()
     big = write_ml1m_format(work / f"synthetic-{args.big}", args.big, 500_000, 100_000, seed=1)
-    print(f"synthetic file ready ({time.perf_counter() - started:.0f}s)", flush=True)
+    amazon = write_amazon_format(work / f"amazon-{args.amazon}", args.amazon, 200_000, 50_000)
+    print(f"synthetic files ready ({time.perf_counter() - started:.0f}s)", flush=True)
     size = lambda d: sum(p.stat().st_size for p in Path(d).iterdir()) / 2 ** 20  # noqa: E731
     ml100k_dir = assets.home() / "assets"
     ml100k_mb = sum(p.stat().st_size for p in ml100k_dir.rglob("ml-100k.*") if p.is_file()) / 2 ** 20
@@ -119,6 +146,8 @@ def main() -> None:
               "command": " ".join(["python", *sys.argv]), "rows": []}
     for name, path, cold_n, warm_n, mb in (("ML-100K (RecBole, embedded)", "ml-100k", 3, 3, ml100k_mb),
                                            ("ML-1M format (synthetic, same size)", str(ml1m), 3, 3, size(ml1m)),
+                                           (f"Amazon JSON lines, {args.amazon:,} reviews (synthetic)", str(amazon),
+                                            1, 3, size(amazon)),
                                            (f"{args.big:,} interactions (ML-1M format)", str(big), 1, 3, size(big))):
         result["rows"].append(measure(name, path, work / "cache", cold_n, warm_n, mb))
         result["loadavg_at_end"] = os.getloadavg()
