@@ -311,6 +311,7 @@ def test_items_without_a_facet_text_are_one_line_errors(ml, tiny):
     (["grounding.select_metric=auc"], "grounding.select_metric"),
     (["generate.max_new_tokens.title=0"], "generate.max_new_tokens.title"),
     (["grounding.bias.id=yes"], "grounding.bias.id"),
+    (["facets.title_start=anywhere"], "facets.title_start"),
 ])
 def test_bad_config_is_exit_2_with_one_line(monkeypatch, capsys, tmp_path, sets, message):
     from cli_helpers import invoke
@@ -384,7 +385,9 @@ def test_the_method_end_to_end_on_a_tiny_model(tmp_path):
     import json
 
     from recalign import assets
+    from recalign.data import load_dataset
     from recalign.runner import run_method
+    from recalign.tasks.identifiers import facet_texts, title_start_words
 
     source = assets.fetch("ml-100k")
     lines = (source / "ml-100k.inter").read_text().splitlines()
@@ -409,7 +412,10 @@ def test_the_method_end_to_end_on_a_tiny_model(tmp_path):
     cases = json.loads((tmp_path / "run" / "cases-test.json").read_text())
     assert len(cases) == 5 and all({"rank", "rank_id_only", "rank_title_only", "rank_attribute_only",
                                     "rank_tuned"} <= set(c) for c in cases)
+    starts = title_start_words(facet_texts(load_dataset(str(tmp_path / "small.inter")), ["title"], {}))
     for c in cases:
         assert 0 <= c["rank"] < 1682 and set(c["generated"]) == {"id", "title", "attribute"}
+        first = c["generated"]["title"]["text"].split()[0]  # facets.title_start "word": a span's start word
+        assert any(w.startswith(first) for w in starts), first
     assert {k for k in metrics["test"] if k.endswith("_warm")} == {"ndcg@5_warm", "ndcg@10_warm", "recall@5_warm",
                                                                      "recall@10_warm"} or groups["warm"] == 0

@@ -90,6 +90,9 @@ DEFAULTS = {
         "use": ["id", "title", "attribute"],
         "markers": {"id": ["||", "##"], "attribute": ["##", "@@"]},  # opening / closing marker
         "title_span_words": 10,  # a title answer is up to this many words from a random start word (0 = whole)
+        # where title generation may start: "word" = at a word a trained span may start with (not a stopword or
+        # a year), "any" = at any token of the corpus (the reference)
+        "title_start": "word",
     },
     "generate": {
         "beams": 15,
@@ -275,6 +278,8 @@ def validate(cfg: dict) -> None:
             raise InputError(f"facets.markers.{facet}: expected [opening, closing], two non-empty strings without "
                              f"spaces, got {pair!r}")
     _integer(f["title_span_words"], "facets.title_span_words", 0, " (0 = the whole title)")
+    if f["title_start"] not in ("word", "any"):
+        raise InputError(f"facets.title_start: expected word or any, got {f['title_start']!r}")
     g = cfg["generate"]
     _integer(g["beams"], "generate.beams", 1)
     _integer(g["batch_size"], "generate.batch_size", 0, " (0 = model.batch_size)")
@@ -315,9 +320,10 @@ def run(ctx: RunContext) -> dict:
 
     backbone = Backbone.from_config(cfg["model"])
     started = time.perf_counter()
-    texts = facet_texts(ds, use, cfg["facets"]["markers"])
-    corpus = IdentifierCorpus(texts, backbone.tokenizer, cfg["facets"]["markers"], [str(r) for r in ds.items["raw_id"]],
-                              title_start_words(texts) if "title" in texts else ())
+    f = cfg["facets"]
+    texts = facet_texts(ds, use, f["markers"])
+    starts = title_start_words(texts) if "title" in texts and f["title_start"] == "word" else ()
+    corpus = IdentifierCorpus(texts, backbone.tokenizer, f["markers"], [str(r) for r in ds.items["raw_id"]], starts)
     index, cached = build_index(ctx, corpus, backbone)
     index_seconds = time.perf_counter() - started
     ctx.log(f"identifier index: {index.n_docs} items, {index.n_tokens} tokens, "
