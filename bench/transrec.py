@@ -342,6 +342,23 @@ def cf_ranks(ds, samples_cfg: dict, shots: int, seed: int, minutes: float) -> di
     return out
 
 
+def bigrec_ranks(args) -> tuple[np.ndarray, dict]:
+    """BIGRec (`recalign run bigrec`) on the same shots and test cases, no injection: its per-case ranks
+    (paired with TransRec's) and its generation statistics."""
+    from recalign.runner import run_method
+
+    out = Path(f"{args.out}-bigrec")
+    sets = [f"model.name={args.model}", f"train.shots={args.shots}", f"train.epochs={args.epochs}",
+            "train.valid_loss_size=0", f"samples.valid_size={args.bigrec_valid}", f"samples.test_size={args.test}",
+            f"generate.beams={args.beams}", f"seed={args.seed}", "inject.popularity=false",
+            "inject.collaborative=false"]
+    metrics = run_method("bigrec", "ml-100k", out, sets=sets, resume=True)
+    cases = json.loads((out / "cases-test.json").read_text())
+    return np.asarray([c["rank"] for c in cases], dtype=np.float64), {
+        "run_dir": str(out), "sets": sets, "seconds": metrics.get("seconds"), "generation": metrics.get("generation"),
+        "distinct_generations": len({c["generated"] for c in cases})}
+
+
 def title_generations(cases: list[dict]) -> dict:
     """How the top title beams look: distinct texts, the most frequent, and the share that is a year span
     ("(1996)", "The (1996)": a stopword and/or a year only)."""
@@ -382,6 +399,10 @@ def quality(args) -> dict:
         baselines = cf_ranks(ds, samples_cfg, args.shots, args.seed, args.cf_minutes)
         _write(cached.name, {"key": key, "machine": machine(),
                              "ranks": {k: [float(r) for r in v] for k, v in baselines.items()}})
+    bigrec_info = None
+    if args.bigrec_valid:
+        bigrec, bigrec_info = bigrec_ranks(args)
+        baselines = {**baselines, f"bigrec ({args.shots} samples)": bigrec}
     pop = baselines["pop (all)"]
     n = len(cases)
     assert all(len(r) == n for r in baselines.values())
@@ -408,7 +429,7 @@ def quality(args) -> dict:
                                "transrec_minus_pop_ci95_paired": difference_interval(ours[metric], popk[metric],
                                                                                      True)}
             for label, ranks in baselines.items():
-                if label.startswith("sasrec"):
+                if label.startswith(("sasrec", "bigrec")):
                     theirs_k = per_case(ranks, k)[metric]
                     compare[metric][label] = float(theirs_k.mean())
                     compare[metric][f"transrec_minus_{label}_ci95_paired"] = difference_interval(
@@ -432,7 +453,7 @@ def quality(args) -> dict:
                                                       "groups")},
               "variants": {k: {kk: vv for kk, vv in v.items() if kk != "grid"} for k, v in metrics["variants"].items()},
               "grid": next((v["grid"] for v in metrics["variants"].values() if "grid" in v), None),
-              "title_generations": title_generations(cases),
+              "title_generations": title_generations(cases), "bigrec_same_shots": bigrec_info,
               "per_case_ranks": {k: [float(r) for r in v] for k, v in ranks_of.items()}}
     _write(args.json, result)
     print(f"\n{n} test cases; wall {wall / 60:.1f} min; title beams: {result['title_generations']}")
@@ -479,6 +500,8 @@ def main() -> None:
     q.add_argument("--set", action="append", help="extra --set overrides for the run")
     q.add_argument("--cf-minutes", type=float, default=3.0,
                    help="train SASRec on the shots and on all data for at most this long each (0: Pop only)")
+    q.add_argument("--bigrec-valid", type=int, default=0,
+                   help="also run BIGRec on the same shots and test cases with this many valid cases (0: not run)")
     q.add_argument("--json", default="transrec-quality.json", help="results file name under bench/results/")
     q.add_argument("--samples-match-bigrec", action=argparse.BooleanOptionalAction, default=True,
                    help="compare with BIGRec's published 200 cases (only with --test 200 and default samples.*)")
