@@ -31,3 +31,14 @@ def test_out_of_range_cf_settings_are_one_line_errors(method, item, message):
 ])
 def test_documented_zero_settings_stay_valid(method, item):
     resolve_config(method, None, [item])
+
+
+def test_a_size_too_large_for_memory_is_one_line_exit_2_and_leaves_no_run(monkeypatch, capsys, tmp_path):
+    from cli_helpers import invoke
+
+    out = tmp_path / "run"
+    fixture = str(__import__("pathlib").Path(__file__).parent / "fixtures" / "recbole" / "tiny.inter")
+    code, _, err = invoke(monkeypatch, capsys, "run", "mf", "--dataset", fixture, "--out", str(out),
+                          "--set", "model.embedding_size=1000000000000", "--set", "train.epochs=1")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "out of memory" in err, err
+    assert not out.exists()

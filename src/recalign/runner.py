@@ -42,6 +42,13 @@ def undefined_metrics(test: dict) -> list[str]:
     return out
 
 
+def out_of_memory(exc: BaseException) -> bool:
+    """An allocation failure (a config asking for more memory than the machine has), not a bug."""
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or any(s in text for s in ("can't allocate memory", "out of memory",
+                                                                   "not enough memory"))
+
+
 def run_method(method: str, dataset: str, out: str | Path, config_file: str | None = None,
                sets: list[str] | None = None, resume: bool = False, overwrite: bool = False) -> dict:
     """Validate everything that can be validated before anything is written, then run.
@@ -70,7 +77,13 @@ def run_method(method: str, dataset: str, out: str | Path, config_file: str | No
     context.log(f"run {method} on {dataset} -> {run.path}")
     started = time.perf_counter()
     try:
-        result = spec.run(context)
+        try:
+            result = spec.run(context)
+        except (MemoryError, RuntimeError) as exc:
+            if not out_of_memory(exc):
+                raise
+            raise InputError(f"{method}: out of memory ({' '.join(str(exc).split())[:160]}); a size in the "
+                             f"config (model, batch, history) is too large for this machine") from None
     except InputError:
         if run.new:  # bad input found mid-run of a new run: leave nothing half-written behind
             run.discard()
