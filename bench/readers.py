@@ -126,6 +126,8 @@ def main() -> None:
     parser.add_argument("--amazon", type=int, default=1_000_000, help="reviews in the synthetic Amazon file")
     parser.add_argument("--work", default="/tmp/recalign-readers")
     parser.add_argument("--out", default="readers.json")
+    parser.add_argument("--only", default="", help="comma-separated row names to run (ml-100k, ml-1m, amazon, "
+                        "big); others are kept from an existing --out file")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     from recalign import assets
@@ -134,23 +136,32 @@ def main() -> None:
     work = Path(args.work)
     assets.fetch("ml-100k")
     ml1m = write_ml1m_format(work / "ml-1m", 1_000_209, 6040, 3706)
+    only = set(filter(None, args.only.split(",")))
     started = time.perf_counter()
-    big = write_ml1m_format(work / f"synthetic-{args.big}", args.big, 500_000, 100_000, seed=1)
+    big = work / f"synthetic-{args.big}"
+    if not only or "big" in only:
+        write_ml1m_format(big, args.big, 500_000, 100_000, seed=1)
     amazon = write_amazon_format(work / f"amazon-{args.amazon}", args.amazon, 200_000, 50_000)
     print(f"synthetic files ready ({time.perf_counter() - started:.0f}s)", flush=True)
     size = lambda d: sum(p.stat().st_size for p in Path(d).iterdir()) / 2 ** 20  # noqa: E731
     ml100k_dir = assets.home() / "assets"
     ml100k_mb = sum(p.stat().st_size for p in ml100k_dir.rglob("ml-100k.*") if p.is_file()) / 2 ** 20
+    previous = json.loads((RESULTS / args.out).read_text()) if (RESULTS / args.out).exists() else {"rows": []}
     result = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                           "loadavg_at_start": os.getloadavg()},
-              "command": " ".join(["python", *sys.argv]), "rows": []}
-    for name, path, cold_n, warm_n, mb in (("ML-100K (RecBole, embedded)", "ml-100k", 3, 3, ml100k_mb),
-                                           ("ML-1M format (synthetic, same size)", str(ml1m), 3, 3, size(ml1m)),
-                                           (f"Amazon JSON lines, {args.amazon:,} reviews (synthetic)", str(amazon),
-                                            1, 3, size(amazon)),
-                                           (f"{args.big:,} interactions (ML-1M format)", str(big), 1, 3, size(big))):
-        result["rows"].append(measure(name, path, work / "cache", cold_n, warm_n, mb))
-        result["loadavg_at_end"] = os.getloadavg()
+              "command": " ".join(["python", *sys.argv]), "rows": previous["rows"]}
+    plan = [("ml-100k", "ML-100K (RecBole, embedded)", "ml-100k", 3, ml100k_mb),
+            ("ml-1m", "ML-1M format (synthetic, same size)", str(ml1m), 3, size(ml1m)),
+            ("amazon", f"Amazon JSON lines, {args.amazon:,} reviews (synthetic)", str(amazon), 1, size(amazon)),
+            ("big", f"{args.big:,} interactions (ML-1M format)", str(big), 1, size(big) if big.exists() else 0)]
+    for key, name, path, cold_n, mb in plan:
+        if only and key not in only:
+            continue
+        row = {**measure(name, path, work / "cache", cold_n, 3, mb), "key": key,
+               "loadavg_at_start": os.getloadavg()}
+        row["loadavg_at_end"] = os.getloadavg()
+        result["rows"] = [r for r in result["rows"] if r.get("key") != key] + [row]
+        result["rows"].sort(key=lambda r: [k for k, *_ in plan].index(r["key"]))
         atomic_write_json(RESULTS / args.out, result)
     print("\n| dataset | interactions | source MB | cache MB | cold s | warm s | cold/warm | peak RSS cold MB | "
           "peak RSS warm MB |\n|---|---|---|---|---|---|---|---|---|")
