@@ -119,7 +119,18 @@ def choose_guidance(model, valid, grid: tuple[float, ...]) -> dict:
     return scores
 
 
-def dros_grid(seed: int, epochs: int, directory: Path) -> dict:
+def _extend(store, name: str, epochs: int, patience: int) -> None:
+    """Let a checkpoint that finished only because it reached fewer epochs continue to `epochs`."""
+    saved = store.load_checkpoint(name)
+    if saved is None or not saved["state"].get("done"):
+        return
+    state = saved["state"]
+    if int(state["epoch"]) < epochs and not (patience and state.get("bad", 0) >= patience):
+        state["done"] = False
+        store.save_checkpoint(name, saved)
+
+
+def dros_grid(seed: int, epochs: int, directory: Path, alphas: list[float] | None = None) -> dict:
     """DROS-SASRec's alpha chosen on the valid split: every DROS_GRID point trains `epochs` epochs (same seed,
     data and batch order; the best valid epoch is kept), the best valid NDCG@10 picks the point. Every point is
     then tested (the choice is made before), and the chosen one is compared with alpha = 0 (SASRec) on the
@@ -137,12 +148,13 @@ def dros_grid(seed: int, epochs: int, directory: Path) -> dict:
     data, valid, test = leave_one_out_sets(ds.interactions, ds.n_users, ds.n_items)
     defaults = get_method("dros").defaults
     grid, per_case = {}, {}
-    for alpha, beta in DROS_GRID:
+    for alpha, beta in [(a, b) for a, b in DROS_GRID if alphas is None or a in alphas]:
         key = f"alpha={alpha:g},beta={beta:g}"
         config = {"model": dict(defaults["model"], alpha=alpha, beta=beta), "train": dict(defaults["train"], epochs=epochs)}
         started = time.perf_counter()
-        model = train_cf_model("dros", data, config, valid=valid, seed=seed, run=Checkpoints(directory / key),
-                               checkpoint="dros")
+        store = Checkpoints(directory / key)
+        _extend(store, "dros", epochs, config["train"]["patience"])
+        model = train_cf_model("dros", data, config, valid=valid, seed=seed, run=store, checkpoint="dros")
         summary = model.train_summary
         curve = [r.get("valid") for r in summary["history"]]
         grid[key] = {"alpha": alpha, "beta": beta, "valid_curve": curve, "best_valid": max(curve),
@@ -154,6 +166,8 @@ def dros_grid(seed: int, epochs: int, directory: Path) -> dict:
               f"{len(curve)})", file=sys.stderr, flush=True)
     chosen = max(grid, key=lambda k: (grid[k]["best_valid"], -grid[k]["alpha"]))
     base = "alpha=0,beta=1"
+    if base not in grid:
+        return {"grid": grid, "epochs": epochs, "threads": torch.get_num_threads()}
     difference = per_case[chosen] - per_case[base]
     paired = {"chosen_minus_alpha0": float(difference.mean()), "ci": mean_interval(difference),
               "cases": len(difference)}
@@ -289,7 +303,10 @@ def main() -> None:
                         help="only measure the CPU cost of training steps of the --models (sequential) and exit")
     parser.add_argument("--dros-grid", action="store_true",
                         help="only choose DROS's alpha on the valid split (DROS_GRID), test every point")
-    parser.add_argument("--grid-epochs", type=int, default=8, help="--dros-grid: epochs per grid point")
+    parser.add_argument("--grid-epochs", type=int, default=8,
+                        help="--dros-grid: epochs per grid point (a larger value continues finished points)")
+    parser.add_argument("--grid-alphas", default="", help="--dros-grid: only these alphas of DROS_GRID")
+    parser.add_argument("--grid-key", default="dros_grid", help="--dros-grid: section of the results JSON")
     parser.add_argument("--work", default=str(ROOT / "runs" / "bench-cf-dros-grid"),
                         help="--dros-grid: checkpoint directory (a rerun resumes)")
     parser.add_argument("--seed", type=int, default=0)
@@ -304,10 +321,11 @@ def main() -> None:
     out_path = Path(args.out)
     results = json.loads(out_path.read_text()) if out_path.exists() else {}
     if args.dros_grid:
-        results["dros_grid"] = dros_grid(args.seed, args.grid_epochs, Path(args.work))
-        results["dros_grid"]["date"] = time.strftime("%Y-%m-%d %H:%M")
+        alphas = [float(a) for a in args.grid_alphas.split(",")] if args.grid_alphas else None
+        grid = results[args.grid_key] = dros_grid(args.seed, args.grid_epochs, Path(args.work), alphas)
+        grid["date"] = time.strftime("%Y-%m-%d %H:%M")
         atomic_write_json(out_path, results)
-        print(json.dumps({k: v["best_valid"] for k, v in results["dros_grid"]["grid"].items()}, indent=1))
+        print(json.dumps({k: v["best_valid"] for k, v in grid["grid"].items()}, indent=1))
         return
     results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
                           "processor": platform.processor(), "python": platform.python_version()}
