@@ -70,6 +70,16 @@ def one_run(processes: int, out: Path, args, cores: int) -> dict:
             "losses": [h["loss"] for h in seed["history"]], "steps": seed["steps"], "n_test": metrics["test"]["n"]}
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def load_average() -> float:
     try:
         return os.getloadavg()[0]
@@ -112,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     agreement = {"max_abs_test_auc_diff": max(abs(a["test_auc"] - b["test_auc"]) for a, b in pairs),
                  "max_rel_loss_diff": max(abs(x - y) / abs(x) for a, b in pairs
                                           for x, y in zip(a["losses"], b["losses"]))}
-    result = {"machine": f"{platform.processor() or platform.machine()}, {cores} cores, load average "
+    result = {"machine": f"{cpu_name()}, {cores} cores, load average "
                          f"{min(loads):.1f}-{max(loads):.1f}",
               "command": "OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/scale.py " + " ".join(argv or sys.argv[1:]),
               "settings": {"model": "tiny-random" if args.tiny else args.model, "dtype": "float32",
