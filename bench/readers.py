@@ -157,8 +157,8 @@ def main() -> None:
     for key, name, path, cold_n, mb in plan:
         if only and key not in only:
             continue
-        row = {**measure(name, path, work / "cache", cold_n, 3, mb), "key": key,
-               "loadavg_at_start": os.getloadavg()}
+        load_before = os.getloadavg()
+        row = {**measure(name, path, work / "cache", cold_n, 3, mb), "key": key, "loadavg_at_start": load_before}
         row["loadavg_at_end"] = os.getloadavg()
         result["rows"] = [r for r in result["rows"] if r.get("key") != key] + [row]
         result["rows"].sort(key=lambda r: [k for k, *_ in plan].index(r["key"]))
