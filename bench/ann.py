@@ -88,7 +88,7 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
 
 def run_in_memory(n: int, n_queries: int, repeats: int, sweeps: dict, cat: Catalogue, build: dict,
                   save) -> list[dict]:
-    from recalign.eval.ann import AnnSearcher, _params, build_index
+    from recalign.eval.ann import AnnSearcher, build_index, index_params
     from recalign.eval.grounding import l2_topk, sq_norms
 
     started = time.perf_counter()
@@ -108,7 +108,7 @@ def run_in_memory(n: int, n_queries: int, repeats: int, sweeps: dict, cat: Catal
     for method, settings in sweeps.items():
         search, codec = (method.split("-") + ["flat"])[:2]
         ann = {**build, "codec": codec}
-        params = _params(search, ann, n)
+        params = index_params(search, ann, n)
         before = current_rss_gb()
         started = time.perf_counter()
         index = build_index(items, params)

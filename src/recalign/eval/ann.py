@@ -73,7 +73,8 @@ def check_search(section: dict, where: str = "grounding") -> None:
         raise InputError(f"{where}.ann.index_dir: expected a directory path or \"\", got {ann.get('index_dir')!r}")
 
 
-def _params(search: str, ann: dict, n_items: int) -> dict:
+def index_params(search: str, ann: dict, n_items: int) -> dict:
+    """The build parameters of an index for `n_items` items (`ann` over the defaults; nlist 0 = 4 sqrt(N))."""
     merged = {**ANN_CONFIG["ann"], **ann}
     if search == "hnsw":
         return {"search": "hnsw", "m": int(merged["hnsw_m"]), "ef_construction": int(merged["ef_construction"])}
@@ -178,7 +179,7 @@ def load_or_build(embeddings, section: dict, path: Path | None, log: Callable[[s
     n, d = emb.shape
     if n == 0:
         raise InputError("grounding: the catalogue is empty")
-    params = _params(section["search"], section.get("ann", {}), n)
+    params = index_params(section["search"], section.get("ann", {}), n)
     expected = {"fingerprint": known_fingerprint or fingerprint(emb), "n": n, "d": d, "params": params}
     if path is not None and path.exists():
         problem = None
@@ -227,7 +228,7 @@ def nearest(queries, catalogue: torch.Tensor, section: dict, k: int, default_dir
         d, i = l2_topk(queries, catalogue, k)
         return d.numpy(), i.numpy()
     cat = torch.as_tensor(catalogue)
-    params = _params(section["search"], section.get("ann", {}), cat.shape[0])
+    params = index_params(section["search"], section.get("ann", {}), cat.shape[0])
     memo = (cat.data_ptr(), tuple(cat.shape), cat._version, json.dumps(params, sort_keys=True))
     searcher = _SEARCHERS.get(memo)
     if searcher is None:
