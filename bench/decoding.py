@@ -15,7 +15,7 @@ that this composition reproduces the beam run's own NDCG@10 from its generations
 - `sample`: temperature 1 / top-p 0.9, 8 samples per case merged by frequency.
 Reference rows on the same test cases (full histories masked): Pop and SASRec on the same N shots, and the
 assistant's SASRec (all training-period interactions) on its own.
-Writes bench/results/bigrec-decoding.json and prints a Markdown table (NDCG@10 / HR@10 with 95% bootstrap
+Writes bench/results/bigrec-decoding.json (or `--results`) after every row and prints a Markdown table (NDCG@10 / HR@10 with 95% bootstrap
 intervals from `recalign.eval.intervals`, and the generation diagnostics).
 """
 
