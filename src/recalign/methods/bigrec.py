@@ -419,7 +419,7 @@ def run(ctx: RunContext) -> dict:
     eval_seconds = time.perf_counter() - started - cf_seconds
     examples_out = write_cases(ctx, per_case, dist["test"], signals, variants, masks["test"], titles)
     return {
-        "test": result["test"], "valid": result["valid"],
+        "test": result["test"], "valid": result["valid"], "precision": backbone.precision,
         "seconds": {"train": train_seconds, "eval": eval_seconds, "catalogue_embedding": embed_seconds,
                     "cf": cf_seconds},
         "variants": variants,

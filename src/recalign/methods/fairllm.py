@@ -232,8 +232,8 @@ def run(ctx: RunContext) -> dict:
                   "entities": len(plan.entities),
                   "entities_used": len(plan.entities) - len(generation["entities_without_neutral_list"]),
                   "values": len(plan.values) - 1, "prompts": len(plan), "attribute_files": cfg["attributes"]["files"],
-                  "entity_names": plan.entities, "precision": backbone.precision},
-        "attributes": attributes, "generation": generation, "examples": examples,
+                  "entity_names": plan.entities},
+        "precision": backbone.precision, "attributes": attributes, "generation": generation, "examples": examples,
     }
     plots = prompt_audit_plots(result)
     for name, png in plots.items():

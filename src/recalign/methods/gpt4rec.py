@@ -235,7 +235,7 @@ def run(ctx: RunContext) -> dict:
             for u, t, row, lists, rank in zip(test["user"], targets, queries, per_query, merged)]
     ctx.run.write_json("cases-test.json", rows)
     return {
-        "test": metrics, "valid": {},
+        "test": metrics, "valid": {}, "precision": backbone.precision,
         "seconds": {"train": train_seconds, "eval": eval_seconds, "index": index_seconds},
         "variants": {"gpt4rec": {"test": {k: v for k, v in metrics.items() if not k.endswith("_ci")}},
                      "top_query": {"test": top_query}},

@@ -265,7 +265,7 @@ def run(ctx: RunContext) -> dict:
         warnings.append(f"generate.beams={g['beams']} is below the largest K ({max(ks)}): items past the beams tie "
                         f"at the bottom, so metrics @K > {g['beams']} add little")
     return {
-        "test": metrics, "valid": {},
+        "test": metrics, "valid": {}, "precision": backbone.precision,
         "seconds": {"train": train_seconds, "eval": eval_seconds},
         "generation": stats,
         "examples": rows[:10],

@@ -372,7 +372,7 @@ def run(ctx: RunContext) -> dict:
     answer_tokens = [backbone.tokenize_piece(a[:len(a) - len(eos)] if eos and a.endswith(eos) else a)
                      for _, a in examples]
     return {
-        "test": test_metrics, "valid": valid_metrics,
+        "test": test_metrics, "valid": valid_metrics, "precision": backbone.precision,
         "seconds": {"train": train_seconds, "eval": eval_seconds, "index": index_seconds},
         "variants": variants,
         "groups": {g: int(rows.sum()) for g, rows in groups.items()},
