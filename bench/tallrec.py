@@ -219,12 +219,14 @@ def score_test(argv: list[str]) -> None:
     from recalign import config as cfg_mod
     from recalign.data import load_dataset
     from recalign.io import atomic_write_json
-    from recalign.llm import Backbone
+    from recalign.llm import Backbone, Prompter
     from recalign.llm.steps import lora_step
-    from recalign.methods.tallrec import DEFAULTS, prompts_of
+    from recalign.methods import get_method
     from recalign.tasks.ctr import tallrec_protocol
+    from recalign.tasks.text import frame_fields
 
-    config = cfg_mod.load_yaml(Path(args.run) / "config.yaml") if args.run else {**DEFAULTS, "data": {}}
+    config = (cfg_mod.load_yaml(Path(args.run) / "config.yaml") if args.run
+              else {**get_method("tallrec").defaults, "data": {}})
     ds = load_dataset("ml-100k")
     test = tallrec_protocol(ds, {**config["samples"], "test_size": args.test_size}).test
     k, parts = (int(x) for x in args.shard.split("/"))
@@ -235,7 +237,9 @@ def score_test(argv: list[str]) -> None:
         adapter = Path(args.run) / "checkpoints" / f"adapter-seed{args.seed}"
         lora_step(None, backbone, [], config["lora"], config["train"], args.seed, "score", adapter, init_from=adapter)
     prompt = config["prompt"]
-    prompts = prompts_of(backbone, prompt, ds, frame, config["data"].get("domain") or ds.domain)
+    prompter = Prompter(prompt, backbone.tokenizer, prompt["wrapper"], prompt["system"], prompt["max_tokens"],
+                        backbone.count_tokens)  # as TALLRec renders its prompts
+    prompts = prompter.render_all(frame_fields(frame, ds.titles(), config["data"].get("domain") or ds.domain))
     out = Path(args.out)
     scores = json.loads(out.read_text())["score"] if out.exists() else []
     record = {"user": frame["user"].tolist(), "item": frame["item"].tolist(),

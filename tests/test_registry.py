@@ -54,6 +54,8 @@ def test_every_method_runs_writes_metrics_and_resumes(name, small, tmp_path):
     assert headline and all(v is None or (isinstance(v, float) and 0.0 <= v <= 1.0) for v in headline)
     assert any(v is not None and not math.isnan(v) for v in headline)
     assert (out / "report.md").is_file() and (out / "config.yaml").is_file()
+    if "model" in method.defaults and "name" in method.defaults["model"]:  # an LLM method says its dtype and why
+        assert saved["precision"]["dtype"] in ("float32", "bfloat16", "float16") and saved["precision"]["reason"]
     (out / "metrics.json").unlink()
     again = run_method(name, small, out, sets=sets, resume=True)
     assert json.dumps(again["test"], sort_keys=True) == json.dumps(metrics["test"], sort_keys=True)

@@ -239,7 +239,7 @@ def run(ctx: RunContext) -> dict:
         ablation["zero_cf"] = {"test": evaluate("zero-cf-test", data.test,
                                                 lambda: score_ids("test", zero_cf=True, progress="zero-CF test"))}
     return {
-        "test": test, "valid": valid,
+        "test": test, "valid": valid, "precision": backbone.precision,
         "seconds": {"train": seconds["cf"] + seconds["step1"] + seconds["step2"],
                     "eval": scorer.seconds - eval_started, **seconds, "eval_all": scorer.seconds},
         "baselines": baselines, "ablation": ablation, "data": data.summary(), "training": training,

@@ -50,7 +50,7 @@ def run(ctx: RunContext) -> dict:
             ctx.run.write_json("predictions.json", {"user": frame["user"].tolist(), "item": frame["item"].tolist(),
                                                     "label": frame["label"].tolist(), "score": scores.tolist()})
     ctx.log(f"ICL test AUC {out['test']['auc']:.4f} UAUC {out['test']['uauc']:.4f}")
-    return {**out, "seconds": {"train": 0.0, "eval": time.perf_counter() - started},
+    return {**out, "seconds": {"train": 0.0, "eval": time.perf_counter() - started}, "precision": backbone.precision,
             "samples": {**data.sizes(), "valid_scored": len(data.valid), "test_scored": len(data.test)}}
 
 

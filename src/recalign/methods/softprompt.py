@@ -131,7 +131,7 @@ def run(ctx: RunContext) -> dict:
     eval_started = scorer.seconds
     test = evaluate("test", data.test, lambda: score("test", progress="soft-prompt test"))
     valid = evaluate("valid", data.valid, lambda: score("valid"))
-    return {"test": test, "valid": valid,
+    return {"test": test, "valid": valid, "precision": backbone.precision,
             "seconds": {"train": train_seconds, "eval": scorer.seconds - eval_started},
             "data": data.summary(), "training": training}
 

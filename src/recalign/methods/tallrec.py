@@ -155,7 +155,7 @@ def run(ctx: RunContext) -> dict:
                             {"valid": (ds, data.valid), "test": (ds, data.test)}, ctx.seed + k, f"seed{ctx.seed + k}")
             for k in range(n_seeds)]
     return {
-        "test": _aggregate(rows, "test"), "valid": _aggregate(rows, "valid"),
+        "test": _aggregate(rows, "test"), "valid": _aggregate(rows, "valid"), "precision": backbone.precision,
         "seconds": {"train": sum(r["seconds"]["train"] for r in rows),
                     "eval": sum(r["seconds"]["eval"] for r in rows)},
         "shots": rows[0]["shots"],  # drawn; fewer than train.shots when the training period is smaller
@@ -197,7 +197,7 @@ def _run_cross(ctx: RunContext) -> dict:
     diag = [auc[i][i] for i in range(n)]
     return {
         "test": {"auc": float(np.nanmean(off)), "uauc": float(np.nanmean(off_u)), "auc_in_domain": float(np.nanmean(diag))},
-        "valid": {},
+        "valid": {}, "precision": backbone.precision,
         "seconds": {"train": train_seconds, "eval": eval_seconds},
         "cross_domain": {"domains": specs, "auc": auc, "uauc": uauc,
                          "samples": {name: data.sizes() for name, _, data in prepared}},
