@@ -19,6 +19,8 @@ from recalign.runner import resolve_config
     ("dros", "model.sasrec.max_len=0", "model.sasrec.max_len: must be >= 1"),
     ("collm", "cf.train.lr=.nan", "cf.train.lr: must be a finite number > 0"),
     ("collm", "cf.params={embedding_size: 0}", "cf.params.embedding_size: must be >= 1"),
+    ("recinterpreter", "encoder.params={dropout: 1.5}", "encoder.params.dropout: must be in [0, 1)"),
+    ("recinterpreter", "encoder.train.max_minutes=.inf", "encoder.train.max_minutes: expected a finite number"),
 ])
 def test_out_of_range_cf_settings_are_one_line_errors(method, item, message):
     with pytest.raises(InputError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):

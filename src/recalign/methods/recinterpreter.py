@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from recalign.cf.checks import check_model_settings
 from recalign.errors import InputError
 from recalign.llm import (LORA_CONFIG, MODEL_CONFIG, MODEL_NULLABLE, Backbone, LoraSettings, Prompter, TrainConfig,
                           check_lora, check_model, check_train, fill, generate_step, train_section,
@@ -107,13 +108,14 @@ def validate(cfg: dict) -> None:
     if unknown:
         raise InputError(f"encoder.params: unknown {enc['model']} parameter(s) {', '.join(unknown)}; valid: "
                          f"{', '.join(sorted(cls.defaults))}")
+    check_model_settings(enc["params"], "encoder.params")
     max_len = enc["params"].get("max_len")
     if max_len is not None and max_len < cfg["samples"]["length"]:
         raise InputError(f"samples.length={cfg['samples']['length']} is larger than the encoder's "
                          f"encoder.params.max_len={max_len}: it cannot encode the whole window")
     for key, value in enc["train"].items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise InputError(f"encoder.train.{key}: expected a number >= 0 (0 = the default), got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+            raise InputError(f"encoder.train.{key}: expected a finite number >= 0 (0 = the default), got {value!r}")
     proj = cfg["projector"]
     if isinstance(proj["tokens"], bool) or not isinstance(proj["tokens"], int) or proj["tokens"] < 1:
         raise InputError(f"projector.tokens: expected an integer >= 1, got {proj['tokens']!r}")
