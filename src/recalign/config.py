@@ -125,7 +125,8 @@ def _check_type(key: str, default: Any, value: Any, where: str, may_be_null: boo
     if default is None:
         return value
     if value is None:
-        if may_be_null:
+        # a string setting may document null (a chat template's default system prompt, "no CF recommender")
+        if may_be_null or isinstance(default, str):
             return value
         raise InputError(f"{where}: key '{key}' cannot be null; it expects {_KIND.get(type(default), 'a value')}")
     if isinstance(default, bool):
@@ -157,7 +158,8 @@ def _check_type(key: str, default: Any, value: Any, where: str, may_be_null: boo
 
 def resolve(defaults: dict, file: str | Path | None = None, sets: list[str] | None = None,
             nullable: dict[str, Any] | None = None, moved: dict[str, str] | None = None) -> dict:
-    """defaults < file < sets, every key checked against `defaults`.
+    """defaults < file < sets, every key checked against `defaults` (null only where the default is null or a
+    string, or the key is in `nullable`).
 
     nullable: dotted keys whose default is null -> an example value of the type they take when set.
     moved: old dotted key -> new key; using the old one is an error that names the new one."""
