@@ -28,7 +28,8 @@ BASE_DEFAULTS: dict[str, Any] = {
 
 # keys whose default is null but whose value, when given, has a type: dotted key -> example value
 # (each method declares its own sections' keys in `Method.nullable`)
-BASE_NULLABLE: dict[str, Any] = {"data.like_threshold": 0.0, "data.format": "", "data.domain": ""}
+# prompt.system: null = the chat template's own default system message (where a method has that key)
+BASE_NULLABLE: dict[str, Any] = {"data.like_threshold": 0.0, "data.format": "", "data.domain": "", "prompt.system": ""}
 
 
 def check_base(config: dict) -> None:
@@ -125,8 +126,7 @@ def _check_type(key: str, default: Any, value: Any, where: str, may_be_null: boo
     if default is None:
         return value
     if value is None:
-        # a string setting may document null (a chat template's default system prompt, "no CF recommender")
-        if may_be_null or isinstance(default, str):
+        if may_be_null:
             return value
         raise InputError(f"{where}: key '{key}' cannot be null; it expects {_KIND.get(type(default), 'a value')}")
     if isinstance(default, bool):
@@ -158,8 +158,8 @@ def _check_type(key: str, default: Any, value: Any, where: str, may_be_null: boo
 
 def resolve(defaults: dict, file: str | Path | None = None, sets: list[str] | None = None,
             nullable: dict[str, Any] | None = None, moved: dict[str, str] | None = None) -> dict:
-    """defaults < file < sets, every key checked against `defaults` (null only where the default is null or a
-    string, or the key is in `nullable`).
+    """defaults < file < sets, every key checked against `defaults` (null only where the default is null or
+    the key is in `nullable`).
 
     nullable: dotted keys whose default is null -> an example value of the type they take when set.
     moved: old dotted key -> new key; using the old one is an error that names the new one."""

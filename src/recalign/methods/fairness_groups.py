@@ -181,7 +181,7 @@ def _report(metrics: dict) -> str:
 
 METHODS = [Method("fairness-groups", "Group fairness audit of any recommender: per user group (gender, age, occupation, "
                                      "activity) NDCG/HR or AUC with intervals, SNSR/SNSV and a permutation test.",
-                  DEFAULTS, run, report=_report, validate=validate,
+                  DEFAULTS, run, report=_report, validate=validate, nullable={"source.recommender": ""},
                   smoke={"groups.attributes": ["activity"], "cf_train.epochs": 1, "groups.bootstrap": 50,
                          "groups.permutations": 50, "groups.min_size": 5})]
 
