@@ -139,7 +139,7 @@ def show_config(method: str = typer.Argument(...)):
 @app.command("reproduce")
 def reproduce(
     out: Path = typer.Option(Path("runs/reproduce"), "--out", "-o"),
-    profile: str = typer.Option("quick", "--profile", "-p", help="quick (~10 min on 2 idle CPU cores) or full (hours)"),
+    profile: str = typer.Option("quick", "--profile", "-p", help="quick (~14 min on 2 idle CPU cores) or full (hours)"),
     only: Optional[List[str]] = typer.Option(None, "--only", help="run just these experiments"),
     overwrite: bool = typer.Option(False, "--overwrite",
                                    help="rerun experiments whose directories hold a run of another config"),
