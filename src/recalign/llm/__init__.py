@@ -18,7 +18,8 @@ Shared steps (llm.steps), resumable through a checkpoint store (a run directory 
     lora_step(store, backbone, examples, lora, train, seed, name, adapter_dir, evaluate, init_from=...)
     train_slot_modules(store, backbone, modules, TrainConfig, n_train, loss_fn, valid_score, name)
     generate_step(store, backbone, prompts, name, beams, max_new_tokens);  Scorer(store, backbone, yes, no)
-    LORA_CONFIG (the `lora:` section), train_section(**overrides) (a `train:` section), check_lora, check_train
+    LORA_CONFIG (the `lora:` section), train_section(**overrides) (a `train:` section), GENERATIVE_TRAIN (the
+    generative LoRA methods' `train:`), check_lora, check_train
 Slot modules (llm.slots): CIE (CoLLM), SoftPrompt (+ soft_prompt_init)
 
 Backbone methods (prompts are rendered strings; all batching/left padding/position ids handled inside)
@@ -58,12 +59,12 @@ from recalign.llm.loading import (DEFAULT_MODEL, MODEL_CONFIG, MODEL_NULLABLE, T
                                   tiny_llama)
 from recalign.llm.prompts import Prompter, Wrapper, fill, fit_history
 from recalign.llm.slots import CIE, SoftPrompt, soft_prompt_init
-from recalign.llm.steps import (LORA_CONFIG, Scorer, answer_loss, check_lora, check_model, check_train, check_yes_no, generate_step, lora_step, train_section,
+from recalign.llm.steps import (GENERATIVE_TRAIN, LORA_CONFIG, Scorer, answer_loss, check_lora, check_model, check_train, check_yes_no, generate_step, lora_step, train_section,
                                 train_slot_modules)
 from recalign.llm.train import Checkpointer, TrainConfig, TrainResult, train_loop, train_lora
 
 __all__ = [
-    "Backbone", "CIE", "answer_loss", "Checkpointer", "DEFAULT_MODEL", "Encoded", "Generation", "LORA_CONFIG", "LoraSettings",
+    "Backbone", "CIE", "answer_loss", "Checkpointer", "DEFAULT_MODEL", "Encoded", "GENERATIVE_TRAIN", "Generation", "LORA_CONFIG", "LoraSettings",
     "MODEL_CONFIG", "MODEL_NULLABLE", "Prompter", "Scorer", "SoftPrompt", "TINY_NAME", "TrainConfig", "TrainResult",
     "Wrapper", "check_lora", "check_model", "check_train", "check_yes_no", "fill", "fit_history", "generate_step", "load_model", "load_tokenizer",
     "lora_step", "soft_prompt_init", "tiny_llama", "train_loop", "train_lora", "train_section", "train_slot_modules",

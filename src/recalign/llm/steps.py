@@ -41,6 +41,18 @@ def train_section(**overrides) -> dict:
     return {**base, **overrides}
 
 
+# the `train:` section of the generative LoRA methods (BIGRec, TransRec, P5, GPT4Rec): few-shot samples from the
+# training period, the best epoch chosen by the valid answer loss
+GENERATIVE_TRAIN = train_section(
+    shots=1024,  # N few-shot training samples from the training period (0 = all)
+    batch_size=8,
+    lr=1e-3,
+    patience=1,  # validations without a lower valid answer loss before stopping (0 = never)
+    valid_loss_size=64,  # valid samples whose answer loss selects the best epoch (0 = no validation)
+    answer_only=True,  # false: LM loss on every token, as BIGRec's reference code does
+)
+
+
 def check_model(section: Mapping, where: str = "model", training: bool = False) -> None:
     """The `model:` section (source, dtype, quantize; `training`: LoRA will be trained on it)."""
     from recalign.llm.loading import check_model_config, check_source

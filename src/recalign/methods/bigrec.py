@@ -42,8 +42,8 @@ from recalign.eval.grounding import (
     rank_metrics,
     select_gamma,
 )
-from recalign.llm import (LORA_CONFIG, MODEL_CONFIG, MODEL_NULLABLE, Backbone, Prompter, check_lora, check_model,
-                          check_train, fill, generate_step, answer_loss, lora_step, train_section)
+from recalign.llm import (GENERATIVE_TRAIN, LORA_CONFIG, MODEL_CONFIG, MODEL_NULLABLE, Backbone, Prompter, check_lora, check_model,
+                          check_train, fill, generate_step, answer_loss, lora_step)
 from recalign.llm.decoding import DECODING_CONFIG, TitleTrie, check_decoding
 from recalign.llm.prompts import check_template
 from recalign.methods.api import Experiment, Method, RunContext
@@ -67,14 +67,7 @@ DEFAULTS = {
     "prompt": copy.deepcopy(PROMPT),
     "samples": copy.deepcopy(GENERATIVE_SAMPLES),
     "lora": copy.deepcopy(LORA_CONFIG),
-    "train": train_section(
-        shots=1024,  # N few-shot training samples from the training period (0 = all)
-        batch_size=8,
-        lr=1e-3,
-        patience=1,  # validations without a lower valid loss before stopping (0 = never)
-        valid_loss_size=64,  # valid samples whose answer loss selects the best epoch (0 = no validation)
-        answer_only=True,  # false: LM loss on every token, as the reference code does
-    ),
+    "train": copy.deepcopy(GENERATIVE_TRAIN),
     "generate": {
         "beams": 4,
         "max_new_tokens": 32,

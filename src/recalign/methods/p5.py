@@ -41,8 +41,8 @@ from recalign.errors import InputError
 from recalign.eval import check_ks
 from recalign.eval.intervals import ranking_intervals
 from recalign.eval.metrics import ranking_metrics, target_ranks
-from recalign.llm import (LORA_CONFIG, MODEL_CONFIG, MODEL_NULLABLE, Backbone, Prompter, check_lora, check_model,
-                          check_train, fill, generate_step, answer_loss, lora_step, train_section)
+from recalign.llm import (GENERATIVE_TRAIN, LORA_CONFIG, MODEL_CONFIG, MODEL_NULLABLE, Backbone, Prompter, check_lora, check_model,
+                          check_train, fill, generate_step, answer_loss, lora_step)
 from recalign.llm.prompts import check_template
 from recalign.llm.trie import IdTrie, TrieConstraint, decode_beams, trie_generate_step
 from recalign.methods.api import Experiment, Method, RunContext
@@ -74,14 +74,7 @@ DEFAULTS = {
     },
     "samples": copy.deepcopy(GENERATIVE_SAMPLES),
     "lora": copy.deepcopy(LORA_CONFIG),
-    "train": train_section(
-        shots=1024,  # N few-shot training samples from the training period (0 = all)
-        batch_size=8,
-        lr=1e-3,
-        patience=1,  # validations without a lower valid answer loss before stopping (0 = never)
-        valid_loss_size=64,  # valid samples whose answer loss selects the best epoch (0 = no validation)
-        answer_only=True,
-    ),
+    "train": copy.deepcopy(GENERATIVE_TRAIN),
     "generate": {
         "beams": 20,  # beams = the ranked list's length (set it >= the largest K)
         "batch_size": 0,  # prompts per forward pass (0 = model.batch_size)

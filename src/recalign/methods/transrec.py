@@ -47,8 +47,8 @@ from recalign.eval import check_ks, ranking_metrics, target_ranks
 from recalign.eval.metrics import check_metric_name
 from recalign.eval.ngram_grounding import GroundingParams, Key, evidence, item_scores
 from recalign.eval.token_index import TokenIndex, cached_index
-from recalign.llm import (LORA_CONFIG, MODEL_CONFIG, MODEL_NULLABLE, Backbone, Prompter, check_lora, check_model,
-                          check_train, answer_loss, lora_step, train_section)
+from recalign.llm import (GENERATIVE_TRAIN, LORA_CONFIG, MODEL_CONFIG, MODEL_NULLABLE, Backbone, Prompter, check_lora, check_model,
+                          check_train, answer_loss, lora_step)
 from recalign.llm.constrained import IdentifierCorpus, constrained_generate_step, keys_of
 from recalign.llm.prompts import check_template
 from recalign.methods.api import Experiment, Method, RunContext
@@ -78,14 +78,7 @@ DEFAULTS = {
     "prompt": copy.deepcopy(PROMPT),
     "samples": copy.deepcopy(GENERATIVE_SAMPLES),
     "lora": copy.deepcopy(LORA_CONFIG),
-    "train": train_section(
-        shots=1024,  # N few-shot training samples (each rendered once per facet: 3N examples)
-        batch_size=8,
-        lr=1e-3,
-        patience=1,  # validations without a lower valid answer loss before stopping (0 = never)
-        valid_loss_size=64,  # valid samples (x facets) whose answer loss selects the best epoch (0 = none)
-        answer_only=True,
-    ),
+    "train": copy.deepcopy(GENERATIVE_TRAIN),  # each of the N shots is rendered once per facet (3N examples)
     "facets": {
         "use": ["id", "title", "attribute"],
         "markers": {"id": ["||", "##"], "attribute": ["##", "@@"]},  # opening / closing marker
