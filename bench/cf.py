@@ -58,10 +58,12 @@ def export_recbole(ds, directory: Path, name: str = "ml100k-loo") -> Path:
 
 
 def run_ours(names: list[str], seed: int, max_epochs: int | None, fixed_epochs: dict | None = None,
-             max_minutes: float = 0.0, guidance_grid: tuple[float, ...] = (2.0,)) -> dict:
+             max_minutes: float = 0.0, guidance_grid: tuple[float, ...] = (2.0,),
+             dros_alpha: float | None = None) -> dict:
     """Train and test each model with its method defaults; `fixed_epochs` {name: n} trains exactly n
     epochs instead (no early stopping) to compare with a peer that was stopped by its time bound;
-    `max_minutes` caps each model's training time (the best valid epoch so far is kept)."""
+    `max_minutes` caps each model's training time (the best valid epoch so far is kept); `dros_alpha` replaces
+    DROS's alpha in every dros row. Each row keeps its per-case test NDCG@10 for paired comparisons."""
     import torch
 
     from recalign.cf import evaluate_ranking, leave_one_out_sets, train_cf_model
@@ -78,6 +80,8 @@ def run_ours(names: list[str], seed: int, max_epochs: int | None, fixed_epochs: 
         defaults = get_method(model_name).defaults  # the method's model + trainer settings
         config = {"model": dict(defaults.get("model", {})), "train": dict(defaults.get("train", {}))}
         config["model"].update(overrides)
+        if model_name == "dros" and dros_alpha is not None:
+            config["model"]["alpha"] = dros_alpha
         if max_epochs:
             config["train"]["epochs"] = min(config["train"]["epochs"], max_epochs)
         if max_minutes:
@@ -99,9 +103,26 @@ def run_ours(names: list[str], seed: int, max_epochs: int | None, fixed_epochs: 
                      "seconds_per_epoch": summary["seconds_per_epoch"], "train_seconds": train_seconds,
                      "valid_eval_seconds": summary["valid_eval_seconds"], "test_eval_seconds": eval_seconds,
                      "stopped": summary["stopped"], "config": config, **extra,
-                     "valid_curve": [r.get("valid") for r in summary["history"]]}
+                     "valid_curve": [r.get("valid") for r in summary["history"]],
+                     "case_ndcg@10": [round(float(v), 6) for v in case_ndcg(model, test)]}
         print(f"ours {name}: ndcg@10 {metrics['ndcg@10']:.4f} hr@10 {metrics['hr@10']:.4f} "
               f"epochs {summary['epochs']} s/epoch {summary['seconds_per_epoch']:.2f}", file=sys.stderr, flush=True)
+    return out
+
+
+def paired_with_backbones(ours: dict) -> dict:
+    """Each DROS row minus its backbone's row (same test cases): mean NDCG@10 difference, paired 95% interval."""
+    from recalign.eval.intervals import mean_interval
+
+    out = {}
+    for name, (model_name, overrides) in OURS_ONLY.items():
+        base = overrides.get("backbone", "sasrec")
+        if model_name != "dros" or "case_ndcg@10" not in ours.get(name, {}) \
+                or "case_ndcg@10" not in ours.get(base, {}):
+            continue
+        difference = np.asarray(ours[name]["case_ndcg@10"]) - np.asarray(ours[base]["case_ndcg@10"])
+        out[f"{name}-{base}"] = {"ndcg@10": float(difference.mean()), "ci": mean_interval(difference),
+                                 "cases": len(difference)}
     return out
 
 
@@ -309,6 +330,8 @@ def main() -> None:
     parser.add_argument("--grid-key", default="dros_grid", help="--dros-grid: section of the results JSON")
     parser.add_argument("--work", default=str(ROOT / "runs" / "bench-cf-dros-grid"),
                         help="--dros-grid: checkpoint directory (a rerun resumes)")
+    parser.add_argument("--dros-alpha", type=float, default=None,
+                        help="alpha for every dros row (default: the method's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
@@ -336,8 +359,10 @@ def main() -> None:
             parser.error(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(ROWS)}")
         grid = tuple(float(w) for w in args.guidance_grid.split(","))
         results.setdefault("ours", {}).update(run_ours(names, args.seed, args.max_epochs,
-                                                       max_minutes=args.max_minutes, guidance_grid=grid))
+                                                       max_minutes=args.max_minutes, guidance_grid=grid,
+                                                       dros_alpha=args.dros_alpha))
         results["ours_date"] = time.strftime("%Y-%m-%d %H:%M")
+        results["paired"] = paired_with_backbones(results["ours"])
     if args.peer:
         peers = [n for n in args.peer_models.split(",") if n]
         results.setdefault("peer", {}).update(run_peer(peers, args.peer_python, args.peer_budget_minutes, args.seed))

@@ -166,6 +166,10 @@ def test_prompt_fields_truncate_oldest_first():
     ("prompt.output", "item", "prompt.output"),
     ("prompt.instruction", "{nope}", "prompt.instruction"),
     ("eval.ks", [0], "eval.ks"),
+    ("generate.decoding", "greedy", "generate.decoding"),
+    ("generate.ghost_threshold", 0.0, "generate.ghost_threshold"),
+    ("generate.ghost_threshold", 1.5, "generate.ghost_threshold"),
+    ("generate.top_p", 0.0, "generate.top_p"),
 ])
 def test_bad_config_is_one_error_naming_the_key(key, value, match):
     import copy
@@ -192,3 +196,28 @@ def test_ranks_from_beams_match_hand_computed():
     ranks = target_ranks(scores, torch.tensor([2, 3]), mask)
     # case 0: one item above; case 1: 5 unscored candidates (0, 2, 3, 4, 5), the target ties with 4 others
     assert ranks.tolist() == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("decoding", ["d3", "sample"])
+def test_shared_decodings_return_only_catalogue_ids_and_respect_bans(tiny, decoding, tmp_path):
+    """generate.decoding d3 / sample run llm.decoding's loops under P5's identifier trie: every returned
+    sequence is a catalogue identifier, each at most once per case, and banned (history) items never appear."""
+    from types import SimpleNamespace
+
+    from recalign.io import Checkpoints
+    from recalign.methods.p5 import DEFAULTS, build_trie, id_answers, shared_decoding
+
+    ids = ["1", "12", "123", "7", "42", "1000", "999", "31"]
+    trie = build_trie(tiny, id_answers(ids, "{id}", tiny.tokenizer.eos_token))
+    prompts = ["Given the following watching history of user_5: 1, 7, 42\npredict the next movie.",
+               "History: 999, 31, 12. Next?"]
+    banned = {tuple(tiny.tokenize(prompts[0])): {0, 3}}
+    config = {**DEFAULTS, "generate": {**DEFAULTS["generate"], "decoding": decoding, "beams": 4, "samples": 16}}
+    ctx = SimpleNamespace(config=config, run=Checkpoints(tmp_path), seed=0)
+    items, scores, returned = shared_decoding(ctx, tiny, prompts, trie, ids, banned)
+    assert returned >= sum(len(row) for row in items) > 0
+    for case, (row, values) in enumerate(zip(items, scores)):
+        assert row and len(row) == len(set(row)) and set(row) <= set(range(len(ids)))
+        assert values == sorted(values, reverse=True)
+        if case == 0:
+            assert not set(row) & {0, 3}

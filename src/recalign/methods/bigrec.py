@@ -48,7 +48,7 @@ from recalign.llm.decoding import DECODING_CONFIG, TitleTrie, check_decoding
 from recalign.llm.prompts import check_template
 from recalign.methods.api import Experiment, Method, RunContext
 from recalign.tasks.next_item import (GENERATIVE_SAMPLES, Cases, check_generative_samples, full_histories,
-                                      generative_samples, history_mask)
+                                      generative_samples, history_mask, item_diagnostics)
 from recalign.tasks.text import SAMPLE_FIELDS, frame_fields
 
 PROMPT = {
@@ -159,7 +159,7 @@ def generation_stats(texts: list[list[str]], top_beam_nearest: torch.Tensor, tar
     """Validity and collapse diagnostics of the top beams: distinct titles, the most generated ones (count,
     share), the entropy (bits) of the generated-title distribution; with `popularity` (training-period counts)
     the mean popularity percentile and the decile shares of the grounded (nearest) items and of the targets;
-    with `histories` the share of grounded items the user had already seen."""
+    with `histories` the share of grounded items the user had already seen (`tasks.next_item.item_diagnostics`)."""
     from collections import Counter
 
     norm_titles = [normalise_title(t) for t in titles]
@@ -181,27 +181,11 @@ def generation_stats(texts: list[list[str]], top_beam_nearest: torch.Tensor, tar
         "entropy_bits": float(sum(c / n * np.log2(n / c) for c in counts.values())),
     }
     nearest = np.asarray(top_beam_nearest, dtype=np.int64).reshape(-1)
-    target_ids = np.asarray(targets, dtype=np.int64).reshape(-1)
-    if popularity is not None and len(nearest):
-        pct = popularity_percentiles(popularity)
-        deciles = lambda p: np.bincount(np.minimum((p * 10).astype(np.int64), 9), minlength=10) / len(p)
-        out.update({"popularity_generated": float(pct[nearest].mean()),
-                    "popularity_target": float(pct[target_ids].mean()),
-                    "popularity_deciles_generated": deciles(pct[nearest]).tolist(),
-                    "popularity_deciles_target": deciles(pct[target_ids]).tolist()})
-    if histories is not None and len(nearest):
-        out["in_history"] = float(np.mean([int(i) in set(np.asarray(h).tolist())
-                                           for i, h in zip(nearest, histories)]))
+    if len(nearest):
+        items = item_diagnostics(nearest, targets, titles, popularity, histories)
+        out["distinct_items"] = items["distinct_items"]
+        out.update({k: v for k, v in items.items() if k.startswith("popularity") or k == "in_history"})
     return out
-
-
-def popularity_percentiles(counts) -> np.ndarray:
-    """Per item, the share of items less popular than it (ties count half): 0 = least, ~1 = most popular."""
-    counts = np.asarray(counts, dtype=np.float64)
-    order = np.sort(counts)
-    below = np.searchsorted(order, counts, side="left")
-    equal = np.searchsorted(order, counts, side="right") - below
-    return (below + 0.5 * equal) / max(1, len(counts))
 
 
 def answer_trie(backbone, titles: list[str], prompt_cfg: dict) -> TitleTrie:

@@ -43,8 +43,8 @@ from recalign.llm import (GENERATIVE_TRAIN, LORA_CONFIG, MODEL_CONFIG, MODEL_NUL
 from recalign.llm.prompts import check_template
 from recalign.llm.trie import cached_generate_step
 from recalign.methods.api import Experiment, Method, RunContext
-from recalign.tasks.next_item import (GENERATIVE_SAMPLES, check_generative_samples, full_histories,
-                                      generative_samples)
+from recalign.tasks.next_item import (GENERATIVE_SAMPLES, check_generative_samples, diagnostics_lines,
+                                      full_histories, generative_samples, item_diagnostics)
 from recalign.tasks.text import SAMPLE_FIELDS, frame_fields
 
 PROMPT = {
@@ -217,6 +217,10 @@ def run(ctx: RunContext) -> dict:
         "target_retrieved": float(np.mean([any(t in lst for lst in lists) for t, lists in zip(targets, per_query)])),
         "distinct_top_queries": len({normalise_title(row[0]) for row in queries if row}),
     }
+    period = ds.interactions[ds.interactions["timestamp"] <= split.train["timestamp"].max()]
+    first = [lists[0][0] if lists and len(lists[0]) else -1 for lists in per_query]  # the best query's top item
+    diagnostics = item_diagnostics(first, targets, titles, np.bincount(period["item"].to_numpy(), minlength=ds.n_items),
+                                   full_histories(ds, test))
     ctx.log(f"queries: {stats['query_is_a_title']:.3f} are catalogue titles, target retrieved by some query in "
             f"{stats['target_retrieved']:.3f} of cases")
     merged = [merged_ranks([lists], [t], [depth], r["merge"])[depth][0] for lists, t in zip(per_query, targets)]
@@ -233,6 +237,7 @@ def run(ctx: RunContext) -> dict:
         "variants": {"gpt4rec": {"test": {k: v for k, v in metrics.items() if not k.endswith("_ci")}},
                      "top_query": {"test": top_query}},
         "queries": stats,
+        "generation": diagnostics,
         "examples": rows[:10],
         "train_summary": {k: train_summary.get(k) for k in ("steps", "epochs_run", "best_score", "best_step",
                                                             "tokens", "history")},
@@ -256,6 +261,8 @@ def _report(metrics: dict) -> str:
                   f"in {q['query_is_target_title']:.3f} of cases, the target is among some query's results in "
                   f"{q['target_retrieved']:.3f}; {q['distinct_top_queries']} distinct top queries over {q['cases']} "
                   f"cases.", ""]
+    if metrics.get("generation"):
+        lines += [*diagnostics_lines(metrics["generation"]), ""]
     examples = metrics.get("examples", [])
     if examples:
         lines += ["| target | queries | rank |", "|---|---|---|"]

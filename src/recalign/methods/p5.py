@@ -18,10 +18,15 @@ identifier finished outside a step's top `beams` candidates is dropped, so its l
 slower on a CPU). With `generate.exclude_history` the user's earlier items may not be finished (the
 evaluator masks them anyway, so beams are not spent on them). The beams' items, by beam score (the sum of
 the tokens' log-probabilities), are the ranked list; every other item ranks below them, tied (expected rank).
+`generate.decoding` swaps the search for the shared loops of `llm.decoding` under the same trie and bans:
+`d3` (beam search with D3's ghost-aware length normalisation, `generate.ghost_threshold`) or `sample`
+(`generate.samples` draws per prompt merged by frequency; the list is ordered by how often each item was drawn).
 
 Reported: NDCG / HR / Recall / MRR @ eval.ks with 95% bootstrap intervals on every test case (the same
 cases, history masking and metrics as BIGRec), validity (share of returned beams that are catalogue
-identifiers: 1.0 by construction), beams per case, and the per-case beams in cases-test.json.
+identifiers: 1.0 by construction), beams per case, the collapse diagnostics of the first item per case
+(`tasks.next_item.item_diagnostics`: distinct items, the most returned titles, popularity deciles against the
+targets', the share already in the history), and the per-case beams in cases-test.json.
 Not implemented from the paper: P5's whole-word embeddings (a second embedding table marking which
 sub-tokens form one identifier), its other prompt families and multitask pretraining; T5 is replaced by the
 run's decoder-only backbone.
@@ -44,10 +49,11 @@ from recalign.eval.metrics import ranking_metrics, target_ranks
 from recalign.llm import (GENERATIVE_TRAIN, LORA_CONFIG, MODEL_CONFIG, MODEL_NULLABLE, Backbone, Prompter, check_lora, check_model,
                           check_train, fill, generate_step, answer_loss, lora_step)
 from recalign.llm.prompts import check_template
+from recalign.llm.decoding import DECODING_CONFIG, check_decoding
 from recalign.llm.trie import IdTrie, TrieConstraint, decode_beams, trie_generate_step
 from recalign.methods.api import Experiment, Method, RunContext
-from recalign.tasks.next_item import (GENERATIVE_SAMPLES, check_generative_samples, full_histories,
-                                      generative_samples, history_mask)
+from recalign.tasks.next_item import (GENERATIVE_SAMPLES, check_generative_samples, diagnostics_lines,
+                                      full_histories, generative_samples, history_mask, item_diagnostics)
 
 INDEXINGS = ("sequential", "random", "raw")
 
@@ -83,6 +89,10 @@ DEFAULTS = {
         # TrieConstraint (the prompt run once per beam)
         "search": "cached",
         "length_penalty": 0.0,  # 0: beam score = log P(identifier); 1: divided by its token count
+        # beam: the search above | d3: llm.decoding's beam search with D3's ghost-aware length normalisation
+        # (ghost_threshold) under the same trie | sample: `samples` draws per prompt (temperature, top_p) under
+        # the trie, merged by frequency
+        **{k: v for k, v in DECODING_CONFIG.items() if k not in ("constrained", "assistant", "assistant_weights")},
     },
     "eval": {
         "ks": [1, 3, 5, 10, 20],
@@ -143,6 +153,33 @@ def id_fields(frame: pd.DataFrame, ids: list[str], users: list[str], noun: str, 
     return out
 
 
+def shared_decoding(ctx: RunContext, backbone: Backbone, prompts: list[str], trie: IdTrie, ids: list[str], banned):
+    """generate.decoding d3 / sample: `llm.generate_step`'s loops under the identifiers' TrieConstraint (with
+    the history bans) -> (items per case, their scores, sequences returned). A returned sequence maps back to
+    its item by its identifier text."""
+    g = ctx.config["generate"]
+    section = {k: g[k] for k in DECODING_CONFIG if k in g}
+    constraint = TrieConstraint(trie, backbone.tokenizer.eos_token_id, backbone.pad_id, banned)
+    generated = generate_step(ctx.run, backbone, prompts, "test", int(g["beams"]), trie.max_len, int(g["batch_size"]),
+                              decoding=section, seed=ctx.seed, logits_processor=constraint)
+    by_text = {fill(ctx.config["prompt"]["output"], "prompt.output", id=i).strip(): n for n, i in enumerate(ids)}
+    items, scores, returned = [], [], 0
+    for texts, values in zip(generated["texts"], generated["scores"]):
+        seen, row, kept = set(), [], []
+        for text, value in zip(texts, values):
+            if value != value or value < -1e8 or not text:  # fillers of a case with fewer sequences
+                continue
+            returned += 1
+            item = by_text.get(text.strip())
+            if item is not None and item not in seen:
+                seen.add(item)
+                row.append(item)
+                kept.append(float(value))
+        items.append(row)
+        scores.append(kept)
+    return items, scores, returned
+
+
 # ------------------------------------------------------------------------------------------------ run
 def validate(cfg: dict) -> None:
     check_model(cfg["model"], training=True)
@@ -164,6 +201,7 @@ def validate(cfg: dict) -> None:
         raise InputError(f"generate.batch_size must be >= 0, got {cfg['generate']['batch_size']}")
     if cfg["generate"]["search"] not in ("cached", "transformers"):
         raise InputError(f"generate.search: expected cached or transformers, got {cfg['generate']['search']!r}")
+    check_decoding(cfg["generate"])
     lp = cfg["generate"]["length_penalty"]
     if isinstance(lp, bool) or not isinstance(lp, (int, float)) or lp != lp:
         raise InputError(f"generate.length_penalty: expected a number, got {lp!r}")
@@ -212,7 +250,9 @@ def run(ctx: RunContext) -> dict:
         for prompt, history in zip(prompts["test"], histories):
             banned.setdefault(tuple(backbone.tokenize(prompt)), set()).update(int(i) for i in history)
     beams_items, beams_scores, returned, dead_ends = [], [], 0, 0
-    if g["search"] == "cached":
+    if g["decoding"] != "beam":
+        beams_items, beams_scores, returned = shared_decoding(ctx, backbone, prompts["test"], trie, ids, banned)
+    elif g["search"] == "cached":
         found = trie_generate_step(ctx.run, backbone, prompts["test"], "test", trie, int(g["beams"]), banned,
                                    int(g["batch_size"]) or None, float(g["length_penalty"]))
         beams_items, beams_scores = found["items"], found["scores"]
@@ -245,7 +285,10 @@ def run(ctx: RunContext) -> dict:
     stats = {"validity": n_valid_beams / max(1, returned), "beams_per_case": n_valid_beams / max(1, len(test)),
              "target_in_beams": float(np.mean([int(t) in b for t, b in zip(targets.tolist(), beams_items)])),
              "distinct_top1": len({b[0] for b in beams_items if b}), "cases": len(test),
-             "dead_ends": dead_ends}
+             "dead_ends": dead_ends, "decoding": g["decoding"]}
+    period = ds.interactions[ds.interactions["timestamp"] <= split.train["timestamp"].max()]
+    stats.update(item_diagnostics([b[0] if b else -1 for b in beams_items], targets, ds.titles(),
+                                  np.bincount(period["item"].to_numpy(), minlength=ds.n_items), histories))
     ctx.log(f"generation: validity {stats['validity']:.3f}, {stats['beams_per_case']:.1f} beams per case, target in "
             f"beams {stats['target_in_beams']:.3f}")
     titles = ds.titles()
@@ -279,6 +322,8 @@ def _report(metrics: dict) -> str:
                   f"identifiers), {gen['beams_per_case']:.1f} items per case, target among the beams in "
                   f"{gen['target_in_beams']:.3f} of {gen['cases']} cases, {gen['distinct_top1']} distinct top-1 "
                   f"items.", ""]
+        if "distinct_items" in gen:
+            lines += [*diagnostics_lines(gen), ""]
     examples = metrics.get("examples", [])
     if examples:
         lines += ["| target | top beams | rank |", "|---|---|---|"]

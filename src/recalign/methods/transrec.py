@@ -17,6 +17,10 @@ closing one; the title facet may start at any word a trained title span may star
 year), wherever it occurs (position-free), and ends where a document ends. Every prefix of a title beam and
 every complete ID / attribute beam is a key n-gram with its log-probability.
 
+D3's decoding (`generate.decoding` of BIGRec and P5) is deliberately not offered here: TransRec's beams are
+scored by their summed log-probabilities (no length normalisation, so no amplification bias for ghost tokens to
+cause), and each beam's probability enters the grounding's log-odds rather than ranking items directly.
+
 Step 3 (aggregated grounding, `eval.ngram_grounding`). Keys score the items whose documents contain them:
 max(0, log-odds of p(n|q) with facet bias against the smoothed corpus frequency)^gamma, summed per item
 with a coverage penalty; full ranking of the catalogue with each user's earlier items masked. gamma and the
@@ -53,8 +57,8 @@ from recalign.llm.constrained import IdentifierCorpus, constrained_generate_step
 from recalign.llm.prompts import check_template
 from recalign.methods.api import Experiment, Method, RunContext
 from recalign.tasks.identifiers import FACETS, facet_answers, facet_texts, history_texts, title_start_words
-from recalign.tasks.next_item import (GENERATIVE_SAMPLES, check_generative_samples, full_histories,
-                                      generative_samples, history_mask)
+from recalign.tasks.next_item import (GENERATIVE_SAMPLES, check_generative_samples, diagnostics_lines,
+                                      full_histories, generative_samples, history_mask, item_diagnostics)
 from recalign.tasks.text import SAMPLE_FIELDS, frame_fields
 
 PROMPT = {
@@ -359,6 +363,7 @@ def run(ctx: RunContext) -> dict:
     groups = user_item_groups(test, cases["test"].histories, shots, cfg["eval"]["sparse_max_history"])
     test_metrics = headline(ranks, groups, metric_ks)
     stats = {name: generation_stats(c, corpus, index, c.target_scores(default)) for name, c in cases.items()}
+    diagnostics = first_item_diagnostics(ds, cases["test"], default, split.train["timestamp"].max())
     eval_seconds = time.perf_counter() - started
     ctx.log("generation: " + ", ".join(f"{n} validity {s['validity']:.3f} target reached {s['target_reached']:.3f}"
                                        for n, s in stats.items()))
@@ -371,6 +376,7 @@ def run(ctx: RunContext) -> dict:
         "groups": {g: int(rows.sum()) for g, rows in groups.items()},
         "validity": {n: s["validity"] for n, s in stats.items()},
         "generation": stats,
+        "diagnostics": diagnostics,
         "answers_in_index": float(np.mean([index.count(t) > 0 for t in answer_tokens])) if examples else 0.0,
         "examples": write_cases(ctx, backbone, cases["test"], default, ranks, groups, ds.titles()),
         "train_summary": {k: train_summary.get(k) for k in ("steps", "epochs_run", "best_score", "best_step",
@@ -380,6 +386,19 @@ def run(ctx: RunContext) -> dict:
         "index": {"items": index.n_docs, "tokens": index.n_tokens, "cached": cached,
                   "distinct_tokens": int(len(index.uni_tokens))},
     }
+
+
+def first_item_diagnostics(ds, cases: CaseSet, params: GroundingParams, cutoff) -> dict:
+    """`item_diagnostics` of each test case's top-ranked item (history masked; -1 when no key reached an item)."""
+    top = []
+    for i, ev in enumerate(cases.evidences):
+        scores = item_scores(ev, params).astype(np.float64)
+        if cases.mask is not None:
+            scores[cases.mask[i].numpy()] = -np.inf
+        top.append(int(np.argmax(scores)) if scores.max() > 0 else -1)
+    period = ds.interactions[ds.interactions["timestamp"] <= cutoff]
+    return item_diagnostics(top, cases.targets.numpy(), ds.titles(),
+                            np.bincount(period["item"].to_numpy(), minlength=ds.n_items), cases.histories)
 
 
 def headline(ranks: dict, groups: dict, ks: list[int]) -> dict:
@@ -452,6 +471,8 @@ def _report(metrics: dict) -> str:
         lines += ["", f"Generation (test): validity {gen['validity']:.3f} over {gen['beams']} beams (share that "
                       f"occur in the identifier corpus), target reached by a key in {gen['target_reached']:.3f} "
                       f"of the cases, {gen['keys_per_case']:.1f} keys per case."]
+    if metrics.get("diagnostics"):
+        lines += ["", *diagnostics_lines(metrics["diagnostics"])]
     examples = metrics.get("examples", [])
     if examples:
         lines += ["", "| target | generated (top beam per facet) | top item | rank |", "|---|---|---|---|"]

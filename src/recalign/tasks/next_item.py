@@ -139,3 +139,57 @@ def history_mask(histories: Sequence[np.ndarray], n_items: int) -> torch.Tensor:
     mask = torch.zeros(len(histories), n_items, dtype=torch.bool)
     mask[torch.from_numpy(rows), torch.from_numpy(flat)] = True
     return mask
+
+
+def popularity_percentiles(counts) -> np.ndarray:
+    """Per item, the share of items less popular than it (ties count half): 0 = least, ~1 = most popular."""
+    counts = np.asarray(counts, dtype=np.float64)
+    order = np.sort(counts)
+    below = np.searchsorted(order, counts, side="left")
+    equal = np.searchsorted(order, counts, side="right") - below
+    return (below + 0.5 * equal) / max(1, len(counts))
+
+
+def item_diagnostics(top_items, targets, titles: Sequence[str], popularity=None, histories=None) -> dict:
+    """Collapse diagnostics of a generative method's first item per case (-1 = the case returned none):
+    distinct items, the five most returned titles with counts, the top item's share, the entropy (bits) of
+    the returned items; with `popularity` (training-period counts per item) the mean popularity percentile and
+    decile shares of the returned items and of the targets; with `histories` the share of returned items the
+    user had already seen."""
+    from collections import Counter
+
+    top = np.asarray(top_items, dtype=np.int64).reshape(-1)
+    target_ids = np.asarray(targets, dtype=np.int64).reshape(-1)
+    n = max(1, len(top))
+    found = top >= 0
+    counts = Counter(top[found].tolist())
+    out = {"cases": len(top), "returned": float(found.mean()) if len(top) else 0.0,
+           "distinct_items": len(counts),
+           "top_share": (counts.most_common(1)[0][1] / n) if counts else 0.0,
+           "top_titles": [[titles[i], c] for i, c in counts.most_common(5)],
+           "entropy_bits": float(sum(c / n * np.log2(n / c) for c in counts.values()))}
+    if popularity is not None and found.any():
+        pct = popularity_percentiles(popularity)
+        deciles = lambda p: (np.bincount(np.minimum((p * 10).astype(np.int64), 9), minlength=10) / len(p)).tolist()
+        out.update(popularity_generated=float(pct[top[found]].mean()), popularity_target=float(pct[target_ids].mean()),
+                   popularity_deciles_generated=deciles(pct[top[found]]), popularity_deciles_target=deciles(pct[target_ids]))
+    if histories is not None and found.any():
+        out["in_history"] = float(np.mean([int(i) in set(np.asarray(h).tolist())
+                                           for i, h, f in zip(top, histories, found) if f]))
+    return out
+
+
+def diagnostics_lines(gen: Mapping, noun: str = "items") -> list[str]:
+    """The report lines of `item_diagnostics` (markdown)."""
+    most = ", ".join(f"{t!r} x{c}" for t, c in gen["top_titles"][:3]) or "none"
+    lines = [f"Collapse diagnostics (test, first {noun[:-1]} per case): {gen['distinct_items']} distinct {noun} over "
+             f"{gen['cases']} cases ({gen['returned']:.3f} of the cases returned one); most returned {most} (top "
+             f"share {gen['top_share']:.3f}); entropy {gen['entropy_bits']:.2f} bits (all different: "
+             f"{np.log2(max(1, gen['cases'])):.2f})."]
+    if "popularity_generated" in gen:
+        lines.append(f"Mean popularity percentile (training period): returned {gen['popularity_generated']:.3f}, "
+                     f"targets {gen['popularity_target']:.3f}; deciles returned "
+                     + " ".join(f"{x:.2f}" for x in gen["popularity_deciles_generated"]) + ", targets "
+                     + " ".join(f"{x:.2f}" for x in gen["popularity_deciles_target"])
+                     + f"; returned item already in the user's history: {gen.get('in_history', float('nan')):.3f}.")
+    return lines
