@@ -247,6 +247,35 @@ def reference_rows(args, composed: Composed) -> dict:
         config = {"train": {"max_minutes": args.cf_minutes}} if name != "pop" else {}
         model = train_cf_model(name, data, config, catalog=composed.ds, valid=composed.cases["valid"], seed=args.seed)
         out[label] = evaluate_ranking(model, composed.cases["test"], ks=(10,), intervals=True)
+        out[label]["case_ndcg@10"] = case_ndcg(model, composed.cases["test"]).tolist()
+        out[label]["epochs"] = model.train_summary.get("epochs") if hasattr(model, "train_summary") else None
+    return out
+
+
+def case_ndcg(model, cases, k: int = 10) -> np.ndarray:
+    """Each test case's NDCG@k under a CF model (expected ranks, history masked), as the evaluator averages."""
+    from recalign.cf.evaluate import score_cases
+    from recalign.eval.metrics import target_ranks
+
+    ranks = torch.cat([target_ranks(scores, torch.from_numpy(cases.targets[rows]), mask)
+                       for rows, scores, mask in score_cases(model, cases)]).numpy().astype(np.float64)
+    return np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)
+
+
+def paired_vs_reference(variants: dict, reference: dict) -> dict:
+    """Each decoding's NDCG@10 minus each reference row's that kept per-case values (the same test cases)."""
+    from recalign.eval.intervals import mean_interval
+
+    out = {}
+    for label, ref in reference.items():
+        if "case_ndcg@10" not in ref:
+            continue
+        for name, row in variants.items():
+            difference = np.asarray(row["case_ndcg@10"]) - np.asarray(ref["case_ndcg@10"])
+            out[f"{name} - {label}"] = {"ndcg@10_difference": float(difference.mean()),
+                                        "ci": mean_interval(difference), "cases": len(difference),
+                                        "cases_better": int((difference > 0).sum()),
+                                        "cases_worse": int((difference < 0).sum())}
     return out
 
 
@@ -307,12 +336,24 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", help="extra bigrec --set key=value for the beam run")
     parser.add_argument("--results", default=str(RESULTS / "bigrec-decoding.json"), help="results JSON to write")
+    parser.add_argument("--references-only", action="store_true",
+                        help="retrain only the reference rows (per-case values kept) for a finished --results file "
+                             "and add each decoding's paired difference to them")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("RECALIGN_THREADS", "2")))
     os.environ.setdefault("RECALIGN_QUIET", "1")
     from recalign.io import atomic_write_json
 
     started = time.perf_counter()
+    if args.references_only:
+        path = Path(args.results)
+        result = json.loads(path.read_text())
+        result["reference"] = {**result["reference"], **reference_rows(args, Composed(Path(result["beam_run"]["dir"])))}
+        result["paired_vs_reference"] = paired_vs_reference(result["variants"], result["reference"])
+        result["references_command"] = " ".join(sys.argv)
+        atomic_write_json(path, result)
+        print(json.dumps(result["paired_vs_reference"], indent=1))
+        return
     result = {"machine": machine(), "command": " ".join(sys.argv), "args": vars(args)}
     directory, beam = beam_run(args)
     result["beam_run"] = {"dir": str(directory), "sets": beam["sets"], "seconds": beam["metrics"]["seconds"],
