@@ -59,15 +59,18 @@ def export_recbole(ds, directory: Path, name: str = "ml100k-loo") -> Path:
 
 def run_ours(names: list[str], seed: int, max_epochs: int | None, fixed_epochs: dict | None = None,
              max_minutes: float = 0.0, guidance_grid: tuple[float, ...] = (2.0,),
-             dros_alpha: float | None = None) -> dict:
+             dros_alpha: float | None = None, work: Path | None = None, save=None) -> dict:
     """Train and test each model with its method defaults; `fixed_epochs` {name: n} trains exactly n
     epochs instead (no early stopping) to compare with a peer that was stopped by its time bound;
     `max_minutes` caps each model's training time (the best valid epoch so far is kept); `dros_alpha` replaces
-    DROS's alpha in every dros row. Each row keeps its per-case test NDCG@10 for paired comparisons."""
+    DROS's alpha in every dros row. Each row keeps its per-case test NDCG@10 for paired comparisons. `work`:
+    per-model checkpoint directories (a rerun resumes each model); `save(out)` is called after every model."""
     import torch
 
     from recalign.cf import evaluate_ranking, leave_one_out_sets, train_cf_model
+    from recalign.cf.evaluate import case_ranks
     from recalign.data import load_dataset
+    from recalign.eval.metrics import ndcg_per_case
     from recalign.methods import get_method
 
     torch.set_num_threads(int(os.environ.get("RECALIGN_THREADS", "2")))
@@ -89,7 +92,12 @@ def run_ours(names: list[str], seed: int, max_epochs: int | None, fixed_epochs: 
         if fixed_epochs:
             config["train"].update(epochs=fixed_epochs[name], patience=0)
         started = time.perf_counter()
-        model = train_cf_model(model_name, data, config, valid=valid, seed=seed)
+        store = None
+        if work is not None:
+            from recalign.io import Checkpoints
+            store = Checkpoints(work / name)
+        model = train_cf_model(model_name, data, config, valid=valid, seed=seed, run=store, checkpoint=model_name,
+                               log=lambda m, name=name: print(f"{name}: {m}", file=sys.stderr, flush=True))
         train_seconds = time.perf_counter() - started
         extra = {}
         if model_name == "dreamrec":
@@ -104,9 +112,11 @@ def run_ours(names: list[str], seed: int, max_epochs: int | None, fixed_epochs: 
                      "valid_eval_seconds": summary["valid_eval_seconds"], "test_eval_seconds": eval_seconds,
                      "stopped": summary["stopped"], "config": config, **extra,
                      "valid_curve": [r.get("valid") for r in summary["history"]],
-                     "case_ndcg@10": [round(float(v), 6) for v in case_ndcg(model, test)]}
+                     "case_ndcg@10": [round(float(v), 6) for v in ndcg_per_case(case_ranks(model, test), 10)]}
         print(f"ours {name}: ndcg@10 {metrics['ndcg@10']:.4f} hr@10 {metrics['hr@10']:.4f} "
               f"epochs {summary['epochs']} s/epoch {summary['seconds_per_epoch']:.2f}", file=sys.stderr, flush=True)
+        if save is not None:
+            save(out)
     return out
 
 
@@ -159,8 +169,10 @@ def dros_grid(seed: int, epochs: int, directory: Path, alphas: list[float] | Non
     import torch
 
     from recalign.cf import evaluate_ranking, leave_one_out_sets, train_cf_model
+    from recalign.cf.evaluate import case_ranks
     from recalign.data import load_dataset
     from recalign.eval.intervals import mean_interval
+    from recalign.eval.metrics import ndcg_per_case
     from recalign.io import Checkpoints
     from recalign.methods import get_method
 
@@ -182,7 +194,7 @@ def dros_grid(seed: int, epochs: int, directory: Path, alphas: list[float] | Non
                      "best_epoch": curve.index(max(curve)) + 1, "epochs": len(curve),
                      "seconds_per_epoch": summary["seconds_per_epoch"], "wall_seconds": time.perf_counter() - started,
                      "test": evaluate_ranking(model, test, ks=(10, 20), intervals=True)}
-        per_case[key] = case_ndcg(model, test)
+        per_case[key] = ndcg_per_case(case_ranks(model, test), 10)
         print(f"dros grid {key}: best valid ndcg@10 {max(curve):.4f} (epoch {grid[key]['best_epoch']} of "
               f"{len(curve)})", file=sys.stderr, flush=True)
     chosen = max(grid, key=lambda k: (grid[k]["best_valid"], -grid[k]["alpha"]))
@@ -200,18 +212,6 @@ def dros_grid(seed: int, epochs: int, directory: Path, alphas: list[float] | Non
           f"minus alpha 0: {paired['chosen_minus_alpha0']:+.4f} {paired['ci']}", file=sys.stderr, flush=True)
     return {"grid": grid, "epochs": epochs, "chosen": chosen, "paired": paired, "config": defaults,
             "threads": torch.get_num_threads(), "loadavg_at_end": os.getloadavg()}
-
-
-def case_ndcg(model, cases, k: int = 10) -> np.ndarray:
-    """Each test case's NDCG@k (expected ranks, history masked), as the evaluator averages them."""
-    import torch
-
-    from recalign.cf.evaluate import score_cases
-    from recalign.eval.metrics import target_ranks
-
-    ranks = torch.cat([target_ranks(scores, torch.from_numpy(cases.targets[rows]), mask)
-                       for rows, scores, mask in score_cases(model, cases)]).numpy().astype(np.float64)
-    return np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)
 
 
 def step_cost(names: list[str], n_batches: int = 6, rounds: int = 3) -> dict:
@@ -332,6 +332,8 @@ def main() -> None:
                         help="--dros-grid: checkpoint directory (a rerun resumes)")
     parser.add_argument("--dros-alpha", type=float, default=None,
                         help="alpha for every dros row (default: the method's)")
+    parser.add_argument("--checkpoints", default="",
+                        help="per-model checkpoint directory for --models runs (a rerun resumes); '' = none")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
@@ -358,11 +360,15 @@ def main() -> None:
         if unknown:
             parser.error(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(ROWS)}")
         grid = tuple(float(w) for w in args.guidance_grid.split(","))
-        results.setdefault("ours", {}).update(run_ours(names, args.seed, args.max_epochs,
-                                                       max_minutes=args.max_minutes, guidance_grid=grid,
-                                                       dros_alpha=args.dros_alpha))
-        results["ours_date"] = time.strftime("%Y-%m-%d %H:%M")
-        results["paired"] = paired_with_backbones(results["ours"])
+
+        def save(rows: dict) -> None:
+            results.setdefault("ours", {}).update(rows)
+            results["ours_date"] = time.strftime("%Y-%m-%d %H:%M")
+            results["paired"] = paired_with_backbones(results["ours"])
+            atomic_write_json(out_path, results)
+
+        run_ours(names, args.seed, args.max_epochs, max_minutes=args.max_minutes, guidance_grid=grid,
+                 dros_alpha=args.dros_alpha, work=Path(args.checkpoints) if args.checkpoints else None, save=save)
     if args.peer:
         peers = [n for n in args.peer_models.split(",") if n]
         results.setdefault("peer", {}).update(run_peer(peers, args.peer_python, args.peer_budget_minutes, args.seed))

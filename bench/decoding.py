@@ -124,7 +124,7 @@ class Composed:
 
         from recalign.eval.grounding import clean_generation, l2_distances, normalise_title
         from recalign.eval.intervals import ranking_intervals
-        from recalign.eval.metrics import ranking_metrics, target_ranks
+        from recalign.eval.metrics import ndcg_per_case, ranking_metrics, target_ranks
 
         g = self.cfg["grounding"]
         top = [clean_generation(row[0]) or " " for row in texts]
@@ -134,8 +134,7 @@ class Composed:
         ranks = target_ranks(-dist, self.targets[split], self.masks[split])
         out = {k: v for k, v in ranking_metrics(ranks, [10]).items() if k in ("ndcg@10", "hr@10")}
         out.update(ranking_intervals(ranks.numpy(), [10]))
-        r = ranks.numpy().astype(np.float64)
-        out["case_ndcg@10"] = np.where(r < 10, 1.0 / np.log2(r + 2.0), 0.0).tolist()  # for paired differences
+        out["case_ndcg@10"] = ndcg_per_case(ranks.numpy(), 10).tolist()  # for paired differences
         nearest = dist.argmin(1).numpy()
         norm = [normalise_title(t) for t in top]
         counts = Counter(norm)
@@ -238,7 +237,9 @@ def run_variants(args, composed: Composed, beam: dict, save=None) -> tuple[dict,
 def reference_rows(args, composed: Composed) -> dict:
     """Pop and SASRec trained on the same few-shot samples, scored on the same test cases."""
     from recalign.cf import evaluate_ranking, train_cf_model
+    from recalign.cf.evaluate import case_ranks
     from recalign.data import few_shot
+    from recalign.eval.metrics import ndcg_per_case
 
     shots = few_shot(composed.split.train, args.shots, args.seed)
     out = {}
@@ -247,19 +248,9 @@ def reference_rows(args, composed: Composed) -> dict:
         config = {"train": {"max_minutes": args.cf_minutes}} if name != "pop" else {}
         model = train_cf_model(name, data, config, catalog=composed.ds, valid=composed.cases["valid"], seed=args.seed)
         out[label] = evaluate_ranking(model, composed.cases["test"], ks=(10,), intervals=True)
-        out[label]["case_ndcg@10"] = case_ndcg(model, composed.cases["test"]).tolist()
+        out[label]["case_ndcg@10"] = ndcg_per_case(case_ranks(model, composed.cases["test"]), 10).tolist()
         out[label]["epochs"] = model.train_summary.get("epochs") if hasattr(model, "train_summary") else None
     return out
-
-
-def case_ndcg(model, cases, k: int = 10) -> np.ndarray:
-    """Each test case's NDCG@k under a CF model (expected ranks, history masked), as the evaluator averages."""
-    from recalign.cf.evaluate import score_cases
-    from recalign.eval.metrics import target_ranks
-
-    ranks = torch.cat([target_ranks(scores, torch.from_numpy(cases.targets[rows]), mask)
-                       for rows, scores, mask in score_cases(model, cases)]).numpy().astype(np.float64)
-    return np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)
 
 
 def paired_vs_reference(variants: dict, reference: dict) -> dict:

@@ -289,8 +289,9 @@ def bootstrap(values: np.ndarray) -> list[float]:
 
 
 def per_case(ranks: np.ndarray, k: int) -> dict[str, np.ndarray]:
-    hit = ranks < k
-    return {f"ndcg@{k}": np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0), f"recall@{k}": hit.astype(float)}
+    from recalign.eval.metrics import ndcg_per_case
+
+    return {f"ndcg@{k}": ndcg_per_case(ranks, k), f"recall@{k}": (ranks < k).astype(float)}
 
 
 def difference_interval(a: np.ndarray, b: np.ndarray, paired: bool, draws: int = 4000, seed: int = 0) -> list[float]:

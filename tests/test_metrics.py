@@ -96,3 +96,14 @@ def test_target_ranks_agree_with_argsort_without_ties():
     order = scores.argsort(dim=1, descending=True)
     expected = (order == targets[:, None]).float().argmax(dim=1).float()
     assert torch.equal(target_ranks(scores, targets), expected)
+
+
+def test_ndcg_per_case_is_what_ranking_metrics_averages():
+    import numpy as np
+
+    from recalign.eval.metrics import ndcg_per_case, ranking_metrics
+
+    ranks = np.array([0.0, 1.0, 9.0, 10.0, 2.5])
+    expected = [1.0, 1 / np.log2(3), 1 / np.log2(11), 0.0, 1 / np.log2(4.5)]
+    assert np.allclose(ndcg_per_case(ranks, 10), expected)
+    assert np.isclose(ndcg_per_case(ranks, 10).mean(), ranking_metrics(torch.tensor(ranks), [10])["ndcg@10"])

@@ -47,15 +47,20 @@ def score_cases(model: CFModel, cases: EvalSet, batch_size: int = 1024):
         yield rows, scores, mask
 
 
-def evaluate_ranking(model: CFModel, cases: EvalSet, ks=(10, 20), batch_size: int = 1024,
-                     mask_history: bool = True, intervals: bool = False) -> dict:
-    """Full-ranking metrics over the whole catalogue, the case's history masked (target never masked);
-    `intervals` adds 95% bootstrap intervals (`ndcg@K_ci`, `hr@K_ci`)."""
+def case_ranks(model: CFModel, cases: EvalSet, batch_size: int = 1024, mask_history: bool = True) -> torch.Tensor:
+    """Each case's 0-based target rank in the full catalogue (expected rank on ties), its history masked."""
     ranks = []
     for rows, scores, mask in score_cases(model, cases, batch_size):
         targets = torch.from_numpy(cases.targets[rows])
         ranks.append(target_ranks(scores, targets, mask if mask_history else None))
-    ranks = torch.cat(ranks)
+    return torch.cat(ranks)
+
+
+def evaluate_ranking(model: CFModel, cases: EvalSet, ks=(10, 20), batch_size: int = 1024,
+                     mask_history: bool = True, intervals: bool = False) -> dict:
+    """Full-ranking metrics over the whole catalogue, the case's history masked (target never masked);
+    `intervals` adds 95% bootstrap intervals (`ndcg@K_ci`, `hr@K_ci`)."""
+    ranks = case_ranks(model, cases, batch_size, mask_history)
     return {**ranking_metrics(ranks, ks), **(ranking_intervals(ranks.numpy(), ks) if intervals else {})}
 
 

@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from recalign.eval.metrics import auc
+from recalign.eval.metrics import auc, ndcg_per_case
 
 ROUNDS = 1000
 
@@ -77,7 +77,7 @@ def ranking_intervals(ranks, ks) -> dict:
     out = {}
     for k in ks:
         hit = ranks < k
-        out[f"ndcg@{k}_ci"] = mean_interval(np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0))
+        out[f"ndcg@{k}_ci"] = mean_interval(ndcg_per_case(ranks, k))
         out[f"hr@{k}_ci"] = mean_interval(hit.astype(np.float64))
     return out
 

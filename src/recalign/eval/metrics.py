@@ -72,6 +72,12 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, exclude: torch.Ten
     return higher + ties / 2.0
 
 
+def ndcg_per_case(ranks, k: int) -> np.ndarray:
+    """Each case's NDCG@k from its 0-based target rank (one relevant item): 1 / log2(rank + 2) inside the top k."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    return np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)
+
+
 def check_ks(ks, where: str = "eval.ks") -> list[int]:
     """Validate a list of cut-offs K (positive integers)."""
     if not isinstance(ks, (list, tuple)) or not ks:

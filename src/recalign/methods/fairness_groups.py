@@ -28,7 +28,7 @@ import numpy as np
 
 from recalign.errors import InputError
 from recalign.eval.fairness import group_means, permutation_spread
-from recalign.eval.metrics import auc, target_ranks
+from recalign.eval.metrics import auc, ndcg_per_case, target_ranks
 from recalign.methods.api import Experiment, Method, RunContext
 from recalign.report.fairness import group_audit_markdown
 from recalign.tasks.fairness import AGE_BANDS, activity_groups, age_labels, check_age_bands, user_groups
@@ -107,7 +107,7 @@ def from_recommender(ctx: RunContext) -> tuple[np.ndarray, dict[str, np.ndarray]
     ranks, tops = np.concatenate(ranks), np.concatenate(tops)
     counts = np.bincount(data.items, minlength=ds.n_items)  # training popularity of each item
     popularity = np.log1p(counts)[tops].mean(axis=1)
-    per_user = {f"ndcg@{k}": np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0),
+    per_user = {f"ndcg@{k}": ndcg_per_case(ranks, k),
                 f"hr@{k}": (ranks < k).astype(np.float64), f"popularity@{k}": popularity}
     return test.users, per_user, f"{name} trained here (leave-one-out, {len(test)} test users)"
 
