@@ -281,6 +281,10 @@ def table(results: dict) -> str:
     head = ("| model | impl | NDCG@10 | HR@10 | NDCG@20 | HR@20 | epochs | s/epoch | eval s | note |\n"
             "|---|---|---|---|---|---|---|---|---|---|")
     rows = [head]
+    paired = []
+    for pair, d in results.get("paired", {}).items():
+        paired.append(f"| {pair} (paired) | recalign | {d['ndcg@10']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}] "
+                    f"| | | | | | | NDCG@10 difference on the same {d['cases']} cases |")
     matched = results.get("ours_at_peer_epochs", {})
     for name in [n for n in ROWS if n in ours or n in peer]:
         sides = [("recalign", ours.get(name)), ("RecBole 1.2.1", peer.get(name))]
@@ -300,9 +304,11 @@ def table(results: dict) -> str:
                 note = f"time cap {side['config']['train']['max_minutes']:g} min"
             if "guidance_valid" in side:
                 note += f", guidance w={side['config']['model']['guidance']:g} (valid)"
-            rows.append(f"| {name} | {impl} | " + " | ".join(f"{m[c]:.4f}" for c in COLUMNS)
+            cells = [f"{m[c]:.4f}" + (f" [{m[c + '_ci'][0]:.4f}, {m[c + '_ci'][1]:.4f}]" if m.get(c + "_ci") else "")
+                     for c in COLUMNS]
+            rows.append(f"| {name} | {impl} | " + " | ".join(cells)
                         + f" | {side['epochs']} | {side['seconds_per_epoch']:.2f} | {side['test_eval_seconds']:.2f} | {note} |")
-    return "\n".join(rows)
+    return "\n".join(rows + paired)
 
 
 def main() -> None:
