@@ -7,6 +7,10 @@ continue after an interruption). Writes bench/results/tallrec.json and prints th
 
     OMP_WAIT_POLICY=PASSIVE nice -n 10 .venv/bin/python bench/tallrec.py [--shots 16,64,256] [--seeds 3]
         [--test-size 2000] [--valid-size 128] [--work runs/bench-tallrec] [--set key=value ...]
+
+Subcommands: `score` (per-sample test scores of ICL or a run's adapter, sharded, resumable), `pair` (metrics and
+paired differences of scored models), `valid` (best valid AUC of finished runs, paired with the first: the
+recipe study's decision, no test score read).
 """
 
 from __future__ import annotations
@@ -302,10 +306,43 @@ def pair_scores(argv: list[str]) -> None:
     atomic_write_json(Path(args.results), out)
 
 
+def compare_valid(argv: list[str]) -> None:
+    """`bench/tallrec.py valid NAME=RUN_DIR ... --results FILE`: each finished TALLRec run's best valid AUC / UAUC
+    (its `predictions-seed<S>-valid.json`, the checkpoint early stopping kept) and each run minus the first,
+    paired on the same valid samples: the recipe study's decision numbers, read without any test score."""
+    import json
+
+    parser = argparse.ArgumentParser(prog="bench/tallrec.py valid")
+    parser.add_argument("runs", nargs="+", help="NAME=RUN_DIR; the first is the reference")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--results", required=True)
+    args = parser.parse_args(argv)
+    from recalign.eval.intervals import paired_predictions
+    from recalign.io import atomic_write_json
+
+    out, base = {}, None
+    for spec in args.runs:
+        name, directory = spec.split("=", 1)
+        predictions = json.loads((Path(directory) / f"predictions-seed{args.seed}-valid.json").read_text())
+        valid = json.loads((Path(directory) / "metrics.json").read_text())["valid"]
+        out[name] = {"run": directory, **{k: valid[k] for k in ("auc", "auc_ci", "uauc", "uauc_ci", "n")}}
+        if base is None:
+            base = (name, predictions)
+        else:
+            out[name][f"minus_{base[0]}"] = paired_predictions(predictions, base[1])
+        d = out[name].get(f"minus_{base[0]}")
+        print(f"{name}: valid AUC {valid['auc']:.4f} [{valid['auc_ci'][0]:.4f}, {valid['auc_ci'][1]:.4f}] UAUC "
+              f"{valid['uauc']:.4f}" + (f"; minus {base[0]}: AUC {d['auc']['difference']:+.4f} "
+                                         f"[{d['auc']['ci'][0]:+.4f}, {d['auc']['ci'][1]:+.4f}]" if d else ""))
+    atomic_write_json(Path(args.results), out)
+
+
 if __name__ == "__main__":
     import sys
 
-    if sys.argv[1:2] == ["score"]:
+    if sys.argv[1:2] == ["valid"]:
+        compare_valid(sys.argv[2:])
+    elif sys.argv[1:2] == ["score"]:
         score_test(sys.argv[2:])
     elif sys.argv[1:2] == ["pair"]:
         pair_scores(sys.argv[2:])
