@@ -24,6 +24,19 @@ def test_int_accepted_for_float_and_dumped_round_trip(tmp_path):
     assert cfg.resolve(DEFAULTS, path) == out
 
 
+def test_exponent_floats_without_a_dot_are_numbers_on_the_command_line_and_in_files(tmp_path):
+    """YAML 1.1 (PyYAML) reads `1e-4` as a string; learning rates are written that way, so recalign reads it as
+    YAML 1.2 does."""
+    out = cfg.resolve(DEFAULTS, None, ["train.lr=1e-4"])
+    assert out["train"]["lr"] == pytest.approx(1e-4)
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 5E-3\n")
+    assert cfg.resolve(DEFAULTS, path)["train"]["lr"] == pytest.approx(5e-3)
+    assert cfg.parse_set("model.name=1e")[1] == "1e"  # not a number: stays text
+    with pytest.raises(InputError, match="expects an integer"):
+        cfg.resolve(DEFAULTS, None, ["train.epochs=1e3"])  # a float is still not an integer
+
+
 @pytest.mark.parametrize("item, message", [
     ("train.epoch=3", "unknown config key 'train.epoch'"),
     ("train.epochs=three", "expects an integer"),

@@ -7,6 +7,7 @@ keys; a value of the wrong type is an error naming the key, the expected and the
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -78,13 +79,23 @@ def parse_set(item: str) -> tuple[str, Any]:
     if not key:
         raise InputError(f"--set {item!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.load(raw, Loader=_Loader) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return key, value
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+class _Loader(yaml.SafeLoader):
+    """safe_load that also reads YAML 1.2 floats without a dot (`1e-4`, `5E3`): PyYAML follows YAML 1.1, where
+    they are strings, so `--set train.lr=1e-4` or `lr: 1e-4` in a config file would be refused as "not a number"."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+class _UniqueKeyLoader(_Loader):
     """safe_load that refuses a key given twice in one mapping (YAML would keep the last silently)."""
 
     def construct_mapping(self, node, deep=False):
