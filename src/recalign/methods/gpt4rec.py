@@ -44,7 +44,8 @@ from recalign.llm.prompts import check_template
 from recalign.llm.trie import cached_generate_step
 from recalign.methods.api import Experiment, Method, RunContext
 from recalign.tasks.next_item import (GENERATIVE_SAMPLES, check_generative_samples, diagnostics_lines,
-                                      full_histories, generative_samples, item_diagnostics)
+                                      full_histories, generative_samples, item_diagnostics,
+                                      period_popularity)
 from recalign.tasks.text import SAMPLE_FIELDS, frame_fields
 
 PROMPT = {
@@ -217,9 +218,8 @@ def run(ctx: RunContext) -> dict:
         "target_retrieved": float(np.mean([any(t in lst for lst in lists) for t, lists in zip(targets, per_query)])),
         "distinct_top_queries": len({normalise_title(row[0]) for row in queries if row}),
     }
-    period = ds.interactions[ds.interactions["timestamp"] <= split.train["timestamp"].max()]
     first = [lists[0][0] if lists and len(lists[0]) else -1 for lists in per_query]  # the best query's top item
-    diagnostics = item_diagnostics(first, targets, titles, np.bincount(period["item"].to_numpy(), minlength=ds.n_items),
+    diagnostics = item_diagnostics(first, targets, titles, period_popularity(ds, split.train["timestamp"].max()),
                                    full_histories(ds, test))
     ctx.log(f"queries: {stats['query_is_a_title']:.3f} are catalogue titles, target retrieved by some query in "
             f"{stats['target_retrieved']:.3f} of cases")

@@ -53,7 +53,8 @@ from recalign.llm.decoding import DECODING_CONFIG, check_decoding
 from recalign.llm.trie import IdTrie, TrieConstraint, decode_beams, trie_generate_step
 from recalign.methods.api import Experiment, Method, RunContext
 from recalign.tasks.next_item import (GENERATIVE_SAMPLES, check_generative_samples, diagnostics_lines,
-                                      full_histories, generative_samples, history_mask, item_diagnostics)
+                                      full_histories, generative_samples, history_mask, item_diagnostics,
+                                      period_popularity)
 
 INDEXINGS = ("sequential", "random", "raw")
 
@@ -286,9 +287,8 @@ def run(ctx: RunContext) -> dict:
              "target_in_beams": float(np.mean([int(t) in b for t, b in zip(targets.tolist(), beams_items)])),
              "distinct_top1": len({b[0] for b in beams_items if b}), "cases": len(test),
              "dead_ends": dead_ends, "decoding": g["decoding"]}
-    period = ds.interactions[ds.interactions["timestamp"] <= split.train["timestamp"].max()]
     stats.update(item_diagnostics([b[0] if b else -1 for b in beams_items], targets, ds.titles(),
-                                  np.bincount(period["item"].to_numpy(), minlength=ds.n_items), histories))
+                                  period_popularity(ds, split.train["timestamp"].max()), histories))
     ctx.log(f"generation: validity {stats['validity']:.3f}, {stats['beams_per_case']:.1f} beams per case, target in "
             f"beams {stats['target_in_beams']:.3f}")
     titles = ds.titles()

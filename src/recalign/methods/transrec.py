@@ -58,7 +58,8 @@ from recalign.llm.prompts import check_template
 from recalign.methods.api import Experiment, Method, RunContext
 from recalign.tasks.identifiers import FACETS, facet_answers, facet_texts, history_texts, title_start_words
 from recalign.tasks.next_item import (GENERATIVE_SAMPLES, check_generative_samples, diagnostics_lines,
-                                      full_histories, generative_samples, history_mask, item_diagnostics)
+                                      full_histories, generative_samples, history_mask, item_diagnostics,
+                                      period_popularity)
 from recalign.tasks.text import SAMPLE_FIELDS, frame_fields
 
 PROMPT = {
@@ -396,9 +397,7 @@ def first_item_diagnostics(ds, cases: CaseSet, params: GroundingParams, cutoff) 
         if cases.mask is not None:
             scores[cases.mask[i].numpy()] = -np.inf
         top.append(int(np.argmax(scores)) if scores.max() > 0 else -1)
-    period = ds.interactions[ds.interactions["timestamp"] <= cutoff]
-    return item_diagnostics(top, cases.targets.numpy(), ds.titles(),
-                            np.bincount(period["item"].to_numpy(), minlength=ds.n_items), cases.histories)
+    return item_diagnostics(top, cases.targets.numpy(), ds.titles(), period_popularity(ds, cutoff), cases.histories)
 
 
 def headline(ranks: dict, groups: dict, ks: list[int]) -> dict:

@@ -141,6 +141,12 @@ def history_mask(histories: Sequence[np.ndarray], n_items: int) -> torch.Tensor:
     return mask
 
 
+def period_popularity(ds: Dataset, cutoff) -> np.ndarray:
+    """Interactions per item up to `cutoff` (the training period's last timestamp)."""
+    items = ds.interactions.loc[ds.interactions["timestamp"] <= cutoff, "item"].to_numpy()
+    return np.bincount(items, minlength=ds.n_items)
+
+
 def popularity_percentiles(counts) -> np.ndarray:
     """Per item, the share of items less popular than it (ties count half): 0 = least, ~1 = most popular."""
     counts = np.asarray(counts, dtype=np.float64)
