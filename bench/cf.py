@@ -67,9 +67,10 @@ def run_ours(names: list[str], seed: int, max_epochs: int | None, fixed_epochs: 
     per-model checkpoint directories (a rerun resumes each model); `save(out)` is called after every model."""
     import torch
 
-    from recalign.cf import evaluate_ranking, leave_one_out_sets, train_cf_model
+    from recalign.cf import leave_one_out_sets, train_cf_model
     from recalign.cf.evaluate import case_ranks
     from recalign.data import load_dataset
+    from recalign.eval.intervals import ranking_with_intervals
     from recalign.eval.metrics import ndcg_per_case
     from recalign.methods import get_method
 
@@ -104,7 +105,8 @@ def run_ours(names: list[str], seed: int, max_epochs: int | None, fixed_epochs: 
             extra["guidance_valid"] = choose_guidance(model, valid, guidance_grid)
             config["model"]["guidance"] = model.params["guidance"]
         started = time.perf_counter()
-        metrics = evaluate_ranking(model, test, ks=(10, 20), intervals=True)
+        ranks = case_ranks(model, test)
+        metrics = ranking_with_intervals(ranks, (10, 20))
         eval_seconds = time.perf_counter() - started
         summary = model.train_summary
         out[name] = {"test": metrics, "epochs": summary["epochs"], "best_epoch": summary["best_epoch"],
@@ -112,7 +114,7 @@ def run_ours(names: list[str], seed: int, max_epochs: int | None, fixed_epochs: 
                      "valid_eval_seconds": summary["valid_eval_seconds"], "test_eval_seconds": eval_seconds,
                      "stopped": summary["stopped"], "config": config, **extra,
                      "valid_curve": [r.get("valid") for r in summary["history"]],
-                     "case_ndcg@10": [round(float(v), 6) for v in ndcg_per_case(case_ranks(model, test), 10)]}
+                     "case_ndcg@10": [round(float(v), 6) for v in ndcg_per_case(ranks, 10)]}
         print(f"ours {name}: ndcg@10 {metrics['ndcg@10']:.4f} hr@10 {metrics['hr@10']:.4f} "
               f"epochs {summary['epochs']} s/epoch {summary['seconds_per_epoch']:.2f}", file=sys.stderr, flush=True)
         if save is not None:
@@ -168,10 +170,10 @@ def dros_grid(seed: int, epochs: int, directory: Path, alphas: list[float] | Non
     same test cases with a paired interval."""
     import torch
 
-    from recalign.cf import evaluate_ranking, leave_one_out_sets, train_cf_model
+    from recalign.cf import leave_one_out_sets, train_cf_model
     from recalign.cf.evaluate import case_ranks
     from recalign.data import load_dataset
-    from recalign.eval.intervals import mean_interval
+    from recalign.eval.intervals import mean_interval, ranking_with_intervals
     from recalign.eval.metrics import ndcg_per_case
     from recalign.io import Checkpoints
     from recalign.methods import get_method
@@ -190,11 +192,12 @@ def dros_grid(seed: int, epochs: int, directory: Path, alphas: list[float] | Non
         model = train_cf_model("dros", data, config, valid=valid, seed=seed, run=store, checkpoint="dros")
         summary = model.train_summary
         curve = [r.get("valid") for r in summary["history"]]
+        ranks = case_ranks(model, test)
         grid[key] = {"alpha": alpha, "beta": beta, "valid_curve": curve, "best_valid": max(curve),
                      "best_epoch": curve.index(max(curve)) + 1, "epochs": len(curve),
                      "seconds_per_epoch": summary["seconds_per_epoch"], "wall_seconds": time.perf_counter() - started,
-                     "test": evaluate_ranking(model, test, ks=(10, 20), intervals=True)}
-        per_case[key] = ndcg_per_case(case_ranks(model, test), 10)
+                     "test": ranking_with_intervals(ranks, (10, 20))}
+        per_case[key] = ndcg_per_case(ranks, 10)
         print(f"dros grid {key}: best valid ndcg@10 {max(curve):.4f} (epoch {grid[key]['best_epoch']} of "
               f"{len(curve)})", file=sys.stderr, flush=True)
     chosen = max(grid, key=lambda k: (grid[k]["best_valid"], -grid[k]["alpha"]))

@@ -236,9 +236,10 @@ def run_variants(args, composed: Composed, beam: dict, save=None) -> tuple[dict,
 
 def reference_rows(args, composed: Composed) -> dict:
     """Pop and SASRec trained on the same few-shot samples, scored on the same test cases."""
-    from recalign.cf import evaluate_ranking, train_cf_model
+    from recalign.cf import train_cf_model
     from recalign.cf.evaluate import case_ranks
     from recalign.data import few_shot
+    from recalign.eval.intervals import ranking_with_intervals
     from recalign.eval.metrics import ndcg_per_case
 
     shots = few_shot(composed.split.train, args.shots, args.seed)
@@ -247,8 +248,8 @@ def reference_rows(args, composed: Composed) -> dict:
                               (f"Pop ({len(composed.period):,} interactions)", "pop", composed.period)):
         config = {"train": {"max_minutes": args.cf_minutes}} if name != "pop" else {}
         model = train_cf_model(name, data, config, catalog=composed.ds, valid=composed.cases["valid"], seed=args.seed)
-        out[label] = evaluate_ranking(model, composed.cases["test"], ks=(10,), intervals=True)
-        out[label]["case_ndcg@10"] = ndcg_per_case(case_ranks(model, composed.cases["test"]), 10).tolist()
+        ranks = case_ranks(model, composed.cases["test"])
+        out[label] = {**ranking_with_intervals(ranks, (10,)), "case_ndcg@10": ndcg_per_case(ranks, 10).tolist()}
         out[label]["epochs"] = model.train_summary.get("epochs") if hasattr(model, "train_summary") else None
     return out
 

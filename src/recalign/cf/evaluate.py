@@ -15,7 +15,7 @@ import torch
 from recalign.cf.base import CFModel, Query, TrainData, make_query
 from recalign.cf.base import history_mask as query_history_mask
 from recalign.errors import InputError
-from recalign.eval.intervals import ranking_intervals
+from recalign.eval.intervals import ranking_with_intervals
 from recalign.eval.metrics import ctr_metrics, ranking_metrics, target_ranks
 from recalign.tasks.next_item import Cases, history_mask, leave_one_out
 
@@ -61,7 +61,7 @@ def evaluate_ranking(model: CFModel, cases: EvalSet, ks=(10, 20), batch_size: in
     """Full-ranking metrics over the whole catalogue, the case's history masked (target never masked);
     `intervals` adds 95% bootstrap intervals (`ndcg@K_ci`, `hr@K_ci`)."""
     ranks = case_ranks(model, cases, batch_size, mask_history)
-    return {**ranking_metrics(ranks, ks), **(ranking_intervals(ranks.numpy(), ks) if intervals else {})}
+    return ranking_with_intervals(ranks, ks) if intervals else ranking_metrics(ranks, ks)
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from recalign.eval.metrics import auc, ndcg_per_case
+from recalign.eval.metrics import auc, ndcg_per_case, ranking_metrics
 
 ROUNDS = 1000
 
@@ -69,6 +69,12 @@ def paired_auc_difference(labels, scores_a, scores_b, rounds: int = ROUNDS, seed
     return {"difference": auc(labels, a) - auc(labels, b),
             "ci": bootstrap(lambda idx: auc(labels[idx], a[idx]) - auc(labels[idx], b[idx]), len(labels), rounds,
                             seed)}
+
+
+def ranking_with_intervals(ranks, ks) -> dict:
+    """`ranking_metrics` of 0-based target ranks plus their `ndcg@K_ci` / `hr@K_ci`."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    return {**ranking_metrics(ranks, ks), **ranking_intervals(ranks, ks)}
 
 
 def ranking_intervals(ranks, ks) -> dict:

@@ -44,8 +44,8 @@ import torch
 from recalign.data import Needs, few_shot
 from recalign.errors import InputError
 from recalign.eval import check_ks
-from recalign.eval.intervals import ranking_intervals
-from recalign.eval.metrics import ranking_metrics, target_ranks
+from recalign.eval.intervals import ranking_with_intervals
+from recalign.eval.metrics import target_ranks
 from recalign.llm import (GENERATIVE_TRAIN, LORA_CONFIG, MODEL_CONFIG, MODEL_NULLABLE, Backbone, Prompter, check_lora, check_model,
                           check_train, fill, generate_step, answer_loss, lora_step)
 from recalign.llm.prompts import check_template
@@ -279,7 +279,7 @@ def run(ctx: RunContext) -> dict:
             scores[c, torch.tensor(items)] = torch.tensor(kept, dtype=torch.float32)
     mask = history_mask(histories, ds.n_items) if cfg["eval"]["mask_history"] else None
     ranks = target_ranks(scores, targets, mask)
-    metrics = {**ranking_metrics(ranks, ks), **ranking_intervals(ranks.numpy(), ks)}
+    metrics = ranking_with_intervals(ranks, ks)
     eval_seconds = time.perf_counter() - started
 
     n_valid_beams = sum(len(b) for b in beams_items)
