@@ -198,3 +198,49 @@ def test_a_run_of_another_dataset_is_never_continued(tmp_path):
         RunDir(tmp_path / "r").prepare("seed: 0\n", origin="mf on ./ml-1m")
     with pytest.raises(InputError, match=r"changed: seed"):
         RunDir(tmp_path / "r").prepare("seed: 1\n", origin="mf on ml-100k")
+
+
+def test_an_unfinished_run_is_not_continued_on_data_that_changed(tmp_path, monkeypatch, capsys):
+    """The same sizes but one rating changed: the checkpoints hold ids and labels of the old data, so the same
+    command refuses to continue (one line naming --overwrite), and --overwrite starts afresh."""
+    import shutil
+    from pathlib import Path
+
+    from cli_helpers import invoke
+
+    data = tmp_path / "ml-1m"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "ml-1m", data)
+    out = str(tmp_path / "run")
+
+    def killed(self, metrics):
+        raise KeyboardInterrupt
+
+    original = RunDir.write_metrics
+    monkeypatch.setattr(RunDir, "write_metrics", killed)
+    assert invoke(monkeypatch, capsys, "run", "pop", "--dataset", str(data), "--out", out)[0] == 130
+    monkeypatch.setattr(RunDir, "write_metrics", original)
+    recorded = json.loads((tmp_path / "run" / "dataset.json").read_text())
+    assert (recorded["users"], recorded["items"], recorded["interactions"]) == (4, 5, 12)
+
+    ratings = data / "ratings.dat"
+    ratings.write_text(ratings.read_text().replace("1::1::5::100", "1::1::4::100"))
+    code, _, err = invoke(monkeypatch, capsys, "run", "pop", "--dataset", str(data), "--out", out)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "changed since this run started" in err and "--overwrite" in err and "4 users, 5 items" in err
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+    code, _, _ = invoke(monkeypatch, capsys, "run", "pop", "--dataset", str(data), "--out", out, "--overwrite")
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert code == 0 and metrics["dataset_fingerprint"] != recorded["fingerprint"]
+    assert metrics["dataset_fingerprint"] == json.loads((tmp_path / "run" / "dataset.json").read_text())["fingerprint"]
+
+
+def test_the_dataset_fingerprint_follows_content_not_files():
+    from recalign.data import load_dataset
+
+    ds = load_dataset("ml-100k")
+    assert ds.fingerprint() == load_dataset("ml-100k").fingerprint()
+    assert ds.with_threshold(4).fingerprint() != ds.fingerprint()  # other labels
+    retitled = ds.subset_items(ds.items.index.to_numpy())
+    retitled.items = ds.items.assign(title=ds.items["title"].str.upper())
+    assert retitled.fingerprint() != ds.fingerprint()

@@ -384,11 +384,13 @@ def test_runs_that_cannot_be_served_are_refused_with_one_line(runs, tmp_path):
     metrics = json.loads((other / "metrics.json").read_text())
     (other / "metrics.json").write_text(json.dumps({**metrics, "method": "softprompt"}))
     (other / "config.yaml").write_text((other / "config.yaml").read_text().replace("# run: mf on", "# run: softprompt on"))
+    changed = _copy(runs["mf"], tmp_path / "changed-data")
+    (changed / "metrics.json").write_text(json.dumps({**metrics, "dataset_fingerprint": "0" * 64}))
     binary = _copy(runs["tallrec"], tmp_path / "bin-adapter")
     adapter = binary / "checkpoints" / "adapter-seed0"
     (adapter / "adapter_model.safetensors").rename(adapter / "adapter_model.bin")
     cases = {unfinished: "unfinished run", corrupt: "not a readable recalign state", pickled: "pickle",
-             other: "cannot be served", binary: "adapter_model.bin", tmp_path / "missing": "not a directory",
+             other: "cannot be served", changed: "changed since the run was trained", binary: "adapter_model.bin", tmp_path / "missing": "not a directory",
              runs["root"]: "no config.yaml"}
     for path, why in cases.items():
         with pytest.raises(InputError) as caught:

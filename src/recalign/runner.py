@@ -74,6 +74,7 @@ def run_method(method: str, dataset: str, out: str | Path, config_file: str | No
             context.log("report.md was missing; written again from metrics.json")
         context.log(f"{run.path} already finished; metrics.json kept")
         return metrics
+    run.record_dataset(dataset, context.dataset)  # continuing on changed data is refused
     context.log(f"run {method} on {dataset} -> {run.path}")
     started = time.perf_counter()
     try:
@@ -91,6 +92,7 @@ def run_method(method: str, dataset: str, out: str | Path, config_file: str | No
     metrics = {
         "method": method,
         "dataset": dataset,
+        "dataset_fingerprint": context.dataset.fingerprint(),  # serving checks it against the data it reloads
         "test": result.get("test", {}),
         "valid": result.get("valid", {}),
         "seconds": {"train": 0.0, "eval": 0.0, **result.get("seconds", {}),

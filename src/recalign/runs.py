@@ -159,6 +159,26 @@ class RunDir:
         except OSError as exc:
             raise InputError(f"--out {self.path}: --overwrite could not delete the old run ({exc.strerror or exc})") from None
 
+    def record_dataset(self, name: str, ds) -> None:
+        """`dataset.json`: the dataset a run started on (its fingerprint and sizes). Continuing the run on data
+        that changed since is refused: its checkpoints hold ids of the old data."""
+        path = self.path / "dataset.json"
+        now = {"dataset": name, "fingerprint": ds.fingerprint(), "users": int(ds.n_users), "items": int(ds.n_items),
+               "interactions": int(len(ds.interactions))}
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            saved = None  # unreadable (a run from before this file existed cannot be checked either)
+        if isinstance(saved, dict) and saved.get("fingerprint") not in (None, now["fingerprint"]):
+            def sizes(d):
+                return f"{d.get('users')} users, {d.get('items')} items, {d.get('interactions')} interactions"
+
+            raise InputError(f"--out {self.path}: the dataset {name!r} changed since this run started (then "
+                             f"{sizes(saved)}, now {sizes(now)}; the fingerprint differs); restore its files, or "
+                             "--overwrite to start afresh")
+        if saved != now:
+            self.write_json("dataset.json", now)
+
     # ----- outputs
     # Only the main process of a multi-process run writes (`recalign.distributed`); every process runs the
     # same code, so the barriers after a write line up.

@@ -7,6 +7,7 @@ set or hash order, so the same files give the same ids on every run.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 
@@ -77,6 +78,21 @@ class Dataset:
             "last_timestamp": int(inter["timestamp"].max()) if n else None,
             "user_features": [c for c in self.users.columns if c != "raw_id"],
         }
+
+    def fingerprint(self) -> str:
+        """sha256 of what ids, labels and prompts are made of: the users' and items' raw ids, the titles and
+        every interaction (dense ids, rating, time, label). A run records it (`dataset.json`, `metrics.json`)
+        so that continuing or serving it on data that changed since -- even with the same sizes, which
+        would silently map ids to other users and items -- is refused instead."""
+        cached = self.meta.get("_fingerprint")
+        if cached is None:
+            digest = hashlib.sha256(f"{self.like_threshold!r}".encode())
+            parts = (self.users["raw_id"], self.items["raw_id"], self.items["title"],
+                     self.interactions[INTERACTION_COLUMNS + ["label"]])
+            for part in parts:
+                digest.update(pd.util.hash_pandas_object(part, index=False).to_numpy().tobytes())
+            cached = self.meta["_fingerprint"] = digest.hexdigest()
+        return cached
 
     def with_threshold(self, threshold: float) -> "Dataset":
         inter = self.interactions.copy()

@@ -17,7 +17,9 @@ What each method's finished run provides (and what serving reads):
   bigrec      checkpoints/adapter/, the catalogue embeddings (grounding cache, recomputed when missing)
 No run saves its id maps: users and items are mapped by reloading the run's dataset (config.yaml's
 `data:` section and the dataset named in metrics.json) -- dense ids are the sorted raw ids, so the same
-files give the same ids; a dataset whose sizes no longer match the saved weights is refused.
+files give the same ids. A dataset that changed since training is refused: its fingerprint
+(`Dataset.fingerprint`, recorded in metrics.json) differs, or, for runs from before the fingerprint was
+recorded, its sizes no longer match the saved weights.
 """
 
 from __future__ import annotations
@@ -124,6 +126,11 @@ def load_run(info: RunInfo, name: str, options: LoadOptions) -> ServedModel:
     from recalign.cf import MODELS
 
     catalog = _catalog(info, options)
+    trained_on = info.metrics.get("dataset_fingerprint")  # absent in runs from before it was recorded
+    if trained_on is not None and trained_on != catalog.ds.fingerprint():
+        raise info.fail(f"its dataset {info.dataset!r} changed since the run was trained (the fingerprint in "
+                        "metrics.json differs from the files now on disk), so its ids would name other users "
+                        "and items; restore the files or train the run again")
     common = dict(name=name, path=info.path, method=info.method, dataset=info.dataset, config=info.config,
                   metrics=info.metrics, catalog=catalog)
     try:
