@@ -98,7 +98,7 @@ def run_method(method: str, dataset: str, out: str | Path, config_file: str | No
         "seconds": {"train": 0.0, "eval": 0.0, **result.get("seconds", {}),
                     "total": time.perf_counter() - started},
     }
-    metrics.update({k: v for k, v in result.items() if k not in metrics})
+    metrics.update({k: v for k, v in {**context.recorded, **result}.items() if k not in metrics})
     metrics["warnings"] = warnings + list(result.get("warnings", [])) + undefined_metrics(metrics["test"])
     for warning in metrics["warnings"]:
         context.log(f"warning: {warning}")

@@ -60,6 +60,7 @@ class RunContext:
     config: dict
     run: Any
     _dataset: Any = None
+    recorded: dict = field(default_factory=dict)  # what the runner adds to metrics.json (e.g. "precision")
 
     @property
     def dataset(self):
@@ -72,6 +73,14 @@ class RunContext:
                 k_core_users=data["k_core_users"], k_core_items=data["k_core_items"], domain=data["domain"],
             )
         return self._dataset
+
+    def backbone(self):
+        """The LLM of the config's `model` section; the dtype it runs in, and why, go to metrics.json."""
+        from recalign.llm import Backbone
+
+        backbone = Backbone.from_config(self.config["model"])
+        self.recorded["precision"] = backbone.precision
+        return backbone
 
     @property
     def seed(self) -> int:

@@ -326,7 +326,7 @@ def run(ctx: RunContext) -> dict:
             f"(of {split.sizes()})")
     noun = ctx.noun
 
-    backbone = Backbone.from_config(cfg["model"])
+    backbone = ctx.backbone()
     base_id = model_fingerprint(backbone.causal_lm, cfg["model"]["name"])
     started = time.perf_counter()
     catalogue, cached = catalogue_embeddings(ctx, backbone, base_id)
@@ -396,7 +396,7 @@ def run(ctx: RunContext) -> dict:
     eval_seconds = time.perf_counter() - started - cf_seconds
     examples_out = write_cases(ctx, per_case, dist["test"], signals, variants, masks["test"], titles)
     return {
-        "test": result["test"], "valid": result["valid"], "precision": backbone.precision,
+        "test": result["test"], "valid": result["valid"],
         "seconds": {"train": train_seconds, "eval": eval_seconds, "catalogue_embedding": embed_seconds,
                     "cf": cf_seconds},
         "variants": variants,

@@ -169,7 +169,7 @@ def run(ctx: RunContext) -> dict:
     cf.eval()
     seconds["cf"] = time.perf_counter() - started
 
-    backbone = Backbone.from_config(cfg["model"])
+    backbone = ctx.backbone()
     pcfg = cfg["prompt"]
     slots = (pcfg["user_slot"], pcfg["item_slot"])
     frames = {"train": data.train, "valid": data.valid, "test": data.test}
@@ -239,7 +239,7 @@ def run(ctx: RunContext) -> dict:
         ablation["zero_cf"] = {"test": evaluate("zero-cf-test", data.test,
                                                 lambda: score_ids("test", zero_cf=True, progress="zero-CF test"))}
     return {
-        "test": test, "valid": valid, "precision": backbone.precision,
+        "test": test, "valid": valid,
         "seconds": {"train": seconds["cf"] + seconds["step1"] + seconds["step2"],
                     "eval": scorer.seconds - eval_started, **seconds, "eval_all": scorer.seconds},
         "baselines": baselines, "ablation": ablation, "data": data.summary(), "training": training,

@@ -208,7 +208,7 @@ def run(ctx: RunContext) -> dict:
     ctx.log(f"FaiRLLM audit: {len(plan.entities)} entities x ({len(plan.values) - 1} values + neutral) = "
             f"{len(plan)} prompts, K = {k}, model {cfg['model']['name']}"
             + (f" + adapter {cfg['adapter']}" if cfg["adapter"] else ""))
-    backbone = Backbone.from_config(cfg["model"])
+    backbone = ctx.backbone()
     if cfg["adapter"]:
         backbone.load_adapter(adapter_dir(cfg["adapter"], cfg["model"]["name"]))
     p, noun = cfg["prompt"], ctx.noun
@@ -233,7 +233,7 @@ def run(ctx: RunContext) -> dict:
                   "entities_used": len(plan.entities) - len(generation["entities_without_neutral_list"]),
                   "values": len(plan.values) - 1, "prompts": len(plan), "attribute_files": cfg["attributes"]["files"],
                   "entity_names": plan.entities},
-        "precision": backbone.precision, "attributes": attributes, "generation": generation, "examples": examples,
+        "attributes": attributes, "generation": generation, "examples": examples,
     }
     plots = prompt_audit_plots(result)
     for name, png in plots.items():

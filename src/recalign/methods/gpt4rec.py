@@ -170,7 +170,7 @@ def run(ctx: RunContext) -> dict:
                       r["stopwords"] or None)
     index_seconds = time.perf_counter() - started
 
-    backbone = Backbone.from_config(cfg["model"])
+    backbone = ctx.backbone()
     p = cfg["prompt"]
     prompter = Prompter(p, backbone.tokenizer, p["wrapper"], p["system"], p["max_tokens"], backbone.count_tokens)
     prompts = {name: prompter.render_all(frame_fields(frame, ds.titles(), ctx.noun, with_target=False,
@@ -232,7 +232,7 @@ def run(ctx: RunContext) -> dict:
             for u, t, row, lists, rank in zip(test["user"], targets, queries, per_query, merged)]
     ctx.run.write_json("cases-test.json", rows)
     return {
-        "test": metrics, "valid": {}, "precision": backbone.precision,
+        "test": metrics, "valid": {},
         "seconds": {"train": train_seconds, "eval": eval_seconds, "index": index_seconds},
         "variants": {"gpt4rec": {"test": {k: v for k, v in metrics.items() if not k.endswith("_ci")}},
                      "top_query": {"test": top_query}},

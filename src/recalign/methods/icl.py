@@ -36,7 +36,7 @@ def prompter_for(backbone: Backbone, prompt: dict) -> Prompter:
 def run(ctx: RunContext) -> dict:
     cfg, ds = ctx.config, ctx.dataset
     started = time.perf_counter()
-    backbone = Backbone.from_config(cfg["model"])
+    backbone = ctx.backbone()
     data = tallrec_protocol(ds, cfg["samples"])
     ctx.log(f"ICL with {cfg['model']['name']}: {len(data.valid)} valid / {len(data.test)} test samples "
             f"(of {len(data.valid_full)} / {len(data.test_full)})")
@@ -50,7 +50,7 @@ def run(ctx: RunContext) -> dict:
             ctx.run.write_json("predictions.json", {"user": frame["user"].tolist(), "item": frame["item"].tolist(),
                                                     "label": frame["label"].tolist(), "score": scores.tolist()})
     ctx.log(f"ICL test AUC {out['test']['auc']:.4f} UAUC {out['test']['uauc']:.4f}")
-    return {**out, "seconds": {"train": 0.0, "eval": time.perf_counter() - started}, "precision": backbone.precision,
+    return {**out, "seconds": {"train": 0.0, "eval": time.perf_counter() - started},
             "samples": {**data.sizes(), "valid_scored": len(data.valid), "test_scored": len(data.test)}}
 
 

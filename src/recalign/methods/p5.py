@@ -227,7 +227,7 @@ def run(ctx: RunContext) -> dict:
     ic = cfg["ids"]
     ids = item_numbers(ds, ic["indexing"], int(ic["start"]), int(ic["seed"]), cutoff=split.train["timestamp"].max())
     users = [str(u) for u in ds.users["raw_id"]]
-    backbone = Backbone.from_config(cfg["model"])
+    backbone = ctx.backbone()
     eos = backbone.tokenizer.eos_token
     p = cfg["prompt"]
     answers = id_answers(ids, p["output"], eos)
@@ -301,7 +301,7 @@ def run(ctx: RunContext) -> dict:
         warnings.append(f"generate.beams={g['beams']} is below the largest K ({max(ks)}): items past the beams tie "
                         f"at the bottom, so metrics @K > {g['beams']} add little")
     return {
-        "test": metrics, "valid": {}, "precision": backbone.precision,
+        "test": metrics, "valid": {},
         "seconds": {"train": train_seconds, "eval": eval_seconds},
         "generation": stats,
         "examples": rows[:10],

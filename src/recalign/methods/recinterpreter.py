@@ -360,7 +360,7 @@ def run(ctx: RunContext) -> dict:
                    "_random": random_states(states["train"], n_test, seed + 1),
                    "_shuffled": {k: v[torch.as_tensor(shuffled)] for k, v in states["test"].items()}}
 
-    backbone = Backbone.from_config(cfg["model"])
+    backbone = ctx.backbone()
     from recalign.eval.grounding import model_fingerprint
 
     base_id = model_fingerprint(backbone.causal_lm, cfg["model"]["name"])
@@ -509,7 +509,6 @@ def run(ctx: RunContext) -> dict:
         "test": metrics, "valid": {},
         "seconds": {"train": seconds["encoder"] + seconds["train"], "eval": seconds["eval"], **seconds},
         "recovery_distribution": dists, "intervals": intervals, "training": training,
-        "precision": backbone.precision,
         "encoder": {"model": encoder.name, "params": encoder.params, "valid_ndcg@10": encoder_valid(encoder),
                     "summary": getattr(encoder, "train_summary", {})},
         "samples": {**windows["sizes"], "train_windows": len(windows["train"]), "valid_windows": len(windows["valid"]),

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from recalign.errors import InputError
-from recalign.llm import (LORA_CONFIG, MODEL_CONFIG, MODEL_NULLABLE, Backbone, LoraSettings, Prompter, Scorer,
+from recalign.llm import (LORA_CONFIG, MODEL_CONFIG, MODEL_NULLABLE, LoraSettings, Prompter, Scorer,
                           SoftPrompt, TrainConfig, check_lora, check_model, check_train, check_yes_no,
                           soft_prompt_init, train_section, train_slot_modules)
 from recalign.llm.prompts import check_template
@@ -85,7 +85,7 @@ def run(ctx: RunContext) -> dict:
     cfg, ds, seed = ctx.config, ctx.dataset, ctx.seed
     data = collm_protocol(ds, cfg["data_protocol"], seed)
     ctx.log(f"CTR protocol: {data.summary()}")
-    backbone = Backbone.from_config(cfg["model"])
+    backbone = ctx.backbone()
     pcfg, scfg = cfg["prompt"], cfg["softprompt"]
     prompter = Prompter(pcfg["template"], backbone.tokenizer, pcfg["wrapper"], pcfg["system"],
                         where="prompt.template", require=(pcfg["slot"],))
@@ -131,7 +131,7 @@ def run(ctx: RunContext) -> dict:
     eval_started = scorer.seconds
     test = evaluate("test", data.test, lambda: score("test", progress="soft-prompt test"))
     valid = evaluate("valid", data.valid, lambda: score("valid"))
-    return {"test": test, "valid": valid, "precision": backbone.precision,
+    return {"test": test, "valid": valid,
             "seconds": {"train": train_seconds, "eval": scorer.seconds - eval_started},
             "data": data.summary(), "training": training}
 

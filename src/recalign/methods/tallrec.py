@@ -148,14 +148,14 @@ def run(ctx: RunContext) -> dict:
         return _run_cross(ctx)
     ds = ctx.dataset
     data = tallrec_protocol(ds, cfg["samples"])
-    backbone = Backbone.from_config(cfg["model"])
+    backbone = ctx.backbone()
     ctx.log(f"TALLRec with {cfg['model']['name']}: {cfg['train']['shots']} shots x {n_seeds} seed(s); "
             f"{len(data.valid)} valid / {len(data.test)} test samples")
     rows = [train_and_score(ctx, backbone, ds, data.train,
                             {"valid": (ds, data.valid), "test": (ds, data.test)}, ctx.seed + k, f"seed{ctx.seed + k}")
             for k in range(n_seeds)]
     return {
-        "test": _aggregate(rows, "test"), "valid": _aggregate(rows, "valid"), "precision": backbone.precision,
+        "test": _aggregate(rows, "test"), "valid": _aggregate(rows, "valid"),
         "seconds": {"train": sum(r["seconds"]["train"] for r in rows),
                     "eval": sum(r["seconds"]["eval"] for r in rows)},
         "shots": rows[0]["shots"],  # drawn; fewer than train.shots when the training period is smaller
@@ -176,7 +176,7 @@ def _run_cross(ctx: RunContext) -> dict:
         raise InputError(f"cross.domains: need at least two distinct domains, got {specs}")
     domains = domain_datasets(ctx.dataset, specs, cfg["data"])
     prepared = [(name, ds, tallrec_protocol(ds, cfg["samples"])) for name, ds in domains]
-    backbone = Backbone.from_config(cfg["model"])
+    backbone = ctx.backbone()
     n = len(prepared)
     auc = [[float("nan")] * n for _ in range(n)]
     uauc = [[float("nan")] * n for _ in range(n)]
@@ -197,7 +197,7 @@ def _run_cross(ctx: RunContext) -> dict:
     diag = [auc[i][i] for i in range(n)]
     return {
         "test": {"auc": float(np.nanmean(off)), "uauc": float(np.nanmean(off_u)), "auc_in_domain": float(np.nanmean(diag))},
-        "valid": {}, "precision": backbone.precision,
+        "valid": {},
         "seconds": {"train": train_seconds, "eval": eval_seconds},
         "cross_domain": {"domains": specs, "auc": auc, "uauc": uauc,
                          "samples": {name: data.sizes() for name, _, data in prepared}},

@@ -316,7 +316,7 @@ def run(ctx: RunContext) -> dict:
     ctx.log(f"TransRec with {cfg['model']['name']}, facets {', '.join(use)}: {len(shots)} shots; "
             f"{len(valid)} valid / {len(test)} test cases (of {split.sizes()})")
 
-    backbone = Backbone.from_config(cfg["model"])
+    backbone = ctx.backbone()
     started = time.perf_counter()
     f = cfg["facets"]
     texts = facet_texts(ds, use, f["markers"])
@@ -371,7 +371,7 @@ def run(ctx: RunContext) -> dict:
     answer_tokens = [backbone.tokenize_piece(a[:len(a) - len(eos)] if eos and a.endswith(eos) else a)
                      for _, a in examples]
     return {
-        "test": test_metrics, "valid": valid_metrics, "precision": backbone.precision,
+        "test": test_metrics, "valid": valid_metrics,
         "seconds": {"train": train_seconds, "eval": eval_seconds, "index": index_seconds},
         "variants": variants,
         "groups": {g: int(rows.sum()) for g, rows in groups.items()},
