@@ -131,7 +131,7 @@ def amazon_reviews(draw) -> bytes:
 @st.composite
 def delimited(draw, fmt=None):
     """(format, file name, bytes) for the line formats: ML-100K raw, ML-1M, Book-Crossing, Steam."""
-    fmt = fmt or draw(st.sampled_from(["ml-100k-raw", "ml-1m", "book-crossing", "steam"]))
+    fmt = fmt or draw(st.sampled_from(["ml-100k-raw", "ml-1m", "book-crossing", "steam", "movielens-csv"]))
     if fmt == "steam":
         lines = []
         for _ in range(draw(st.integers(0, 5))):
@@ -142,11 +142,15 @@ def delimited(draw, fmt=None):
             lines.append(draw(rarely(st.text(max_size=12), st.just(repr(record)), 20)))
         return fmt, "steam_reviews.json", draw(mutated("\n".join(lines) + "\n"))
     sep, name = {"ml-100k-raw": ("\t", "u.data"), "ml-1m": ("::", "ratings.dat"),
-                 "book-crossing": (";", "BX-Book-Ratings.csv")}[fmt]
+                 "book-crossing": (";", "BX-Book-Ratings.csv"), "movielens-csv": (",", "ratings.csv")}[fmt]
     rows = draw(rows_of(4 if fmt != "book-crossing" else 3))
     if fmt == "book-crossing":
         quote = lambda cell: cell if draw(st.integers(0, 30)) == 0 else f'"{cell}"'  # noqa: E731
         lines = ['"User-ID";"ISBN";"Book-Rating"'] + [";".join(quote(c) for c in row[:3]) for row in rows]
+    elif fmt == "movielens-csv":
+        header = draw(rarely(st.sampled_from(["", "userId,movieId,rating", "user,item,rating,time"]),
+                             st.just("userId,movieId,rating,timestamp"), 15))
+        lines = [header] + [sep.join(row) for row in rows]
     else:
         lines = [sep.join(row) for row in rows]
     return fmt, name, draw(mutated("\n".join(lines) + "\n", ("latin-1",)))
@@ -182,6 +186,8 @@ SIDE_FILES = {  # format -> {file name: its lines}; the main file comes from the
         "BX-Books.csv": table([ids, titles, st.just("Author"), years, st.just("Pub")], ";",
                               '"ISBN";"Book-Title";"Book-Author";"Year-Of-Publication";"Publisher"', quote=True),
         "BX-Users.csv": table([ids, st.just("nyc, usa"), years], ";", '"User-ID";"Location";"Age"', quote=True)},
+    "movielens-csv": {"movies.csv": table([ids, titles, st.sampled_from(["Drama|War", "(no genres listed)", ""])], ",",
+                                          "movieId,title,genres")},
     "amazon": {"meta_x.json": st.lists(st.fixed_dictionaries(
         {"asin": rarely(json_values, ids, 20), "title": rarely(json_values, titles, 20),
          "category": rarely(json_values, lists, 20), "date": st.sampled_from(["September 13, 2016", "", "2016"])}
@@ -192,7 +198,8 @@ SIDE_FILES = {  # format -> {file name: its lines}; the main file comes from the
     ).map(repr), max_size=4).map(lambda lines: "\n".join(lines) + "\n")},
 }
 MAIN_FILES = {"recbole": "t.inter", "ml-100k-raw": "u.data", "ml-1m": "ratings.dat",
-              "book-crossing": "BX-Book-Ratings.csv", "amazon": "x.json", "steam": "steam_reviews.json"}
+              "book-crossing": "BX-Book-Ratings.csv", "amazon": "x.json", "steam": "steam_reviews.json",
+              "movielens-csv": "ratings.csv"}
 
 
 @st.composite

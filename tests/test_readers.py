@@ -21,9 +21,10 @@ from recalign.data.registry import detect_format
 from recalign.errors import InputError
 
 FIXTURES = Path(__file__).parent / "fixtures"
-FORMATS = ["recbole", "ml-100k-raw", "ml-1m", "amazon", "book-crossing", "steam"]
+FORMATS = ["recbole", "ml-100k-raw", "ml-1m", "amazon", "book-crossing", "steam", "movielens-csv"]
 # positives at each format's default like threshold (3 on 1-5 stars; 5 on Book-Crossing's 1-10; Steam all)
-POSITIVES = {"recbole": 7, "ml-100k-raw": 7, "ml-1m": 7, "amazon": 7, "book-crossing": 9, "steam": 12}
+POSITIVES = {"recbole": 7, "ml-100k-raw": 7, "ml-1m": 7, "amazon": 7, "book-crossing": 9, "steam": 12,
+             "movielens-csv": 7}
 # the canonical data in the numeric-id formats: (user, item, rating, timestamp) sorted by user, then time
 CANONICAL = [
     (1, 1, 5, 100), (1, 2, 3, 200), (1, 3, 4, 200), (1, 4, 1, 300),
@@ -67,7 +68,7 @@ def test_counts_order_and_labels(fmt):
     assert len(ds.titles()) == 5 and all(ds.titles())
 
 
-@pytest.mark.parametrize("fmt", ["recbole", "ml-100k-raw", "ml-1m"])
+@pytest.mark.parametrize("fmt", ["recbole", "ml-100k-raw", "ml-1m", "movielens-csv"])
 def test_movielens_formats_agree_on_the_canonical_data(fmt):
     ds = read(fmt)
     # numeric ids sort numerically ("10" after "3"), ties in time keep file order (item 2 before item 3)
@@ -139,6 +140,32 @@ def test_ml1m_reads_a_ratings_file_and_titles_with_double_colons(tmp_path):
     ds = load_dataset(str(tmp_path / "ratings.dat"), fmt="ml-1m")
     assert ds.items.loc[0, "title"] == "Film::Noir" and ds.items.loc[0, "year"] == 1999
     assert ds.users.columns.tolist() == ["raw_id"]  # no users.dat: no features
+
+
+def test_movielens_csv_quoted_titles_headers_and_bad_lines(tmp_path):
+    ds = read("movielens-csv")
+    assert ds.items.loc[3, "title"] == "City of Lost Children, The"  # a quoted title with a comma
+    assert ds.users.columns.tolist() == ["raw_id"] and ds.name == "movielens-csv"
+    shutil.copy(FIXTURES / "movielens-csv" / "ratings.csv", tmp_path)
+    movies = tmp_path / "movies.csv"
+    movies.write_text('movieId,title,genres\n1,"Toy Story (1995)",(no genres listed)\n2,"Two, ""The"" (2000)",A|B\n')
+    ds = load_dataset(str(tmp_path / "ratings.csv"))  # the ratings file itself; the format from its name
+    assert ds.items.loc[0, "categories"] == [] and ds.items.loc[1, "title"] == 'Two, "The"'
+    assert ds.items.loc[1, "year"] == 2000 and ds.items.loc[1, "categories"] == ["A", "B"]
+    bad = {"movieId,title,genres\n1,Toy,Story,A\n": f"{movies}:2: expected 3 comma-separated fields",
+           'movieId,title,genres\n\n1,"Toy Story (1995),A\n': f"{movies}:3: not a valid CSV line",
+           "movieId,name,genres\n1,Toy Story,A\n": f"{movies}: the first line must be the header movieId,title,genres"}
+    for text, error in bad.items():
+        movies.write_text(text)
+        assert read_error(tmp_path, "movielens-csv").startswith(error), text
+    movies.unlink()
+    ratings = tmp_path / "ratings.csv"
+    lines = ratings.read_text().splitlines()
+    for text, error in {"1,1,5.0,100\n": "the first line must be the header userId,movieId,rating,timestamp, found '1,1,5.0,100'",
+                        lines[0] + "\n": "file has no data",
+                        "\n".join(lines[:3] + lines[:1]) + "\n": ":4: column 'rating' is not a number: 'rating'"}.items():
+        ratings.write_text(text)
+        assert error in read_error(tmp_path, "movielens-csv"), text
 
 
 def test_amazon_directory_and_reviews_file():
@@ -218,9 +245,9 @@ def test_ids_are_stable_across_reads_and_file_order(fmt, tmp_path):
     shutil.copytree(FIXTURES / fmt, copy)
     target = {"recbole": "tiny.inter", "ml-100k-raw": "u.data", "ml-1m": "ratings.dat",
               "amazon": "Toys_and_Games_5.json", "book-crossing": "BX-Book-Ratings.csv",
-              "steam": "steam_reviews.json"}[fmt]
+              "steam": "steam_reviews.json", "movielens-csv": "ratings.csv"}[fmt]
     lines = (copy / target).read_bytes().splitlines(keepends=True)
-    head = 1 if fmt in ("recbole", "book-crossing") else 0
+    head = 1 if fmt in ("recbole", "book-crossing", "movielens-csv") else 0
     (copy / target).write_bytes(b"".join(lines[:head] + lines[head:][::-1]))
     shuffled = load_dataset(str(copy), fmt=fmt)
     assert shuffled.users["raw_id"].tolist() == first.users["raw_id"].tolist()
@@ -313,7 +340,8 @@ def test_embedded_ml100k_metadata():
 
 @pytest.mark.parametrize("fmt,target", [("ml-100k-raw", "u.data"), ("ml-100k-raw", "u.user"),
                                         ("ml-1m", "ratings.dat"), ("ml-1m", "users.dat"),
-                                        ("book-crossing", "BX-Book-Ratings.csv"), ("book-crossing", "BX-Books.csv")])
+                                        ("book-crossing", "BX-Book-Ratings.csv"), ("book-crossing", "BX-Books.csv"),
+                                        ("movielens-csv", "ratings.csv")])
 def test_fast_and_line_by_line_parsers_agree(fmt, target, tmp_path):
     # clean files go through pandas' C parser; a trailing blank line sends them through the line parser
     copy = tmp_path / fmt
@@ -349,6 +377,9 @@ def write_one_bad_line(fmt, folder: Path, user: str, item: str):
     elif fmt == "book-crossing":
         target = folder / "BX-Book-Ratings.csv"
         text, line = f'"User-ID";"ISBN";"Book-Rating"\n"1";"1";"5"\n"{user}";"{item}";"5"\n', 3
+    elif fmt == "movielens-csv":
+        target = folder / "ratings.csv"
+        text, line = f"userId,movieId,rating,timestamp\n1,1,5.0,1\n{user},{item},5.0,2\n", 3
     elif fmt == "amazon":
         def review(u, i, t):
             return json.dumps({"reviewerID": u, "asin": i, "overall": 5, "unixReviewTime": t})

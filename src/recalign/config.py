@@ -18,7 +18,7 @@ from recalign.errors import InputError
 BASE_DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "data": {
-        "format": None,  # reader for a path dataset: recbole, ml-100k-raw, ml-1m, amazon, book-crossing, steam
+        "format": None,  # reader for a path dataset (`recalign data formats`); None = detected from file names
         "like_threshold": None,  # rating > threshold is a positive; null = the format's own (3; Book-Crossing 5)
         "k_core_users": 0,
         "k_core_items": 0,

@@ -7,6 +7,7 @@ from recalign.data.readers.amazon import read_amazon
 from recalign.data.readers.book_crossing import read_book_crossing
 from recalign.data.readers.ml1m import read_ml1m
 from recalign.data.readers.ml100k_raw import read_ml100k_raw
+from recalign.data.readers.movielens_csv import read_movielens_csv
 from recalign.data.readers.recbole import read_recbole
 from recalign.data.readers.steam import read_steam
 
@@ -17,7 +18,8 @@ READERS = {
     "amazon": read_amazon,
     "book-crossing": read_book_crossing,
     "steam": read_steam,
+    "movielens-csv": read_movielens_csv,
 }
 
-__all__ = ["READERS", "read_amazon", "read_book_crossing", "read_ml100k_raw", "read_ml1m", "read_recbole",
-           "read_steam"]
+__all__ = ["READERS", "read_amazon", "read_book_crossing", "read_ml100k_raw", "read_ml1m", "read_movielens_csv",
+           "read_recbole", "read_steam"]

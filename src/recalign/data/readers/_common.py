@@ -200,14 +200,19 @@ def _blocks(path: Path) -> Iterator[tuple[int, bytes]]:
 
 
 def stream_columns(path: Path, sep: str, expected: int, encoding: str = "utf-8",
-                   what: str = "") -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
+                   what: str = "", header: bool = False) -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
     """Blocks of (one array of stripped strings per column, line numbers) of a `sep`-separated file.
 
     Each block goes through pandas' C parser when it is clean (every line has exactly `expected` fields, no
-    blank line, no quoting); any other block through the line-by-line parser, which names file:line."""
+    blank line, no quoting); any other block through the line-by-line parser, which names file:line.
+    `header`: the first non-blank line is a header (the caller checks it) and is skipped."""
     require_file(path, what or "data")
     any_data = False
     for first_line, data in _blocks(path):
+        while header and data:
+            line, _, data = data.partition(b"\n")
+            first_line += 1
+            header = not line.strip()
         block = _fast_block(data, sep, expected, encoding, first_line)
         if block is None:
             block = _slow_block(path, data, sep, expected, encoding, first_line)
@@ -290,14 +295,14 @@ class IdColumn:
 
 
 def read_id_table(path: Path, sep: str, expected: int, encoding: str, what: str, ids: dict[int, str],
-                  numbers: dict[int, tuple[str, str]]) -> pd.DataFrame:
+                  numbers: dict[int, tuple[str, str]], header: bool = False) -> pd.DataFrame:
     """An interaction file read in blocks into compact columns: `ids` {field index: column name} as
     categoricals (`IdColumn`), `numbers` {field index: (column name, the format's name for errors)} as
-    float64, plus `line` (each row's line number)."""
+    float64, plus `line` (each row's line number). `header`: skip the first line (see `stream_columns`)."""
     id_columns = {name: IdColumn() for name in ids.values()}
     parts: dict[str, list[np.ndarray]] = {name: [] for name, _ in numbers.values()}
     line_parts = []
-    for columns, line_nos in stream_columns(path, sep, expected, encoding, what):
+    for columns, line_nos in stream_columns(path, sep, expected, encoding, what, header):
         for index, name in ids.items():
             id_columns[name].extend(columns[index])
         for index, (name, label) in numbers.items():
