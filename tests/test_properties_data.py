@@ -103,9 +103,16 @@ def recbole_inter(draw) -> bytes:
 @st.composite
 def amazon_reviews(draw) -> bytes:
     lines = []
+    release = draw(st.sampled_from(["2018", "2023"]))  # the two releases' key names; the first record decides
     for _ in range(draw(st.integers(0, 6))):
-        record = {"reviewerID": draw(ids), "asin": draw(ids), "overall": draw(st.integers(1, 5)),
-                  "unixReviewTime": draw(st.integers(0, 10**9))}
+        if draw(st.integers(0, 20)) == 0:
+            release = "2023" if release == "2018" else "2018"  # a file mixing both
+        if release == "2018":
+            record = {"reviewerID": draw(ids), "asin": draw(ids), "overall": draw(st.integers(1, 5)),
+                      "unixReviewTime": draw(st.integers(0, 10**9))}
+        else:
+            record = {"user_id": draw(ids), "parent_asin": draw(ids), "rating": draw(st.floats(1, 5)),
+                      "timestamp": draw(st.integers(0, 10**12))}
         key = draw(st.sampled_from(list(record)))
         mutation = draw(st.integers(0, 15))
         if mutation == 0:
@@ -191,6 +198,10 @@ SIDE_FILES = {  # format -> {file name: its lines}; the main file comes from the
     "amazon": {"meta_x.json": st.lists(st.fixed_dictionaries(
         {"asin": rarely(json_values, ids, 20), "title": rarely(json_values, titles, 20),
          "category": rarely(json_values, lists, 20), "date": st.sampled_from(["September 13, 2016", "", "2016"])}
+    ).map(json.dumps), max_size=4).map(lambda lines: "\n".join(lines) + "\n") | st.lists(st.fixed_dictionaries(
+        {"parent_asin": rarely(json_values, ids, 20), "title": rarely(json_values, titles, 20),
+         "categories": rarely(json_values, lists, 20), "store": rarely(json_values, titles, 20),
+         "details": rarely(json_values, st.fixed_dictionaries({"Date First Available": years}), 20)}
     ).map(json.dumps), max_size=4).map(lambda lines: "\n".join(lines) + "\n")},
     "steam": {"steam_games.json": st.lists(st.fixed_dictionaries(
         {"id": rarely(json_values, ids, 20), "app_name": rarely(json_values, titles, 20),

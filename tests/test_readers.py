@@ -186,6 +186,28 @@ def test_amazon_directory_and_reviews_file():
     assert again.items["title"].tolist() == ds.items["title"].tolist()
 
 
+def test_amazon_2023_release(tmp_path):
+    """The 2023 release (user_id, parent_asin, rating, millisecond timestamps; metadata keyed by parent_asin)
+    gives the same data as the 2018 fixture it was written from."""
+    ds, old = load_dataset(str(FIXTURES / "amazon-2023")), read("amazon")
+    assert ds.name == "Toys_and_Games" and ds.domain == "product"
+    pd.testing.assert_frame_equal(ds.interactions, old.interactions)  # parent_asin is the item; ms -> s
+    assert ds.users["raw_id"].tolist() == old.users["raw_id"].tolist()
+    items = ds.items.set_index("raw_id")
+    assert items.loc["B0001", "title"] == "Wooden Train & Tracks" and items.loc["B0001", "brand"] == "Brio"
+    assert items.loc["B0001", "year"] == 2016 and items.loc["B0003", "year"] == 2001
+    assert items.loc["B0001", "categories"] == ["Toys & Games", "Trains"]
+    assert items.loc["B0003", "title"] == "item B0003"  # a null title
+    assert "B9999" not in items.index
+    shutil.copy(FIXTURES / "amazon-2023" / "Toys_and_Games.jsonl", tmp_path)
+    with gzip.open(tmp_path / "meta_Toys_and_Games.json.gz", "wb") as handle:
+        handle.write(b'{"asin": "B0001", "title": "Train"}\n')
+    assert "metadata of the Amazon 2018 release beside reviews of the 2023 release" in read_error(tmp_path)
+    (tmp_path / "meta_Toys_and_Games.json.gz").unlink()
+    (tmp_path / "Toys_and_Games.jsonl").write_text('{"user_id": "u", "parent_asin": "p", "rating": 5}\n')
+    assert read_error(tmp_path) == f"{tmp_path / 'Toys_and_Games.jsonl'}:1: missing key(s) timestamp"
+
+
 def test_amazon_gzip_reviews_without_metadata(tmp_path):
     data = (FIXTURES / "amazon" / "Toys_and_Games_5.json").read_bytes()
     (tmp_path / "Books.json.gz").write_bytes(gzip.compress(data))

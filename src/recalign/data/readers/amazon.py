@@ -1,4 +1,6 @@
-"""Amazon reviews 2018 (Ni et al.): JSON-lines reviews + JSON-lines metadata, plain or gzip."""
+"""Amazon reviews 2018 (Ni et al.) and 2023 (Hou et al.): JSON-lines reviews + JSON-lines metadata, plain or gzip.
+
+The two releases name their fields differently; each file's schema is told by its first record."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import html
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from array import array
@@ -14,13 +17,45 @@ import numpy as np
 import pandas as pd
 
 from recalign.data.dataset import Dataset, Origin, build_dataset
-from recalign.data.readers._common import IdColumn, iter_lines, only_interacted, present, record_id, require_file, shown
+from recalign.data.readers._common import (
+    IdColumn, first_line_of, iter_lines, only_interacted, present, record_id, require_file, shown,
+)
 from recalign.errors import InputError
 
 _SUFFIXES = (".json", ".json.gz", ".jsonl", ".jsonl.gz")
 _DATE_YEAR = re.compile(r"^[A-Z][a-z]+ \d{1,2}, (\d{4})$")  # meta "date": "September 13, 2016"
 _TAG = re.compile(r"<[^>]+>")
-REVIEW_KEYS = ("reviewerID", "asin", "overall", "unixReviewTime")
+_ANY_YEAR = re.compile(r"\b(1[89]\d\d|20\d\d)\b")  # 2023 meta details["Date First Available"]: "March 10, 2015"
+
+
+@dataclass(frozen=True)
+class Schema:
+    release: str
+    user: str
+    item: str  # 2023: parent_asin, the id its metadata and benchmark splits use (asin is one variant)
+    rating: str
+    time: str
+    units_per_second: int  # 2023 timestamps are milliseconds (fractions of a second are dropped)
+    meta_item: str
+    meta_categories: str
+    meta_brand: str
+
+
+REVIEWS_2018 = Schema("2018", "reviewerID", "asin", "overall", "unixReviewTime", 1, "asin", "category", "brand")
+REVIEWS_2023 = Schema("2023", "user_id", "parent_asin", "rating", "timestamp", 1000, "parent_asin", "categories",
+                      "store")
+
+
+def schema_of(path: Path) -> Schema:
+    """2023 when the first record has the 2023 keys (`user_id`; metadata: `parent_asin` without `asin`), else 2018
+    (whose key checks then name what is missing)."""
+    try:
+        first = json.loads(first_line_of(path))
+    except (ValueError, RecursionError):
+        return REVIEWS_2018
+    if isinstance(first, dict) and ("user_id" in first or ("parent_asin" in first and "asin" not in first)):
+        return REVIEWS_2023
+    return REVIEWS_2018
 
 
 def _is_json_file(path: Path) -> bool:
@@ -105,10 +140,12 @@ def _clean(text) -> str:
 
 def read_amazon(path: str | Path, name: str | None = None, like_threshold: float | None = None,
                 domain: str = "product") -> Dataset:
-    """Amazon reviews 2018: DIR with X.json[.gz] (+ meta_X.json[.gz]) JSON lines, or the reviews file.
+    """Amazon reviews 2018 or 2023: DIR with X.json[l][.gz] (+ meta_X.json[l][.gz]) JSON lines, or the reviews file.
 
-    Reviews: reviewerID, asin, overall, unixReviewTime. Metadata (optional): asin, title, category
-    (list), date ("September 13, 2016" gives the year), brand.
+    2018 reviews: reviewerID, asin, overall, unixReviewTime; metadata (optional): asin, title, category
+    (list), date ("September 13, 2016" gives the year), brand. 2023 reviews: user_id, parent_asin (the item),
+    rating, timestamp (milliseconds, read as seconds); metadata: parent_asin, title, categories (list),
+    store (as brand), details["Date First Available"] (the year).
 
     `path` is a directory holding `X.json[.gz]` and `meta_X.json[.gz]`, or the reviews file (metadata
     found beside it as `meta_X.*`, with a `_5` suffix dropped). Exact duplicate reviews (same user,
@@ -117,39 +154,54 @@ def read_amazon(path: str | Path, name: str | None = None, like_threshold: float
     reviews_path, meta_path = locate(path)
     like_threshold = 3.0 if like_threshold is None else like_threshold
 
+    schema = schema_of(require_file(reviews_path, "Amazon JSON lines"))
     users, items, ratings, stamps, lines = IdColumn(), IdColumn(), array("d"), array("d"), array("q")
-    for line_no, record in _records(reviews_path, REVIEW_KEYS):
-        users.append(record_id(record, "reviewerID", reviews_path, line_no))
-        items.append(record_id(record, "asin", reviews_path, line_no))
-        ratings.append(_number(record, "overall", reviews_path, line_no))
-        stamps.append(_number(record, "unixReviewTime", reviews_path, line_no))
+    for line_no, record in _records(reviews_path, (schema.user, schema.item, schema.rating, schema.time)):
+        users.append(record_id(record, schema.user, reviews_path, line_no))
+        items.append(record_id(record, schema.item, reviews_path, line_no))
+        ratings.append(_number(record, schema.rating, reviews_path, line_no))
+        stamps.append(_number(record, schema.time, reviews_path, line_no))
         lines.append(line_no)
     interactions = pd.DataFrame({"user_id": users.categorical(), "item_id": items.categorical(),
-                                 "rating": np.frombuffer(ratings), "timestamp": np.frombuffer(stamps),
+                                 "rating": np.frombuffer(ratings),
+                                 "timestamp": np.frombuffer(stamps) / schema.units_per_second,
                                  "line": np.frombuffer(lines, dtype=np.int64)})
     interactions = interactions.drop_duplicates(["user_id", "item_id", "timestamp"]).reset_index(drop=True)
 
     item_table = None
     if meta_path is not None:
         wanted = set(interactions["item_id"].cat.categories)
+        meta = schema_of(require_file(meta_path, "Amazon metadata"))
+        if meta.release != schema.release:
+            raise InputError(f"{meta_path}: metadata of the Amazon {meta.release} release beside reviews of the "
+                             f"{schema.release} release ({reviews_path.name}); their item ids differ")
         records = []
-        for line_no, record in _records(meta_path, ("asin",)):
-            asin = record_id(record, "asin", meta_path, line_no).strip()
+        for line_no, record in _records(meta_path, (meta.meta_item,)):
+            asin = record_id(record, meta.meta_item, meta_path, line_no).strip()
             if asin not in wanted:
                 continue
-            categories = record.get("category") or []
+            categories = record.get(meta.meta_categories) or []
             if not isinstance(categories, list):
-                raise InputError(f"{meta_path}:{line_no}: 'category' must be a list, got {shown(categories)}")
-            year = _DATE_YEAR.match(str(record.get("date", "")).strip())
+                raise InputError(f"{meta_path}:{line_no}: '{meta.meta_categories}' must be a list, got "
+                                 f"{shown(categories)}")
             records.append({
                 "item_id": asin,
-                "title": _clean(record.get("title", "")),
-                "year": float(year.group(1)) if year else float("nan"),
+                "title": _clean(record.get("title") or ""),
+                "year": _year(record, meta),
                 "categories": list(dict.fromkeys(_clean(c) for c in categories if _clean(c))),
-                "brand": _clean(record.get("brand", "")),
+                "brand": _clean(record.get(meta.meta_brand) or ""),
             })
         item_table = only_interacted(pd.DataFrame(records, columns=["item_id", "title", "year", "categories",
                                                                     "brand"]), interactions)
 
     return build_dataset(name or _stem(reviews_path), interactions, item_table, None, like_threshold, domain,
-                         str(reviews_path), Origin(str(reviews_path), "reviewerID", "asin"))
+                         str(reviews_path), Origin(str(reviews_path), schema.user, schema.item))
+
+
+def _year(record: dict, meta: Schema) -> float:
+    if meta.release == "2018":
+        match = _DATE_YEAR.match(str(record.get("date", "")).strip())
+    else:
+        details = record.get("details")
+        match = _ANY_YEAR.search(str(details.get("Date First Available", ""))) if isinstance(details, dict) else None
+    return float(match.group(1)) if match else float("nan")
