@@ -138,7 +138,7 @@ def amazon_reviews(draw) -> bytes:
 @st.composite
 def delimited(draw, fmt=None):
     """(format, file name, bytes) for the line formats: ML-100K raw, ML-1M, Book-Crossing, Steam."""
-    fmt = fmt or draw(st.sampled_from(["ml-100k-raw", "ml-1m", "book-crossing", "steam", "movielens-csv"]))
+    fmt = fmt or draw(st.sampled_from(["ml-100k-raw", "ml-1m", "book-crossing", "steam", "movielens-csv", "csv"]))
     if fmt == "steam":
         lines = []
         for _ in range(draw(st.integers(0, 5))):
@@ -149,7 +149,8 @@ def delimited(draw, fmt=None):
             lines.append(draw(rarely(st.text(max_size=12), st.just(repr(record)), 20)))
         return fmt, "steam_reviews.json", draw(mutated("\n".join(lines) + "\n"))
     sep, name = {"ml-100k-raw": ("\t", "u.data"), "ml-1m": ("::", "ratings.dat"),
-                 "book-crossing": (";", "BX-Book-Ratings.csv"), "movielens-csv": (",", "ratings.csv")}[fmt]
+                 "book-crossing": (";", "BX-Book-Ratings.csv"), "movielens-csv": (",", "ratings.csv"),
+                 "csv": (draw(st.sampled_from([",", "\t", ";"])), "interactions.csv")}[fmt]
     rows = draw(rows_of(4 if fmt != "book-crossing" else 3))
     if fmt == "book-crossing":
         quote = lambda cell: cell if draw(st.integers(0, 30)) == 0 else f'"{cell}"'  # noqa: E731
@@ -158,6 +159,14 @@ def delimited(draw, fmt=None):
         header = draw(rarely(st.sampled_from(["", "userId,movieId,rating", "user,item,rating,time"]),
                              st.just("userId,movieId,rating,timestamp"), 15))
         lines = [header] + [sep.join(row) for row in rows]
+    elif fmt == "csv":
+        header = draw(rarely(st.sampled_from(["user", "user,user_id,item", "User_Id,ItemId,Score,Date", ""]),
+                             st.just("user_id,item_id,rating,timestamp"), 15)).replace(",", sep)
+        quote = lambda cell: f'"{cell}"' if draw(st.integers(0, 20)) == 0 else cell  # noqa: E731
+        lines = [header] + [sep.join(quote(c) for c in row) for row in rows]
+        if draw(st.integers(0, 10)) == 0:  # ISO dates in the time column
+            lines = [line.rsplit(sep, 1)[0] + sep + draw(st.sampled_from(["2024-01-31", "2024-13-01", "x"]))
+                     for line in lines[:1]] + lines[1:]
     else:
         lines = [sep.join(row) for row in rows]
     return fmt, name, draw(mutated("\n".join(lines) + "\n", ("latin-1",)))
@@ -195,6 +204,8 @@ SIDE_FILES = {  # format -> {file name: its lines}; the main file comes from the
         "BX-Users.csv": table([ids, st.just("nyc, usa"), years], ";", '"User-ID";"Location";"Age"', quote=True)},
     "movielens-csv": {"movies.csv": table([ids, titles, st.sampled_from(["Drama|War", "(no genres listed)", ""])], ",",
                                           "movieId,title,genres")},
+    "csv": {"items.csv": table([ids, titles, st.sampled_from(["Drama|War", ""])], ",", "item_id,title,genres"),
+            "users.csv": table([ids, years, st.just("x,y")], ",", "user_id,age,country")},
     "amazon": {"meta_x.json": st.lists(st.fixed_dictionaries(
         {"asin": rarely(json_values, ids, 20), "title": rarely(json_values, titles, 20),
          "category": rarely(json_values, lists, 20), "date": st.sampled_from(["September 13, 2016", "", "2016"])}
@@ -210,7 +221,7 @@ SIDE_FILES = {  # format -> {file name: its lines}; the main file comes from the
 }
 MAIN_FILES = {"recbole": "t.inter", "ml-100k-raw": "u.data", "ml-1m": "ratings.dat",
               "book-crossing": "BX-Book-Ratings.csv", "amazon": "x.json", "steam": "steam_reviews.json",
-              "movielens-csv": "ratings.csv"}
+              "movielens-csv": "ratings.csv", "csv": "interactions.csv"}
 
 
 @st.composite

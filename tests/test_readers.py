@@ -21,10 +21,10 @@ from recalign.data.registry import detect_format
 from recalign.errors import InputError
 
 FIXTURES = Path(__file__).parent / "fixtures"
-FORMATS = ["recbole", "ml-100k-raw", "ml-1m", "amazon", "book-crossing", "steam", "movielens-csv"]
+FORMATS = ["recbole", "ml-100k-raw", "ml-1m", "amazon", "book-crossing", "steam", "movielens-csv", "csv"]
 # positives at each format's default like threshold (3 on 1-5 stars; 5 on Book-Crossing's 1-10; Steam all)
 POSITIVES = {"recbole": 7, "ml-100k-raw": 7, "ml-1m": 7, "amazon": 7, "book-crossing": 9, "steam": 12,
-             "movielens-csv": 7}
+             "movielens-csv": 7, "csv": 7}
 # the canonical data in the numeric-id formats: (user, item, rating, timestamp) sorted by user, then time
 CANONICAL = [
     (1, 1, 5, 100), (1, 2, 3, 200), (1, 3, 4, 200), (1, 4, 1, 300),
@@ -68,7 +68,7 @@ def test_counts_order_and_labels(fmt):
     assert len(ds.titles()) == 5 and all(ds.titles())
 
 
-@pytest.mark.parametrize("fmt", ["recbole", "ml-100k-raw", "ml-1m", "movielens-csv"])
+@pytest.mark.parametrize("fmt", ["recbole", "ml-100k-raw", "ml-1m", "movielens-csv", "csv"])
 def test_movielens_formats_agree_on_the_canonical_data(fmt):
     ds = read(fmt)
     # numeric ids sort numerically ("10" after "3"), ties in time keep file order (item 2 before item 3)
@@ -186,6 +186,42 @@ def test_amazon_directory_and_reviews_file():
     assert again.items["title"].tolist() == ds.items["title"].tolist()
 
 
+def test_csv_tables_by_column_name_separator_dates_and_errors(tmp_path):
+    ds = read("csv")
+    assert ds.domain == "item" and ds.users["age"].tolist() == [24, 53, 23, 33]  # numbers stay numbers
+    assert ds.users["country"].tolist()[0] == "Lyon, France" and "device" not in ds.interactions
+    # a TSV with other header spellings, ISO dates and no rating: implicit positives in time order
+    (tmp_path / "interactions.tsv").write_text("UserId\tItemId\tDate\nb\tq\t2024-01-31\na\tp\t2024-01-30T12:00:00Z\n"
+                                               'b\t"p"\t2024-01-30\n')
+    ds = load_dataset(str(tmp_path))
+    assert raw_rows(ds) == [("a", "p", 5.0, 1706616000), ("b", "p", 5.0, 1706572800), ("b", "q", 5.0, 1706659200)]
+    assert ds.interactions["label"].all() and ds.titles() == ["item p", "item q"]
+    data = tmp_path / "interactions.tsv"
+    for text, error in {
+        "user\titem\tdate\na\tp\t31/01/2024\n": f"{data}:2: column 'date' is neither Unix seconds nor an ISO date",
+        "person\titem\na\tp\n": f"{data}: no user column (one of user_id, userid, user; the header has person, item)",
+        "user\titem\tuser_id\na\tp\tb\n": f"{data}: columns user, user_id all name the user; keep one",
+        "user\titem\na\tp\tx\n": f"{data}:2: expected 2 fields separated by '\\t' (as the header), found 3",
+        "user\titem\na\tp\nuser\titem\n": f"{data}:3: header line repeated inside the data",
+        "user\titem\n": f"{data}: a header but no data",
+        "user\titem\trating\na\tp\tfive\n": f"{data}:2: column 'rating' is not a number: 'five'",
+        'user\titem\na\t"p\n': f"{data}:2: not a valid delimited line",
+    }.items():
+        data.write_text(text)
+        assert read_error(tmp_path).startswith(error), (text, read_error(tmp_path))
+    (tmp_path / "interactions.csv").write_text("user,item\na,p\n")
+    assert "several interactions tables (interactions.csv, interactions.tsv)" in read_error(tmp_path, "csv")
+    (tmp_path / "interactions.tsv").unlink()
+    (tmp_path / "interactions.csv").rename(tmp_path / "export.csv")  # any name, given as the file with --format
+    assert raw_rows(load_dataset(str(tmp_path / "export.csv"), fmt="csv")) == [("a", "p", 5.0, 0)]
+
+
+def test_a_carriage_return_inside_a_book_crossing_header_is_a_line_error(tmp_path):
+    # found by the fuzzer: the fast path's header parse raised csv.Error ("new-line character seen in unquoted field")
+    (tmp_path / "BX-Book-Ratings.csv").write_bytes(b'"User-ID";"ISBN";"Book-Rating"\r\x00\n"1";"2";"5"\n')
+    assert read_error(tmp_path, "book-crossing").startswith(f"{tmp_path / 'BX-Book-Ratings.csv'}:1: ")
+
+
 def test_amazon_2023_release(tmp_path):
     """The 2023 release (user_id, parent_asin, rating, millisecond timestamps; metadata keyed by parent_asin)
     gives the same data as the 2018 fixture it was written from."""
@@ -267,9 +303,9 @@ def test_ids_are_stable_across_reads_and_file_order(fmt, tmp_path):
     shutil.copytree(FIXTURES / fmt, copy)
     target = {"recbole": "tiny.inter", "ml-100k-raw": "u.data", "ml-1m": "ratings.dat",
               "amazon": "Toys_and_Games_5.json", "book-crossing": "BX-Book-Ratings.csv",
-              "steam": "steam_reviews.json", "movielens-csv": "ratings.csv"}[fmt]
+              "steam": "steam_reviews.json", "movielens-csv": "ratings.csv", "csv": "interactions.csv"}[fmt]
     lines = (copy / target).read_bytes().splitlines(keepends=True)
-    head = 1 if fmt in ("recbole", "book-crossing", "movielens-csv") else 0
+    head = 1 if fmt in ("recbole", "book-crossing", "movielens-csv", "csv") else 0
     (copy / target).write_bytes(b"".join(lines[:head] + lines[head:][::-1]))
     shuffled = load_dataset(str(copy), fmt=fmt)
     assert shuffled.users["raw_id"].tolist() == first.users["raw_id"].tolist()
@@ -402,6 +438,9 @@ def write_one_bad_line(fmt, folder: Path, user: str, item: str):
     elif fmt == "movielens-csv":
         target = folder / "ratings.csv"
         text, line = f"userId,movieId,rating,timestamp\n1,1,5.0,1\n{user},{item},5.0,2\n", 3
+    elif fmt == "csv":
+        target = folder / "interactions.csv"
+        text, line = f"user_id,item_id,rating\n1,1,5\n{user},{item},5\n", 3
     elif fmt == "amazon":
         def review(u, i, t):
             return json.dumps({"reviewerID": u, "asin": i, "overall": 5, "unixReviewTime": t})

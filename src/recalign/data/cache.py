@@ -25,7 +25,7 @@ from recalign.data.dataset import Dataset
 
 # bump a reader's version whenever its output for the same files changes: old entries are then rebuilt
 READER_VERSIONS = {"recbole": 2, "ml-100k-raw": 2, "ml-1m": 2, "amazon": 3, "book-crossing": 2, "steam": 2,
-                   "movielens-csv": 1}
+                   "movielens-csv": 1, "csv": 1}
 CACHE_FORMAT = "recalign-dataset-cache/1"
 _SAMPLE = 1 << 20
 _TABLES = ("interactions", "items", "users")

@@ -16,13 +16,13 @@ EMBEDDED = {"ml-100k": ("ml-100k", "ml-100k", "movie")}  # name -> (asset, file 
 
 # file names that identify a format (checked in this order, in a directory or as the path itself)
 _MARKERS = [("u.data", "ml-100k-raw"), ("ratings.dat", "ml-1m"), ("BX-Book-Ratings.csv", "book-crossing"),
-            ("ratings.csv", "movielens-csv")]
+            ("ratings.csv", "movielens-csv"), *((f"interactions{s}", "csv") for s in (".csv", ".tsv", ".csv.gz", ".tsv.gz"))]
 _JSON_SUFFIXES = (".json", ".json.gz", ".jsonl", ".jsonl.gz")
 
 
 def detect_format(path: Path) -> str:
     """Guess the reader from file names: *.inter -> recbole, u.data -> ml-100k-raw, ratings.dat -> ml-1m,
-    BX-Book-Ratings.csv -> book-crossing, ratings.csv -> movielens-csv, JSON lines -> amazon ('{"') or steam ("{'")."""
+    BX-Book-Ratings.csv -> book-crossing, ratings.csv -> movielens-csv, interactions.csv|tsv -> csv, JSON lines -> amazon ('{"') or steam ("{'")."""
     files = sorted(path.iterdir()) if path.is_dir() else [path]
     names = {p.name for p in files}
     if any(name.endswith(".inter") for name in names | {path.name}) or present(Path(f"{path}.inter")):

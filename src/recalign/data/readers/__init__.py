@@ -5,6 +5,7 @@ means the format's own default (3 for 1-5 star scales, 5 for Book-Crossing's 1-1
 
 from recalign.data.readers.amazon import read_amazon
 from recalign.data.readers.book_crossing import read_book_crossing
+from recalign.data.readers.csv_table import read_csv_tables
 from recalign.data.readers.ml1m import read_ml1m
 from recalign.data.readers.ml100k_raw import read_ml100k_raw
 from recalign.data.readers.movielens_csv import read_movielens_csv
@@ -19,7 +20,8 @@ READERS = {
     "book-crossing": read_book_crossing,
     "steam": read_steam,
     "movielens-csv": read_movielens_csv,
+    "csv": read_csv_tables,
 }
 
-__all__ = ["READERS", "read_amazon", "read_book_crossing", "read_ml100k_raw", "read_ml1m", "read_movielens_csv",
+__all__ = ["READERS", "read_amazon", "read_book_crossing", "read_csv_tables", "read_ml100k_raw", "read_ml1m", "read_movielens_csv",
            "read_recbole", "read_steam"]

@@ -44,7 +44,10 @@ def _fast_read(path: Path):
     if (data.count(b'";"') != (width - 1) * lines or data.count(b'"') != 2 * width * lines
             or b"\n\n" in data or b"\n\r\n" in data or not data.strip()):
         return None  # unquoted cells (NULL), blank lines, ragged rows: the csv module decides
-    header = [h.strip() for h in next(csv.reader([first.decode("latin-1")], delimiter=";"))]
+    try:
+        header = [h.strip() for h in next(csv.reader([first.decode("latin-1")], delimiter=";"))]
+    except csv.Error:
+        return None  # e.g. a carriage return inside the header line: the slow path names file:line
     if len(set(header)) != len(header):
         return None
     try:

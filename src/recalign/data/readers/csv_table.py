@@ -1,0 +1,171 @@
+"""Your own data as plain CSV/TSV tables with a header line: `interactions.csv` (+ `items.csv`, `users.csv`).
+
+Columns are found by name (case-insensitive), so a file exported from a database or a notebook reads as it
+is: the separator is told by the header line (tab, then ';', '|', else ','), cells may be double-quoted, and
+extra columns are ignored (interactions) or kept as user features (users)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from recalign.data.dataset import BLANKS, Dataset, Origin, build_dataset
+from recalign.data.readers._common import (
+    iter_lines, numeric_column, only_interacted, present, require_file, split_title_year,
+)
+from recalign.errors import InputError
+
+IMPLICIT_RATING = 5.0  # no rating column: every interaction is a positive
+SUFFIXES = (".csv", ".tsv", ".csv.gz", ".tsv.gz")
+COLUMNS = {  # role -> accepted header names, lower case
+    "user": ("user_id", "userid", "user"),
+    "item": ("item_id", "itemid", "item"),
+    "rating": ("rating", "score"),
+    "timestamp": ("timestamp", "time", "date", "datetime"),
+    "title": ("title", "name"),
+    "year": ("year",),
+    "categories": ("categories", "genres", "category", "genre"),
+}
+
+
+def read_csv_tables(path: str | Path, name: str | None = None, like_threshold: float | None = None,
+                    domain: str = "item") -> Dataset:
+    """Plain tables: DIR with interactions.csv|tsv (+ items.csv|tsv, users.csv|tsv), or the interactions file.
+
+    interactions: user_id, item_id (or userId/user, itemId/item), optional rating (else 5: all positives),
+    optional timestamp (Unix seconds or an ISO date such as 2024-01-31 or 2024-01-31T12:00:00; else file
+    order). items: item_id, title (or name), optional year, categories or genres ('|'-separated). users:
+    user_id and any feature columns."""
+    path = Path(path)
+    directory = path.parent if path.is_file() else path
+    inter_path = path if path.is_file() else _table(directory, "interactions", required=True)
+    like_threshold = 3.0 if like_threshold is None else like_threshold
+
+    header, columns, line_nos = read_table(inter_path)
+    found = _roles(header, inter_path, ("user", "item"), ("rating", "timestamp"))
+    ratings = (numeric_column(columns[found["rating"]], header[found["rating"]], inter_path, line_nos)
+               if "rating" in found else np.full(len(line_nos), IMPLICIT_RATING))
+    stamps = (_times(columns[found["timestamp"]], header[found["timestamp"]], inter_path, line_nos)
+              if "timestamp" in found else np.arange(len(line_nos), dtype=np.int64))
+    interactions = pd.DataFrame({"user_id": columns[found["user"]], "item_id": columns[found["item"]],
+                                 "rating": ratings, "timestamp": stamps, "line": line_nos})
+
+    items = None
+    item_path = _table(directory, "items")
+    if item_path is not None:
+        header, columns, line_nos = read_table(item_path)
+        role = _roles(header, item_path, ("item",), ("title", "year", "categories"))
+        count = len(line_nos)
+        titles = columns[role["title"]] if "title" in role else np.full(count, "", dtype=object)
+        split = [split_title_year(t) for t in titles]
+        years = (numeric_column(columns[role["year"]], header[role["year"]], item_path, line_nos)
+                 if "year" in role else np.array([year for _, year in split], dtype=np.float64))
+        categories = (columns[role["categories"]] if "categories" in role else np.full(count, "", dtype=object))
+        items = only_interacted(pd.DataFrame({
+            "item_id": columns[role["item"]],
+            "title": [title for title, _ in split] if "year" not in role else list(titles),
+            "year": years,
+            "categories": [[c.strip() for c in cell.split("|") if c.strip()] for cell in categories],
+        }), interactions)
+
+    users = None
+    user_path = _table(directory, "users")
+    if user_path is not None:
+        header, columns, _ = read_table(user_path)
+        role = _roles(header, user_path, ("user",), ())
+        users = pd.DataFrame({"user_id": columns[role["user"]]})
+        for index, column in enumerate(header):
+            if index != role["user"] and column not in users:
+                numbers = pd.to_numeric(pd.Series(columns[index]), errors="coerce")
+                users[column] = numbers if numbers.notna().all() else columns[index]  # ages as numbers
+
+    return build_dataset(name or directory.name, interactions, items, users, like_threshold, domain,
+                         str(directory), Origin(str(inter_path), "user", "item"))
+
+
+def _table(directory: Path, stem: str, required: bool = False) -> Path | None:
+    found = [directory / f"{stem}{suffix}" for suffix in SUFFIXES if present(directory / f"{stem}{suffix}")]
+    if len(found) > 1:
+        raise InputError(f"{directory}: several {stem} tables ({', '.join(p.name for p in found)}); keep one")
+    if not found and required:
+        raise InputError(f"{directory}: no interactions.csv or interactions.tsv (the csv format's main table)")
+    return found[0] if found else None
+
+
+def separator_of(header: str) -> str:
+    for sep in ("\t", ";", "|"):
+        if sep in header:
+            return sep
+    return ","
+
+
+def read_table(path: Path) -> tuple[list[str], list[np.ndarray], np.ndarray]:
+    """(header names, one array of stripped strings per column, each row's line number). Every row must have
+    the header's width; a repeated header line is an error."""
+    lines = iter_lines(require_file(path, "CSV table"))
+    header_no, header_text = next(lines)  # iter_lines raises first on a file without data
+    sep = separator_of(header_text)
+    header = [name.strip(BLANKS) for name in _fields(header_text, sep, path, header_no)]
+    lowered = [name.lower() for name in header]
+    if "" in header or len(set(lowered)) != len(lowered):
+        raise InputError(f"{path}:{header_no}: the header needs distinct, non-empty column names, found "
+                         f"{header_text.strip()[:80]!r}")
+    rows, line_nos = [], []
+    for line_no, line in lines:
+        fields = _fields(line, sep, path, line_no)
+        if len(fields) != len(header):
+            raise InputError(f"{path}:{line_no}: expected {len(header)} fields separated by {sep!r} (as the "
+                             f"header), found {len(fields)}")
+        if [f.strip(BLANKS).lower() for f in fields] == lowered:
+            raise InputError(f"{path}:{line_no}: header line repeated inside the data")
+        rows.append(fields)
+        line_nos.append(line_no)
+    if not rows:
+        raise InputError(f"{path}: a header but no data")
+    columns = [np.array([cell.strip(BLANKS) for cell in column], dtype=object) for column in zip(*rows)]
+    return header, columns, np.asarray(line_nos, dtype=np.int64)
+
+
+def _fields(line: str, sep: str, path: Path, line_no: int) -> list[str]:
+    if '"' not in line:
+        return line.split(sep)
+    try:
+        return next(csv.reader([line], delimiter=sep, strict=True))
+    except csv.Error as exc:
+        raise InputError(f"{path}:{line_no}: not a valid {'CSV' if sep == ',' else 'delimited'} line ({exc})") from None
+
+
+def _roles(header: list[str], path: Path, required: tuple[str, ...], optional: tuple[str, ...]) -> dict[str, int]:
+    """role -> column index, by the accepted names; a required role without a column is an error."""
+    lowered = [name.lower() for name in header]
+    found = {}
+    for role in required + optional:
+        matches = [i for i, name in enumerate(lowered) if name in COLUMNS[role]]
+        if len(matches) > 1:
+            raise InputError(f"{path}: columns {', '.join(header[i] for i in matches)} all name the {role}; keep one")
+        if matches:
+            found[role] = matches[0]
+        elif role in required:
+            raise InputError(f"{path}: no {role} column (one of {', '.join(COLUMNS[role])}; the header has "
+                             f"{', '.join(header)})")
+    return found
+
+
+def _times(values: np.ndarray, column: str, path: Path, line_nos: np.ndarray) -> np.ndarray:
+    """Unix seconds as numbers, or ISO dates/times (UTC unless they say otherwise) as Unix seconds."""
+    numbers = pd.to_numeric(pd.Series(values), errors="coerce")
+    if numbers.notna().all():
+        return numeric_column(values, column, path, line_nos)
+    try:
+        parsed = pd.to_datetime(pd.Series(values), format="ISO8601", utc=True, errors="coerce")
+    except (ValueError, OverflowError):
+        parsed = pd.Series(pd.NaT, index=range(len(values)))
+    bad = parsed.isna().to_numpy()
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise InputError(f"{path}:{line_nos[row]}: column '{column}' is neither Unix seconds nor an ISO date "
+                         f"(2024-01-31 or 2024-01-31T12:00:00): {values[row]!r}")
+    return ((parsed - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)).to_numpy(np.int64)
