@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
+from recalign.eval.metrics import auc
 from recalign.data import build_dataset
 from recalign.errors import InputError
 from recalign.llm import (CIE, Backbone, Prompter, Scorer, SoftPrompt, TrainConfig, lora_step, tiny_llama,
@@ -272,6 +273,19 @@ def test_collm_end_to_end_on_tiny_llama(tmp_path):
     assert "step 1 only (TALLRec)" in report and "CF embeddings zeroed" in report
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["test"]["auc"] == pytest.approx(metrics["test"]["auc"])
+    # per-sample test scores of every row, and CoLLM minus each row paired on the same samples
+    predictions = json.loads((out / "predictions-test.json").read_text())
+    assert sorted(predictions["scores"]) == ["cf", "collm", "step1", "zero-cf"] and sum(predictions["warm"]) == 12
+    warm = np.asarray(predictions["warm"], dtype=bool)
+    labels = np.asarray(predictions["label"], dtype=bool)
+    collm, cf = (np.asarray(predictions["scores"][k]) for k in ("collm", "cf"))
+    assert auc(labels, collm) == pytest.approx(metrics["test"]["auc"])
+    difference = metrics["paired"]["collm-cf"]["auc_warm"]
+    assert difference["difference"] == pytest.approx(auc(labels[warm], collm[warm]) - auc(labels[warm], cf[warm]))
+    assert difference["difference"] == pytest.approx(metrics["test"]["auc_warm"]
+                                                     - metrics["baselines"]["cf"]["test"]["auc_warm"])
+    assert difference["ci"] is None or difference["ci"][0] <= difference["difference"] <= difference["ci"][1]
+    assert set(metrics["paired"]) == {"collm-cf", "collm-step1", "collm-zero-cf"}
 
 
 def test_collm_resume_after_an_interruption_gives_the_same_result(tmp_path, monkeypatch):

@@ -34,7 +34,7 @@ from recalign.llm.prompts import check_template
 from recalign.data import Needs
 from recalign.methods.api import Experiment, Method, RunContext
 from recalign.tasks.ctr import (COLLM_NULLABLE, COLLM_PROTOCOL, check_collm_protocol, collm_protocol, ctr_report,
-                                summary_line, valid_auc)
+                                paired_ctr_report, summary_line, valid_auc)
 from recalign.tasks.text import SAMPLE_FIELDS, frame_fields
 
 CF_MODELS = ("mf", "lightgcn", "sasrec")
@@ -177,8 +177,13 @@ def run(ctx: RunContext) -> dict:
     ids = prompts_of(backbone, pcfg, "ids", frames, ds, require=slots)
     scorer = Scorer(ctx.run, backbone, pcfg["yes"], pcfg["no"], cfg["eval"]["batch_size"])
 
+    test_scores: dict[str, np.ndarray] = {}  # row -> per-sample test scores, for the paired differences
+
     def evaluate(name: str, frame, compute) -> dict:
-        metrics = ctr_report(frame, scorer.cached(name, len(frame), compute))
+        scores = scorer.cached(name, len(frame), compute)
+        if frame is data.test:
+            test_scores[name.removesuffix("-test")] = scores
+        metrics = ctr_report(frame, scores)
         ctx.log(f"{name}: {summary_line(metrics)}")
         return metrics
 
@@ -186,9 +191,12 @@ def run(ctx: RunContext) -> dict:
     if cfg["eval"]["cf"]:
         from recalign.cf import EvalSet, score_pairs
 
-        baselines["cf"] = {split: ctr_report(frame, score_pairs(cf, EvalSet.from_samples(frame)))
-                           for split, frame in (("valid", data.valid), ("test", data.test),
-                                                ("test_full", data.test_full))}
+        baselines["cf"] = {}
+        for split, frame in (("valid", data.valid), ("test", data.test), ("test_full", data.test_full)):
+            scores = score_pairs(cf, EvalSet.from_samples(frame))
+            baselines["cf"][split] = ctr_report(frame, scores)
+            if split == "test":
+                test_scores["cf"] = scores
         ctx.log(f"cf {cf.name} alone: test auc {baselines['cf']['test']['auc']:.4f}")
     if cfg["eval"]["icl"]:
         baselines["icl"] = {"test": evaluate("icl-test", data.test,
@@ -238,12 +246,27 @@ def run(ctx: RunContext) -> dict:
     if cfg["eval"]["zero_cf"]:
         ablation["zero_cf"] = {"test": evaluate("zero-cf-test", data.test,
                                                 lambda: score_ids("test", zero_cf=True, progress="zero-CF test"))}
+    ctx.run.write_json("predictions-test.json", {
+        "user": data.test["user"].tolist(), "item": data.test["item"].tolist(),
+        "label": data.test["label"].astype(int).tolist(),
+        "warm": data.test["warm"].astype(int).tolist() if "warm" in data.test else None,
+        "scores": {("collm" if row == "test" else row): np.asarray(v, dtype=np.float64).tolist()
+                   for row, v in test_scores.items()}})
+    paired = {f"collm-{row}": paired_ctr_report(data.test, test_scores["test"], test_scores[row])
+              for row in ("cf", "step1", "icl", "zero-cf") if row in test_scores}
+    for name, difference in paired.items():
+        ctx.log(f"{name}: " + ", ".join(f"{k} {v['difference']:+.4f} {_span(v['ci'])}" for k, v in difference.items()
+                                        if k.startswith("auc")))
     return {
-        "test": test, "valid": valid,
+        "test": test, "valid": valid, "paired": paired,
         "seconds": {"train": seconds["cf"] + seconds["step1"] + seconds["step2"],
                     "eval": scorer.seconds - eval_started, **seconds, "eval_all": scorer.seconds},
         "baselines": baselines, "ablation": ablation, "data": data.summary(), "training": training,
     }
+
+
+def _span(ci) -> str:
+    return "[undefined]" if ci is None else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
 
 
 def prompts_of(backbone: Backbone, pcfg: dict, key: str, frames: dict, ds, **slot_rules) -> dict[str, list[str]]:
@@ -283,7 +306,19 @@ def report(metrics: dict) -> str:
     rows.append(("CoLLM", metrics["test"]))
     if "zero_cf" in metrics.get("ablation", {}):
         rows.append(("CoLLM, CF embeddings zeroed", metrics["ablation"]["zero_cf"]["test"]))
-    return "## Test cases: CoLLM and baselines\n\n" + metrics_table(rows, columns)
+    text = "## Test cases: CoLLM and baselines\n\n" + metrics_table(rows, columns)
+    paired = metrics.get("paired", {})
+    if paired:
+        labels = {**names, "zero-cf": "CoLLM, CF embeddings zeroed"}
+        slices = ["auc", "auc_warm", "auc_cold", "uauc", "uauc_warm", "uauc_cold"]
+        lines = ["", "## CoLLM minus each row, paired on the same test samples (difference [95% interval])", "",
+                 "| CoLLM − | " + " | ".join(slices) + " |", "|---|" + "---|" * len(slices)]
+        for name, difference in paired.items():
+            cells = [f"{difference[k]['difference']:+.4f} {_span(difference[k]['ci'])}" if k in difference else "–"
+                     for k in slices]
+            lines.append(f"| {labels.get(name.removeprefix('collm-'), name)} | " + " | ".join(cells) + " |")
+        text += "\n".join(lines) + "\n"
+    return text
 
 
 SMOKE = {"model.name": "tiny-random", "data_protocol.max_train": 8, "data_protocol.max_valid": 8,

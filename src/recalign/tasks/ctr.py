@@ -32,7 +32,7 @@ import pandas as pd
 
 from recalign.data import Dataset, few_shot, history_samples, mark_warm_cold, temporal_split
 from recalign.errors import InputError
-from recalign.eval.intervals import auc_interval, uauc_interval
+from recalign.eval.intervals import auc_interval, paired_auc_difference, paired_uauc_difference, uauc_interval
 from recalign.eval.metrics import auc, ctr_metrics
 
 # the `prompt:` section of the TALLRec protocol (TALLRec and ICL): fields from `tasks.text.text_fields`
@@ -246,6 +246,23 @@ def ctr_report(frame: pd.DataFrame, scores, intervals: bool = True) -> dict:
                             f"uauc_skipped_users{suffix}": 0})
         out["n_warm"], out["n_cold"] = int(warm.sum()), int((~warm).sum())
     out["n"] = len(frame)
+    return out
+
+
+def paired_ctr_report(frame: pd.DataFrame, scores_a, scores_b) -> dict:
+    """a - b on the same samples: AUC and UAUC differences with paired 95% intervals (`eval.intervals`: the
+    same resamples for both models), on all samples and on the warm / cold slices when the frame has them."""
+    users, labels = frame["user"].to_numpy(), frame["label"].to_numpy(bool)
+    a, b = np.asarray(scores_a, dtype=np.float64), np.asarray(scores_b, dtype=np.float64)
+    slices = {"": np.ones(len(frame), dtype=bool)}
+    if "warm" in frame:
+        warm = frame["warm"].to_numpy(bool)
+        slices.update({"_warm": warm, "_cold": ~warm})
+    out = {}
+    for suffix, mask in slices.items():
+        if mask.any():
+            out[f"auc{suffix}"] = paired_auc_difference(labels[mask], a[mask], b[mask])
+            out[f"uauc{suffix}"] = paired_uauc_difference(users[mask], labels[mask], a[mask], b[mask])
     return out
 
 
