@@ -14,6 +14,10 @@ zeroed-CF rows; the LightGCN / SASRec runs reuse that run's step-1 adapter (`ste
 OUT/seed-N/<name>/ and are resumed when the command is run again.
 
     nice -n 10 .venv/bin/python bench/collm.py --seeds 0 [--train 256 --valid 48 --test-warm 1000 --test-cold 1000 --per-user 100]
+        [--cf mf] [--no-softprompt] [--no-ablation] [--set step1.epochs=3 ...]
+
+With one seed, each cell carries its 95% bootstrap interval; every CoLLM run's own `paired` (CoLLM minus the CF
+model, step 1, ICL, zeroed CF on the same samples, with paired intervals) is printed and kept in the JSON.
 """
 
 from __future__ import annotations
@@ -51,12 +55,12 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--full-seeds", type=int, default=None,
                         help="only the first K seeds run every row; later seeds run the core rows (MF, TALLRec, "
                              "CoLLM-MF, zeroed CF) only")
+    parser.add_argument("--no-ablation", action="store_true",
+                        help="skip the ICL and zeroed-CF rows (two of the scoring passes over the test cases)")
     parser.add_argument("--step2-epochs", type=int, default=1)
     parser.add_argument("--step2-lr", type=float, default=1e-3)
     parser.add_argument("--set", action="append", default=[], help="extra key=value for every collm run")
     parser.add_argument("--out", default="/tmp/recalign-bench-collm")
-    parser.add_argument("--bootstrap", action="store_true",
-                        help="also report paired-bootstrap intervals of AUC differences (first seed)")
     parser.add_argument("--results", default=str(ROOT / "results" / "collm.json"))
     return parser.parse_args()
 
@@ -85,7 +89,7 @@ def rows_for_seed(args, seed: int, first: bool, publish, core_only: bool = False
     base = protocol_sets(args) + [f"seed={seed}", f"step2.epochs={args.step2_epochs}", f"step2.lr={args.step2_lr}",
                                   *args.set]
     rows: dict[str, dict] = {}
-    labels = {"mf": "MF", "lightgcn": "LightGCN", "sasrec": "SASRec"}
+    labels = LABELS
     step1_dir = None
     plan = [("collm", cf) for cf in (args.cf[:1] if core_only else args.cf)]
     if not args.no_softprompt and not core_only:
@@ -98,7 +102,8 @@ def rows_for_seed(args, seed: int, first: bool, publish, core_only: bool = False
             continue
         extra = [f"cf.model={cf}"]
         if step1_dir is None:
-            extra += [f"eval.icl={str(first).lower()}", "eval.zero_cf=true"]
+            ablation = not args.no_ablation
+            extra += [f"eval.icl={str(first and ablation).lower()}", f"eval.zero_cf={str(ablation).lower()}"]
         else:
             extra += [f"step1.init_from={step1_dir}", "eval.step1=false"]
         m = run(f"seed {seed} collm-{cf}", "collm", out / f"collm-{cf}", base + extra)
@@ -106,7 +111,7 @@ def rows_for_seed(args, seed: int, first: bool, publish, core_only: bool = False
         rows[labels[cf]] = {"test": m["baselines"]["cf"]["test"], "test_full": m["baselines"]["cf"]["test_full"],
                             "seconds": {"train": s["cf"], "eval": None}}
         rows[f"CoLLM-{labels[cf]}"] = {"test": m["test"], "seconds": {"train": s["step2"], "eval": s["eval"]},
-                                       "training": m["training"].get("step2")}
+                                       "training": m["training"].get("step2"), "paired": m.get("paired", {})}
         if step1_dir is None:
             step1_dir = out / f"collm-{cf}"
             rows["TALLRec"] = {"test": m["baselines"]["step1"]["test"],
@@ -114,12 +119,14 @@ def rows_for_seed(args, seed: int, first: bool, publish, core_only: bool = False
                                "training": m["training"].get("step1")}
             if "icl" in m["baselines"]:
                 rows["ICL"] = {"test": m["baselines"]["icl"]["test"], "seconds": {"train": 0.0, "eval": None}}
-            rows[f"CoLLM-{labels[cf]}, CF zeroed"] = {"test": m["ablation"]["zero_cf"]["test"],
-                                                      "seconds": {"train": None, "eval": None}}
+            if "zero_cf" in m["ablation"]:
+                rows[f"CoLLM-{labels[cf]}, CF zeroed"] = {"test": m["ablation"]["zero_cf"]["test"],
+                                                          "seconds": {"train": None, "eval": None}}
         publish(rows)
     return rows
 
 
+LABELS = {"mf": "MF", "lightgcn": "LightGCN", "sasrec": "SASRec"}
 ORDER = ["MF", "LightGCN", "SASRec", "ICL", "Soft-Prompt", "TALLRec", "CoLLM-MF", "CoLLM-LightGCN", "CoLLM-SASRec",
          "CoLLM-MF, CF zeroed"]
 
@@ -137,6 +144,8 @@ def aggregate(per_seed: dict[int, dict]) -> dict[str, dict]:
                 mean = sum(values) / len(values)
                 std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else None
                 entry[metric] = {"mean": mean, "std": std}
+                if len(runs) == 1 and runs[0]["test"].get(f"{metric}_ci"):  # one seed: its bootstrap interval
+                    entry[metric]["ci"] = runs[0]["test"][f"{metric}_ci"]
         train = [r["seconds"]["train"] for r in runs if r["seconds"].get("train") is not None]
         entry["train_seconds"] = sum(train) / len(train) if train else None
         table[name] = entry
@@ -153,7 +162,8 @@ def markdown(table: dict[str, dict]) -> str:
             if value is None:
                 cells.append("–")
             elif value["std"] is None:
-                cells.append(f"{value['mean']:.4f}")
+                ci = value.get("ci")
+                cells.append(f"{value['mean']:.4f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
             else:
                 cells.append(f"{value['mean']:.4f} ± {value['std']:.4f}")
         train = "–" if entry["train_seconds"] is None else f"{entry['train_seconds']:.0f}"
@@ -161,86 +171,19 @@ def markdown(table: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-class ReadOnlyStore:
-    """A run's checkpoints, read but never written (the CF trainer resumes its finished state from them)."""
-
-    def __init__(self, checkpoints):
-        self.checkpoints, self.path = checkpoints, checkpoints.path
-
-    def load_checkpoint(self, name: str):
-        return self.checkpoints.load_checkpoint(name)
-
-    def save_checkpoint(self, name: str, state) -> None:
-        raise SystemExit(f"{self.path}: the run's CF checkpoint {name} is not finished; rerun the bench to finish it")
-
-
-def run_cf_model(section: dict, data, ds, checkpoints, seed: int):
-    """The run's trained CF model, read back from its finished trainer checkpoint `cf-NAME` (built as the
-    run's `cf` section builds it: sequential models take max_len = history_len, objective "" = bce if the model
-    has it), so its scores are exactly the run's."""
-    from recalign.cf import model_class, train_cf_model
-
-    name = section["model"]
-    cls = model_class(name)
-    params = dict(section["params"])
-    if cls.kind == "sequential":
-        params.setdefault("max_len", data.history_len)
-    train = dict(section["train"])
-    train["objective"] = train.get("objective") or ("bce" if "bce" in cls.objectives else "")
-    return train_cf_model(name, data.train_all, {"model": params, "train": train}, catalog=ds,
-                          valid=None, run=ReadOnlyStore(checkpoints), checkpoint=f"cf-{name}", seed=seed)
-
-
-def paired_bootstrap(args, seed: int = 0, draws: int = 2000) -> dict:
-    """95% intervals of AUC differences on the warm and cold test cases of one seed (cases resampled with
-    replacement within each group; all rows scored on the same cases, so the differences are paired)."""
-    import numpy as np
-    import yaml
-
-    from recalign.cf import score_pairs
-    from recalign.data import load_dataset
-    from recalign.eval import auc
-    from recalign.io import Checkpoints
-    from recalign.tasks.ctr import collm_protocol
-    from recalign.tasks.next_item import Cases
-
-    out = Path(args.out) / f"seed-{seed}" / f"collm-{args.cf[0]}"
-    metrics = json.loads((out / "metrics.json").read_text())
-    config = yaml.safe_load((out / "config.yaml").read_text())  # the run's resolved config
-    data_cfg = config["data"]
-    ds = load_dataset("ml-100k", fmt=data_cfg["format"], like_threshold=data_cfg["like_threshold"],
-                      k_core_users=data_cfg["k_core_users"], k_core_items=data_cfg["k_core_items"],
-                      domain=data_cfg["domain"])
-    data = collm_protocol(ds, config["data_protocol"], seed)
-    checkpoints = Checkpoints(out / "checkpoints")
-
-    def saved(name):
-        state = checkpoints.load_checkpoint(f"eval-{name}")
-        if state is None:
-            raise SystemExit(f"{out}: no checkpoint eval-{name} (scores of the run's {name} set)")
-        return np.asarray(state["scores"])
-
-    scores = {"CoLLM": saved("test"), "TALLRec": saved("step1-test"), "zeroed": saved("zero-cf-test")}
-    cf = run_cf_model(config["cf"], data, ds, checkpoints, seed)
-    scores["CF"] = score_pairs(cf, Cases.from_samples(data.test))
-    check = auc(data.test["label"][data.test["warm"]], scores["CF"][data.test["warm"].to_numpy()])
-    expected = metrics["baselines"]["cf"]["test"]["auc_warm"]
-    expected = float("nan") if expected is None else expected  # metrics.json writes NaN as null
-    assert (math.isnan(check) and math.isnan(expected)) or abs(check - expected) < 1e-6, "CF model not reproduced"
-    rng = np.random.default_rng(0)
-    labels = data.test["label"].to_numpy(bool)
-    result = {}
-    for group, mask in (("warm", data.test["warm"].to_numpy()), ("cold", ~data.test["warm"].to_numpy())):
-        index = np.flatnonzero(mask)
-        for a, b in (("CoLLM", "TALLRec"), ("CoLLM", "CF"), ("CoLLM", "zeroed")):
-            deltas = []
-            for _ in range(draws):
-                pick = rng.choice(index, size=len(index), replace=True)
-                deltas.append(auc(labels[pick], scores[a][pick]) - auc(labels[pick], scores[b][pick]))
-            point = auc(labels[index], scores[a][index]) - auc(labels[index], scores[b][index])
-            low, high = np.nanpercentile(deltas, [2.5, 97.5])
-            result[f"{a} - {b} ({group})"] = {"delta_auc": float(point), "ci95": [float(low), float(high)]}
-    return result
+def paired_markdown(paired: dict) -> str:
+    """CoLLM minus each row on the same test samples (the run's own `paired`: differences with paired 95%
+    bootstrap intervals; cases resampled for AUC, users for UAUC)."""
+    slices = ["auc", "auc_warm", "auc_cold", "uauc_warm", "uauc_cold"]
+    lines = ["| CoLLM − | " + " | ".join(slices) + " |", "|---|" + "---|" * len(slices)]
+    for name, difference in paired.items():
+        cells = []
+        for key in slices:
+            d = difference.get(key)
+            ci = d and d["ci"]
+            cells.append("–" if d is None else f"{d['difference']:+.4f}" + (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else ""))
+        lines.append(f"| {name.removeprefix('collm-')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -263,17 +206,14 @@ def main() -> None:
     for index, seed in enumerate(args.seeds):
         core_only = args.full_seeds is not None and index >= args.full_seeds
         rows_for_seed(args, seed, index == 0, lambda rows, seed=seed: publish(rows, seed), core_only)
-    if args.bootstrap:
-        intervals = paired_bootstrap(args, args.seeds[0])
-        saved = json.loads(Path(args.results).read_text())
-        saved["paired_bootstrap"] = intervals
-        atomic_write_json(Path(args.results), saved)
-        for name, value in intervals.items():
-            print(f"{name}: delta AUC {value['delta_auc']:+.4f}, 95% CI [{value['ci95'][0]:+.4f}, "
-                  f"{value['ci95'][1]:+.4f}]")
     print(f"CoLLM table, ML-100K, {args.model}, {args.train} training samples, test <= {args.test_warm} warm + "
           f"{args.test_cold} cold cases, seeds {args.seeds}, wall {time.perf_counter() - started:.0f}s")
     print(markdown(aggregate(per_seed)))
+    for seed, rows in per_seed.items():
+        for cf in args.cf:
+            if rows.get(f"CoLLM-{LABELS[cf]}", {}).get("paired"):
+                print(f"\nCoLLM-{LABELS[cf]} minus each row, seed {seed}, paired on the same test samples [95%]")
+                print(paired_markdown(rows[f"CoLLM-{LABELS[cf]}"]["paired"]))
 
 
 if __name__ == "__main__":
