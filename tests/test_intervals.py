@@ -101,3 +101,18 @@ def test_run_report_lists_the_test_intervals_with_the_sample_count():
     lines = interval_lines({"auc": 0.7, "auc_ci": [0.68, 0.72], "uauc": 0.6, "uauc_ci": None, "n": 2000})
     assert lines[0] == "95% bootstrap intervals on 2000 test samples: auc 0.7000 [0.6800, 0.7200]"
     assert interval_lines({"auc": 0.7, "n": 5}) == []  # a multi-seed aggregate keeps intervals per seed only
+
+
+def test_reproduce_report_tables_of_fairness_audits_show_their_metrics(tmp_path):
+    from recalign.methods.api import Experiment
+    from recalign.report.summary import write_reproduce_report
+
+    audit = {"test": {"jaccard@10": 0.41, "serp@10": 0.52, "prag@10": 0.63, "jaccard@10_snsr_gender": 0.05,
+                      "jaccard@10_snsv_gender": 0.02, "serp@10_snsr_gender": 0.07}, "seconds": {"total": 1.0}}
+    groups = {"test": {"ndcg@10": 0.1, "hr@10": 0.2, "ndcg@10_snsr_age": 0.03, "hr@10_snsr_age": 0.04},
+              "seconds": {"total": 1.0}}
+    text = write_reproduce_report(tmp_path, "full", [(Experiment("fair", "fairllm", table="a"), audit),
+                                                     (Experiment("groups", "fairness-groups", table="g"), groups)]
+                                  ).read_text()
+    assert "| | jaccard@10 | serp@10 | prag@10 | jaccard@10_snsr_gender |" in text  # was a table without columns
+    assert "ndcg@10_snsr_age" in text and "hr@10_snsr_age" not in text and "snsv" not in text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from recalign.report.markdown import metrics_table
 from recalign.io import atomic_write_text
 
 HEADLINE = ["auc", "uauc", "auc_warm", "auc_cold", "ndcg@10", "hr@10", "ndcg@20", "hr@20", "recall@10", "mrr@10"]
+AUDIT = re.compile(r"^(jaccard|serp|prag)@\d+$")  # FaiRLLM's list similarities (neutral vs attribute-stated)
 
 
 QUICK_NOISE = ("Quick profile: one seed, short training and small test sets (a few hundred samples or fewer), so "
@@ -32,10 +34,15 @@ def with_intervals(metrics: dict, columns: list[str]) -> dict:
 
 
 def _headline_columns(results) -> list[str]:
-    present = set()
+    """The accuracy metrics the rows have; for a fairness audit also its similarities and the SNSR (spread
+    between a sensitive attribute's groups) of its first metric per attribute."""
+    present: dict[str, None] = {}
     for _, metrics in results:
-        present.update(metrics.get("test", {}))
-    return [c for c in HEADLINE if c in present]
+        present.update(dict.fromkeys(metrics.get("test", {})))
+    columns = [c for c in HEADLINE if c in present] + [c for c in present if AUDIT.match(c)]
+    if columns:
+        columns += [c for c in present if c.startswith(f"{columns[0]}_snsr_")]
+    return columns
 
 
 def _bar_plot_png(title: str, labels: list[str], values: list[float], metric: str) -> str:
