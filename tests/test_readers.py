@@ -201,7 +201,7 @@ def test_csv_tables_by_column_name_separator_dates_and_errors(tmp_path):
         "user\titem\tdate\na\tp\t31/01/2024\n": f"{data}:2: column 'date' is neither Unix seconds nor an ISO date",
         "person\titem\na\tp\n": f"{data}: no user column (one of user_id, userid, user; the header has person, item)",
         "user\titem\tuser_id\na\tp\tb\n": f"{data}: columns user, user_id all name the user; keep one",
-        "user\titem\na\tp\tx\n": f"{data}:2: expected 2 fields separated by '\\t' (as the header), found 3",
+        "user\titem\na\tp\tx\n": f"{data}:2: expected 2 fields separated by '\\t', found 3",
         "user\titem\na\tp\nuser\titem\n": f"{data}:3: header line repeated inside the data",
         "user\titem\n": f"{data}: a header but no data",
         "user\titem\trating\na\tp\tfive\n": f"{data}:2: column 'rating' is not a number: 'five'",

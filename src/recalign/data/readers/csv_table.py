@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
 
 from recalign.data.dataset import BLANKS, Dataset, Origin, build_dataset
 from recalign.data.readers._common import (
-    iter_lines, numeric_column, only_interacted, present, require_file, split_title_year,
+    IdColumn, _blocks, _fast_block, _slow_block, iter_lines, numeric_column, only_interacted, present, require_file,
+    split_title_year,
 )
 from recalign.errors import InputError
 
@@ -44,14 +46,23 @@ def read_csv_tables(path: str | Path, name: str | None = None, like_threshold: f
     inter_path = path if path.is_file() else _table(directory, "interactions", required=True)
     like_threshold = 3.0 if like_threshold is None else like_threshold
 
-    header, columns, line_nos = read_table(inter_path)
-    found = _roles(header, inter_path, ("user", "item"), ("rating", "timestamp"))
-    ratings = (numeric_column(columns[found["rating"]], header[found["rating"]], inter_path, line_nos)
-               if "rating" in found else np.full(len(line_nos), IMPLICIT_RATING))
-    stamps = (_times(columns[found["timestamp"]], header[found["timestamp"]], inter_path, line_nos)
-              if "timestamp" in found else np.arange(len(line_nos), dtype=np.int64))
-    interactions = pd.DataFrame({"user_id": columns[found["user"]], "item_id": columns[found["item"]],
-                                 "rating": ratings, "timestamp": stamps, "line": line_nos})
+    names, sep = table_header(inter_path)
+    found = _roles(names, inter_path, ("user", "item"), ("rating", "timestamp"))
+    user_ids, item_ids, ratings, stamps, lines = IdColumn(), IdColumn(), [], [], []
+    for columns, line_nos in table_blocks(inter_path, names, sep):
+        user_ids.extend(columns[found["user"]])
+        item_ids.extend(columns[found["item"]])
+        if "rating" in found:
+            ratings.append(numeric_column(columns[found["rating"]], names[found["rating"]], inter_path, line_nos))
+        if "timestamp" in found:
+            stamps.append(_times(columns[found["timestamp"]], names[found["timestamp"]], inter_path, line_nos))
+        lines.append(line_nos)
+    line_nos = np.concatenate(lines)
+    interactions = pd.DataFrame({
+        "user_id": user_ids.categorical(), "item_id": item_ids.categorical(),
+        "rating": np.concatenate(ratings) if ratings else np.full(len(line_nos), IMPLICIT_RATING),
+        "timestamp": np.concatenate(stamps) if stamps else np.arange(len(line_nos), dtype=np.int64),
+        "line": line_nos})
 
     items = None
     item_path = _table(directory, "items")
@@ -102,34 +113,74 @@ def separator_of(header: str) -> str:
     return ","
 
 
-def read_table(path: Path) -> tuple[list[str], list[np.ndarray], np.ndarray]:
-    """(header names, one array of stripped strings per column, each row's line number). Every row must have
-    the header's width; a repeated header line is an error."""
-    lines = iter_lines(require_file(path, "CSV table"))
-    header_no, header_text = next(lines)  # iter_lines raises first on a file without data
-    sep = separator_of(header_text)
-    header = [name.strip(BLANKS) for name in _fields(header_text, sep, path, header_no)]
-    lowered = [name.lower() for name in header]
-    if "" in header or len(set(lowered)) != len(lowered):
-        raise InputError(f"{path}:{header_no}: the header needs distinct, non-empty column names, found "
-                         f"{header_text.strip()[:80]!r}")
-    rows, line_nos = [], []
-    for line_no, line in lines:
-        fields = _fields(line, sep, path, line_no)
-        if len(fields) != len(header):
-            raise InputError(f"{path}:{line_no}: expected {len(header)} fields separated by {sep!r} (as the "
-                             f"header), found {len(fields)}")
-        if [f.strip(BLANKS).lower() for f in fields] == lowered:
-            raise InputError(f"{path}:{line_no}: header line repeated inside the data")
-        rows.append(fields)
-        line_nos.append(line_no)
-    if not rows:
+def table_header(path: Path) -> tuple[list[str], str]:
+    """(column names, separator) from the table's first non-blank line; names must be distinct and non-empty."""
+    line_no, text = next(iter_lines(require_file(path, "CSV table")))  # raises first on a file without data
+    sep = separator_of(text)
+    names = [name.strip(BLANKS) for name in _quoted_fields(text, sep, path, line_no)]
+    lowered = [name.lower() for name in names]
+    if "" in names or len(set(lowered)) != len(lowered):
+        raise InputError(f"{path}:{line_no}: the header needs distinct, non-empty column names, found "
+                         f"{text.strip()[:80]!r}")
+    return names, sep
+
+
+def table_blocks(path: Path, names: list[str], sep: str) -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
+    """The rows after the header in blocks of (one array of stripped strings per column, line numbers), so a
+    table of any size streams: blocks without a double quote go through pandas' C parser (`_common`), the
+    others line by line through the csv module. Every row has the header's width; a repeated header is an error."""
+    expected, lowered = len(names), [name.lower() for name in names]
+    any_rows, header = False, True
+    for first_line, data in _blocks(path):
+        while header and data:  # drop the header line (the first non-blank one)
+            line, _, data = data.partition(b"\n")
+            first_line += 1
+            header = not line.strip()
+        if b'"' in data:
+            block = _quoted_block(path, data, sep, expected, first_line)
+        else:
+            block = (_fast_block(data, sep, expected, "utf-8", first_line)
+                     or _slow_block(path, data, sep, expected, "utf-8", first_line))
+        columns, line_nos = block
+        if not len(line_nos):
+            continue
+        repeated = np.logical_and.reduce([pd.Series(c).str.lower().to_numpy() == n for c, n in zip(columns, lowered)])
+        if repeated.any():
+            raise InputError(f"{path}:{line_nos[int(np.argmax(repeated))]}: header line repeated inside the data")
+        any_rows = True
+        yield columns, line_nos
+    if not any_rows:
         raise InputError(f"{path}: a header but no data")
-    columns = [np.array([cell.strip(BLANKS) for cell in column], dtype=object) for column in zip(*rows)]
-    return header, columns, np.asarray(line_nos, dtype=np.int64)
 
 
-def _fields(line: str, sep: str, path: Path, line_no: int) -> list[str]:
+def read_table(path: Path) -> tuple[list[str], list[np.ndarray], np.ndarray]:
+    """A small table (items, users) whole: (names, columns, line numbers)."""
+    names, sep = table_header(path)
+    blocks = list(table_blocks(path, names, sep))
+    columns = [np.concatenate([b[0][c] for b in blocks]) for c in range(len(names))]
+    return names, columns, np.concatenate([b[1] for b in blocks])
+
+
+def _quoted_block(path: Path, data: bytes, sep: str, expected: int, first_line: int):
+    rows, line_nos = [], []
+    for offset, raw in enumerate(data.split(b"\n")):
+        line_no = first_line + offset
+        try:
+            line = raw.decode("utf-8").rstrip("\r")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{path}:{line_no}: not valid utf-8 text (byte {exc.start} of the line)") from None
+        if not line.strip():
+            continue
+        fields = _quoted_fields(line, sep, path, line_no)
+        if len(fields) != expected:
+            raise InputError(f"{path}:{line_no}: expected {expected} fields separated by {sep!r}, found {len(fields)}")
+        rows.append([f.strip(BLANKS) for f in fields])
+        line_nos.append(line_no)
+    columns = [np.array(column, dtype=object) for column in zip(*rows)] or [np.array([], dtype=object)] * expected
+    return columns, np.asarray(line_nos, dtype=np.int64)
+
+
+def _quoted_fields(line: str, sep: str, path: Path, line_no: int) -> list[str]:
     if '"' not in line:
         return line.split(sep)
     try:
