@@ -265,6 +265,8 @@ def pair_scores(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="bench/tallrec.py pair")
     parser.add_argument("models", nargs="+", help="NAME=GLOB of `score` shard files")
     parser.add_argument("--diff", action="append", default=[], help="A-B: a paired difference to report")
+    parser.add_argument("--group", action="append", default=[],
+                        help="NAME=A,B,...: the same recipe's training seeds; mean and sample std of their AUC/UAUC")
     parser.add_argument("--results", required=True)
     args = parser.parse_args(argv)
     from recalign.data import load_dataset
@@ -298,8 +300,22 @@ def pair_scores(argv: list[str]) -> None:
     for spec in args.diff:
         a, b = spec.split("-")
         out["differences"][spec] = paired_predictions(records[a], records[b])
+    out["seed_groups"] = {}
+    for spec in args.group:
+        name, members = spec.split("=", 1)
+        members = members.split(",")
+        entry = {"models": members}
+        for metric in ("auc", "uauc", "auc_warm", "auc_cold"):
+            values = np.array([out["models"][m][metric] for m in members], dtype=np.float64)
+            entry[metric] = {"mean": float(values.mean()),
+                             "std": float(values.std(ddof=1)) if len(values) > 1 else None}
+        out["seed_groups"][name] = entry
     for name, m in out["models"].items():
         print(f"{name}: AUC {m['auc']:.4f} {m['auc_ci']}  UAUC {m['uauc']:.4f} {m['uauc_ci']}  (n {m['n']})")
+    for name, g in out["seed_groups"].items():
+        spread = ", ".join(f"{k} {v['mean']:.4f} ± {v['std'] if v['std'] is None else round(v['std'], 4)}"
+                           for k, v in g.items() if k != "models")
+        print(f"{name} over {len(g['models'])} seeds: {spread}")
     for spec, d in out["differences"].items():
         print(f"{spec}: AUC {d['auc']['difference']:+.4f} {d['auc']['ci']}  UAUC {d['uauc']['difference']:+.4f} "
               f"{d['uauc']['ci']}")
