@@ -221,7 +221,8 @@ def run_variants(args, composed: Composed, beam: dict, save=None) -> tuple[dict,
         else:
             raise SystemExit(f"unknown variant {name}")
         decoding = {k: v for k, v in section.items() if k not in ("assistant_grid", "assistant_weight")}
-        st = generate_step(store, composed.backbone, composed.prompts["test"], "test", beams, max_new, batch,
+        test_name = f"test-w{kwargs['assistant_weight']:g}" if "assistant_weight" in kwargs else "test"
+        st = generate_step(store, composed.backbone, composed.prompts["test"], test_name, beams, max_new, batch,
                            decoding=decoding, seed=args.seed, **kwargs)
         timing = Path(args.out) / name.replace("+", "-") / "seconds.json"  # a resumed variant keeps its first time
         seconds = json.loads(timing.read_text())["seconds"] if timing.is_file() else time.perf_counter() - started
@@ -357,6 +358,7 @@ def main() -> None:
 
     def save(rows: dict, extra: dict) -> None:
         result.update(variants=rows, reference={**references, **extra}, paired_vs_beam=paired_vs_beam(rows),
+                      paired_vs_reference=paired_vs_reference(rows, references),
                       wall_seconds=time.perf_counter() - started, loadavg_now=os.getloadavg())
         atomic_write_json(path, result)
 
