@@ -343,6 +343,10 @@ def test_bigrec_d3_with_assistant_end_to_end(tmp_path):
     d = metrics["decoding"]
     assert d["decoding"] == "d3" and d["constrained"] and d["assistant"] == "mf"
     assert d["assistant_weight"] in (0.0, 4.0) and set(d["assistant_grid"]) == {"0", "4"}
+    # chosen by valid NDCG@10, then (a tie, e.g. no hit at all) by the target's mean reciprocal rank
+    grid, closeness = d["assistant_grid"], d["assistant_grid_reciprocal_rank"]
+    assert all(0 < v <= 1 for v in closeness.values())
+    assert f"{d['assistant_weight']:g}" == max(grid, key=lambda w: (grid[w], closeness[w], -float(w)))
     gen = metrics["generation"]["test"]
     assert gen["in_catalogue"] == 1.0  # the trie: every top answer is a catalogue title
     assert 0 < gen["top_share"] <= 1 and gen["entropy_bits"] <= math.log2(8) + 1e-9
