@@ -135,6 +135,7 @@ class Composed:
         out = {k: v for k, v in ranking_metrics(ranks, [10]).items() if k in ("ndcg@10", "hr@10")}
         out.update(ranking_intervals(ranks.numpy(), [10]))
         out["case_ndcg@10"] = ndcg_per_case(ranks.numpy(), 10).tolist()  # for paired differences
+        out["reciprocal_rank"] = float((1.0 / (1.0 + ranks)).mean())  # the assistant's tie-break, as in BIGRec
         nearest = dist.argmin(1).numpy()
         norm = [normalise_title(t) for t in top]
         counts = Counter(norm)
@@ -207,20 +208,24 @@ def run_variants(args, composed: Composed, beam: dict, save=None) -> tuple[dict,
             scores, reference["SASRec (all training-period interactions; the assistant)"] = assistant_scores(
                 composed, args)
             trie = composed.trie()
-            grid = {}
+            grid, closeness = {}, {}
             for weight in [float(w) for w in args.weights.split(",")]:
                 st = generate_step(store, composed.backbone, composed.prompts["valid"], f"valid-w{weight:g}", beams,
                                    max_new, batch, decoding=section, trie=trie,
                                    assistant=scores["valid"] if weight > 0 else None, assistant_weight=weight)
-                grid[weight] = composed.evaluate("valid", st["texts"])["ndcg@10"]
-                print(f"d3+sasrec weight {weight:g}: valid ndcg@10 {grid[weight]:.4f}", file=sys.stderr, flush=True)
-            chosen = max(grid, key=lambda w: (grid[w], -w))
+                valid = composed.evaluate("valid", st["texts"])
+                grid[weight], closeness[weight] = valid["ndcg@10"], valid["reciprocal_rank"]
+                print(f"d3+sasrec weight {weight:g}: valid ndcg@10 {grid[weight]:.4f}, reciprocal rank "
+                      f"{closeness[weight]:.4f}", file=sys.stderr, flush=True)
+            chosen = max(grid, key=lambda w: (grid[w], closeness[w], -w))  # BIGRec's rule
             kwargs = dict(trie=trie, assistant=scores["test"] if chosen > 0 else None, assistant_weight=chosen)
             section["assistant_grid"] = {f"{w:g}": v for w, v in grid.items()}
+            section["assistant_grid_reciprocal_rank"] = {f"{w:g}": v for w, v in closeness.items()}
             section["assistant_weight"] = chosen
         else:
             raise SystemExit(f"unknown variant {name}")
-        decoding = {k: v for k, v in section.items() if k not in ("assistant_grid", "assistant_weight")}
+        decoding = {k: v for k, v in section.items()
+                    if k not in ("assistant_grid", "assistant_grid_reciprocal_rank", "assistant_weight")}
         test_name = f"test-w{kwargs['assistant_weight']:g}" if "assistant_weight" in kwargs else "test"
         st = generate_step(store, composed.backbone, composed.prompts["test"], test_name, beams, max_new, batch,
                            decoding=decoding, seed=args.seed, **kwargs)
