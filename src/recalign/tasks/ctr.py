@@ -64,7 +64,7 @@ COLLM_PROTOCOL = {
     "split": [0.8, 0.1, 0.1],
     "split_by": "time",  # "time" (cut the time axis, as the reference) or "count"
     "max_train": None,  # int: few-shot sample of the training samples (seeded); None = all
-    "max_valid": 200,  # valid cases (drawn like the test cases, warm and cold together); None = all
+    "max_valid": 200,  # valid cases, a uniform random draw of the valid period (warm and cold together); None = all
     "max_test_warm": None,  # bounded test set: warm cases / cold cases / per user; None = all
     "max_test_cold": None,
     "max_per_user": None,
@@ -132,7 +132,7 @@ def collm_protocol(ds: Dataset, cfg: Mapping, seed: int) -> CTRSamples:
     valid = mark_warm_cold(split.valid, split.train, include_history=False)
     test = mark_warm_cold(split.test, split.train, include_history=False)
     eval_seed = int(cfg["eval_seed"])
-    valid_small = bounded(valid, cfg["max_valid"], None, cfg["max_per_user"], eval_seed)
+    valid_small = uniform_draw(valid, cfg["max_valid"], eval_seed)
     test_small = bounded(test, cfg["max_test_warm"], cfg["max_test_cold"], cfg["max_per_user"], eval_seed + 1)
     train = few_shot(split.train, cfg["max_train"], seed)
     return CTRSamples(split.train, train, valid_small, test_small, valid, test, cfg["history_len"])
@@ -196,6 +196,19 @@ def bounded(frame: pd.DataFrame, max_warm: int | None, max_cold: int | None, max
         parts = [draw_by_user(frame[frame["warm"]], max_warm, max_per_user, rng),
                  draw_by_user(frame[~frame["warm"]], max_cold, max_per_user, rng)]
     out = pd.concat(parts)
+    return out.sort_values(["timestamp", "user"], kind="stable").reset_index(drop=True)
+
+
+def uniform_draw(frame: pd.DataFrame, max_samples: int | None, seed: int) -> pd.DataFrame:
+    """`max_samples` cases drawn uniformly without replacement (all when None or more), in time order.
+
+    The valid draw: drawn by user like the test cases (`draw_by_user`, users in random order, up to
+    `max_per_user` each), a small valid set came from one or two heavy users (64 samples of 2 users, 58
+    positives, in a CoLLM run), so early stopping and the checkpoint choice followed noise."""
+    if max_samples is None or max_samples >= len(frame):
+        return frame.reset_index(drop=True)
+    rows = np.sort(np.random.default_rng(seed).choice(len(frame), size=max_samples, replace=False))
+    out = frame.iloc[rows]
     return out.sort_values(["timestamp", "user"], kind="stable").reset_index(drop=True)
 
 
