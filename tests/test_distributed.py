@@ -42,7 +42,8 @@ def _env() -> dict:
     return env
 
 
-def _torchrun(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def _torchrun(*args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
+    # a hang guard, not a speed check: on a loaded 2-core machine the two-process run took over 300 s
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
     return subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=timeout)
 
