@@ -181,8 +181,18 @@ def read_columns(path: Path, sep: str, expected: int, encoding: str = "utf-8",
 BLOCK_BYTES = 1 << 24  # a block of whole lines parsed at once: bounds memory whatever the file's size
 
 
-def _blocks(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(number of the block's first line, bytes of whole lines), streamed from a plain or gzip file."""
+def _blocks(path: Path, header: bool = False) -> Iterator[tuple[int, bytes]]:
+    """(number of the block's first line, bytes of whole lines), streamed from a plain or gzip file.
+    `header`: the first non-blank line (a header the caller reads itself) is left out."""
+    for first_line, data in _raw_blocks(path):
+        while header and data:
+            line, _, data = data.partition(b"\n")
+            first_line += 1
+            header = not line.strip()
+        yield first_line, data
+
+
+def _raw_blocks(path: Path) -> Iterator[tuple[int, bytes]]:
     try:
         with _open_binary(path) as handle:
             line_no, first = 1, True
@@ -208,11 +218,7 @@ def stream_columns(path: Path, sep: str, expected: int, encoding: str = "utf-8",
     `header`: the first non-blank line is a header (the caller checks it) and is skipped."""
     require_file(path, what or "data")
     any_data = False
-    for first_line, data in _blocks(path):
-        while header and data:
-            line, _, data = data.partition(b"\n")
-            first_line += 1
-            header = not line.strip()
+    for first_line, data in _blocks(path, header):
         block = _fast_block(data, sep, expected, encoding, first_line)
         if block is None:
             block = _slow_block(path, data, sep, expected, encoding, first_line)

@@ -117,7 +117,7 @@ def table_header(path: Path) -> tuple[list[str], str]:
     """(column names, separator) from the table's first non-blank line; names must be distinct and non-empty."""
     line_no, text = next(iter_lines(require_file(path, "CSV table")))  # raises first on a file without data
     sep = separator_of(text)
-    names = [name.strip(BLANKS) for name in _quoted_fields(text, sep, path, line_no)]
+    names = [name.strip(BLANKS) for name in quoted_fields(text, sep, path, line_no)]
     lowered = [name.lower() for name in names]
     if "" in names or len(set(lowered)) != len(lowered):
         raise InputError(f"{path}:{line_no}: the header needs distinct, non-empty column names, found "
@@ -130,12 +130,8 @@ def table_blocks(path: Path, names: list[str], sep: str) -> Iterator[tuple[list[
     table of any size streams: blocks without a double quote go through pandas' C parser (`_common`), the
     others line by line through the csv module. Every row has the header's width; a repeated header is an error."""
     expected, lowered = len(names), [name.lower() for name in names]
-    any_rows, header = False, True
-    for first_line, data in _blocks(path):
-        while header and data:  # drop the header line (the first non-blank one)
-            line, _, data = data.partition(b"\n")
-            first_line += 1
-            header = not line.strip()
+    any_rows = False
+    for first_line, data in _blocks(path, header=True):
         if b'"' in data:
             block = _quoted_block(path, data, sep, expected, first_line)
         else:
@@ -171,7 +167,7 @@ def _quoted_block(path: Path, data: bytes, sep: str, expected: int, first_line: 
             raise InputError(f"{path}:{line_no}: not valid utf-8 text (byte {exc.start} of the line)") from None
         if not line.strip():
             continue
-        fields = _quoted_fields(line, sep, path, line_no)
+        fields = quoted_fields(line, sep, path, line_no)
         if len(fields) != expected:
             raise InputError(f"{path}:{line_no}: expected {expected} fields separated by {sep!r}, found {len(fields)}")
         rows.append([f.strip(BLANKS) for f in fields])
@@ -180,7 +176,7 @@ def _quoted_block(path: Path, data: bytes, sep: str, expected: int, first_line: 
     return columns, np.asarray(line_nos, dtype=np.int64)
 
 
-def _quoted_fields(line: str, sep: str, path: Path, line_no: int) -> list[str]:
+def quoted_fields(line: str, sep: str, path: Path, line_no: int) -> list[str]:
     if '"' not in line:
         return line.split(sep)
     try:

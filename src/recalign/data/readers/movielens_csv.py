@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import pandas as pd
@@ -12,6 +11,7 @@ from recalign.data.dataset import Dataset, Origin, build_dataset
 from recalign.data.readers._common import (
     first_line_of, iter_lines, only_interacted, present, read_id_table, require_file, shown, split_title_year,
 )
+from recalign.data.readers.csv_table import quoted_fields
 from recalign.errors import InputError
 
 RATINGS_HEADER = ["userId", "movieId", "rating", "timestamp"]
@@ -43,7 +43,7 @@ def read_movielens_csv(path: str | Path, name: str | None = None, like_threshold
         _check_header(movies_path, MOVIES_HEADER)
         records = []
         for line_no, line in lines:
-            fields = _csv_fields(line, movies_path, line_no)
+            fields = quoted_fields(line, ",", movies_path, line_no)
             if len(fields) != 3:
                 raise InputError(f"{movies_path}:{line_no}: expected 3 comma-separated fields (movieId,title,genres; "
                                  f"a title with a comma in double quotes), found {len(fields)}")
@@ -62,11 +62,3 @@ def _check_header(path: Path, expected: list[str]) -> None:
     if found != expected:
         raise InputError(f"{path}: the first line must be the header {','.join(expected)}, found "
                          f"{shown(','.join(found))}")
-
-
-def _csv_fields(line: str, path: Path, line_no: int) -> list[str]:
-    try:
-        fields = next(csv.reader([line], strict=True))
-    except csv.Error as exc:
-        raise InputError(f"{path}:{line_no}: not a valid CSV line ({exc})") from None
-    return fields
