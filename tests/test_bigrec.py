@@ -11,6 +11,7 @@ import torch
 
 from recalign.data import load_dataset
 from recalign.errors import InputError
+from recalign.eval.metrics import ndcg_per_case
 from recalign.llm import Generation, load_tokenizer
 from recalign.llm import generate_step
 from recalign.methods import bigrec
@@ -142,6 +143,12 @@ def test_bigrec_end_to_end_tiny_llama_and_resume(tmp_path):
         assert metrics["test"][f"ndcg@{k}"] <= metrics["test"][f"hr@{k}"] + 1e-12
     assert set(metrics["variants"]) == {"bigrec", "bigrec+pop", "bigrec+mf"}
     assert set(metrics["variants"]["bigrec+pop"]["gamma"]) == {f"{m}@{k}" for m in ("ndcg", "hr") for k in KS}
+    for k in KS:  # every injected headline number carries its interval, at the gamma its metric chose
+        lo, hi = metrics["test"][f"ndcg@{k}_pop_ci"]
+        assert lo <= metrics["test"][f"ndcg@{k}_pop"] <= hi
+        assert metrics["variants"]["bigrec+mf"]["test"][f"hr@{k}_ci"] == metrics["test"][f"hr@{k}_cf_ci"]
+    assert set(metrics["paired"]) == {"bigrec+pop - pop alone", "bigrec+pop - bigrec", "bigrec - pop alone",
+                                      "bigrec+mf - mf alone", "bigrec+mf - bigrec", "bigrec - mf alone"}
     assert metrics["generation"]["test"]["cases"] == 10  # every test case counted
     assert metrics["samples"]["shots"] == 16 and metrics["catalogue"]["items"] == 1682
     assert not metrics["catalogue"]["cached"]
@@ -152,6 +159,10 @@ def test_bigrec_end_to_end_tiny_llama_and_resume(tmp_path):
     assert len(cases) == 10 and {"rank", "rank_pop", "rank_cf", "valid_title", "generated"} <= set(cases[0])
     ranks = np.array([c["rank"] for c in cases])
     assert math.isclose(metrics["test"]["hr@10"], float((ranks < 10).mean()))
+    injected = np.array([c["rank_cf"] for c in cases])
+    with_cf = ndcg_per_case(injected, 10).mean() - ndcg_per_case(ranks, 10).mean()
+    assert math.isclose(metrics["paired"]["bigrec+mf - bigrec"]["ndcg@10"], with_cf, abs_tol=1e-12)
+    assert metrics["paired"]["bigrec+mf - bigrec"]["cases"] == 10
 
     # resume after losing the final metrics: nothing is retrained or regenerated, same numbers
     (out / "metrics.json").unlink()

@@ -4,8 +4,8 @@ for UAUC, pair the cases for differences, and skip one-class resamples."""
 import numpy as np
 import pytest
 
-from recalign.eval.intervals import (auc_interval, mean_interval, paired_auc_difference, per_user_auc,
-                                     ranking_intervals, uauc_interval)
+from recalign.eval.intervals import (auc_interval, mean_interval, paired_auc_difference, paired_ranking_difference,
+                                     per_user_auc, ranking_intervals, uauc_interval)
 from recalign.eval.metrics import auc, ranking_metrics, uauc
 
 
@@ -59,6 +59,16 @@ def test_ranking_intervals_hold_the_ranking_metrics():
         lo, hi = out[f"{name}_ci"]
         assert lo <= point[name] <= hi
     assert out["hr@10_ci"][0] == pytest.approx(0.1, abs=0.04)
+
+
+def test_paired_ranking_difference_is_the_ndcg_gap_on_the_same_cases():
+    ranks = np.random.default_rng(4).integers(0, 40, 600).astype(float)
+    same = paired_ranking_difference(ranks, ranks)
+    assert same["ndcg@10"] == 0 and same["ci"] == [0.0, 0.0] and same["cases"] == 600
+    better = np.maximum(ranks - 5, 0)  # every target moved up by 5 places
+    gain = paired_ranking_difference(better, ranks)
+    expected = ranking_metrics(better, (10,))["ndcg@10"] - ranking_metrics(ranks, (10,))["ndcg@10"]
+    assert gain["ndcg@10"] == pytest.approx(expected) and gain["ci"][0] > 0
 
 
 def test_paired_predictions_pairs_the_same_samples_and_refuses_others():

@@ -88,6 +88,15 @@ def ranking_intervals(ranks, ks) -> dict:
     return out
 
 
+def paired_ranking_difference(ranks_a, ranks_b, k: int = 10, rounds: int = ROUNDS, seed: int = 0) -> dict:
+    """NDCG@k(a) - NDCG@k(b) from 0-based target ranks of the SAME cases: the mean per-case difference and
+    its interval (cases resampled)."""
+    difference = ndcg_per_case(np.asarray(ranks_a, dtype=np.float64), k) - \
+        ndcg_per_case(np.asarray(ranks_b, dtype=np.float64), k)
+    return {f"ndcg@{k}": float(difference.mean()) if difference.size else float("nan"),
+            "ci": mean_interval(difference, rounds, seed), "cases": int(difference.size)}
+
+
 def paired_uauc_difference(users, labels, scores_a, scores_b, rounds: int = ROUNDS, seed: int = 0) -> dict:
     """UAUC(a) - UAUC(b) on the same cases: the interval resamples users (each user's AUC difference)."""
     diffs = per_user_auc(users, labels, scores_a) - per_user_auc(users, labels, scores_b)

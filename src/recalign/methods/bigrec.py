@@ -29,12 +29,13 @@ from recalign.data import Needs, few_shot
 from recalign.errors import InputError
 from recalign.eval import check_ks
 from recalign.eval.ann import ANN_CONFIG, check_search, dense_distances
-from recalign.eval.intervals import ranking_intervals
+from recalign.eval.intervals import paired_ranking_difference, ranking_intervals
 from recalign.eval.metrics import ranking_metrics, target_ranks
 from recalign.eval.grounding import (
     CatalogueCache,
     aggregate_beams,
     clean_generation,
+    inject,
     l2_distances,
     model_fingerprint,
     normalise_title,
@@ -47,6 +48,7 @@ from recalign.llm import (GENERATIVE_TRAIN, LORA_CONFIG, MODEL_CONFIG, MODEL_NUL
 from recalign.llm.decoding import DECODING_CONFIG, TitleTrie, check_decoding
 from recalign.llm.prompts import check_template
 from recalign.methods.api import Experiment, Method, RunContext
+from recalign.report.markdown import signed_span
 from recalign.tasks.next_item import (GENERATIVE_SAMPLES, Cases, check_generative_samples, full_histories,
                                       generative_samples, history_mask, item_diagnostics)
 from recalign.tasks.text import SAMPLE_FIELDS, frame_fields
@@ -390,23 +392,42 @@ def run(ctx: RunContext) -> dict:
         reused = cf_raw.get(cfg["inject"]["cf_model"])  # D3's assistant, when it is the same CF model
         signals["cf"] = reused if reused is not None else cf_scores(ctx, ds, split, shots, cases)
         cf_seconds += time.perf_counter() - started_cf
+    paired_k = 10 if 10 in ks else max(ks)
+    plain_ranks = target_ranks(-dist["test"], targets["test"], masks["test"])
+    case_ranks, paired = {"rank": plain_ranks}, {}
     for suffix, signal in signals.items():
         chosen = select_gamma(dist["valid"], targets["valid"], signal["valid"], dist["test"], targets["test"],
                               signal["test"], gammas, ks, masks["valid"], masks["test"])
         label = "bigrec+pop" if suffix == "pop" else f"bigrec+{cfg['inject']['cf_model']}"
-        variants[label] = {"valid": _ndcg_hr(chosen["valid"]), "test": _ndcg_hr(chosen["test"]),
-                           "gamma": _ndcg_hr(chosen["gamma"]),
+        gamma = _ndcg_hr(chosen["gamma"])
+        ranks_at = {g: target_ranks(-inject(dist["test"], signal["test"], g), targets["test"], masks["test"])
+                    for g in set(gamma.values())}
+        intervals = {g: ranking_intervals(r.numpy(), ks) for g, r in ranks_at.items()}
+        test_metrics = _ndcg_hr(chosen["test"])
+        test_metrics.update({f"{m}_ci": intervals[g][f"{m}_ci"] for m, g in gamma.items()})
+        variants[label] = {"valid": _ndcg_hr(chosen["valid"]), "test": test_metrics, "gamma": gamma,
                            "grid": {str(g): {n: _ndcg_hr(m) for n, m in v.items()} for g, v in chosen["grid"].items()}}
         for split_name in ("valid", "test"):
-            for metric, value in _ndcg_hr(chosen[split_name]).items():
-                result[split_name][f"{metric}_{suffix}"] = value
+            for metric, value in variants[label][split_name].items():
+                base, ci = (metric[:-3], "_ci") if metric.endswith("_ci") else (metric, "")
+                result[split_name][f"{base}_{suffix}{ci}"] = value
+        # the claims rest on these: does grounding beat the signal alone, does the injection add to either
+        alone_scores = torch.as_tensor(signal["test"]).double().expand_as(dist["test"])
+        alone = target_ranks(alone_scores, targets["test"], masks["test"]).numpy()
+        case_ranks[f"rank_{suffix}"] = ranks_at[gamma[f"ndcg@{paired_k}"]]
+        injected = case_ranks[f"rank_{suffix}"].numpy()
+        name = "pop" if suffix == "pop" else cfg["inject"]["cf_model"]
+        paired[f"{label} - {name} alone"] = paired_ranking_difference(injected, alone, paired_k)
+        paired[f"{label} - bigrec"] = paired_ranking_difference(injected, plain_ranks.numpy(), paired_k)
+        paired[f"bigrec - {name} alone"] = paired_ranking_difference(plain_ranks.numpy(), alone, paired_k)
     eval_seconds = time.perf_counter() - started - cf_seconds
-    examples_out = write_cases(ctx, per_case, dist["test"], signals, variants, masks["test"], titles)
+    examples_out = write_cases(ctx, per_case, case_ranks, titles)
     return {
         "test": result["test"], "valid": result["valid"],
         "seconds": {"train": train_seconds, "eval": eval_seconds, "catalogue_embedding": embed_seconds,
                     "cf": cf_seconds},
         "variants": variants,
+        "paired": paired,
         "generation": stats,
         "decoding": decoding,
         "examples": examples_out,
@@ -417,26 +438,24 @@ def run(ctx: RunContext) -> dict:
     }
 
 
-def write_cases(ctx: RunContext, per_case: dict, dist: torch.Tensor, signals: dict, variants: dict, mask,
-                titles: list[str]) -> list[dict]:
+def write_cases(ctx: RunContext, per_case: dict, ranks: dict, titles: list[str]) -> list[dict]:
     """cases-test.json: per test case the generated title, its nearest item, whether the generation is a
-    valid title, and the target's 0-based rank (plain, and per injection at the gamma chosen for NDCG@10)."""
-    from recalign.eval.grounding import inject
-
-    targets = torch.tensor(per_case["target"], dtype=torch.long)
-    ranks = {"rank": target_ranks(-dist, targets, mask)}
-    for suffix, signal in signals.items():
-        label = "bigrec+pop" if suffix == "pop" else f"bigrec+{ctx.config['inject']['cf_model']}"
-        gamma = variants[label]["gamma"].get("ndcg@10", 0.0)
-        ranks[f"rank_{suffix}"] = target_ranks(-inject(dist, signal["test"], gamma), targets, mask)
+    valid title, and the target's 0-based rank (`ranks`: plain, and per injection at its NDCG gamma)."""
+    targets = per_case["target"]
     rows = []
-    for i, (user, target, text, nearest) in enumerate(zip(per_case["user"], targets.tolist(),
+    for i, (user, target, text, nearest) in enumerate(zip(per_case["user"], targets,
                                                           per_case["generated"], per_case["nearest"])):
         rows.append({"user": int(user), "target": titles[target], "generated": text, "nearest": titles[nearest],
                      "valid_title": normalise_title(text) == normalise_title(titles[nearest]),
                      **{k: float(v[i]) for k, v in ranks.items()}})
     ctx.run.write_json("cases-test.json", rows)
     return rows[:20]
+
+
+def _with_interval(test: dict, metric: str) -> str:
+    ci = test.get(f"{metric}_ci")
+    value = f"{test.get(metric, float('nan')):.4f}"
+    return f"{value} [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else value
 
 
 def _ndcg_hr(metrics: dict) -> dict:
@@ -451,7 +470,11 @@ def _report(metrics: dict) -> str:
     lines = ["### Test: plain grounding and injections (gamma chosen on valid per metric)", "",
              "| variant | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, v in variants.items():
-        lines.append(f"| {name} | " + " | ".join(f"{v['test'].get(c, float('nan')):.4f}" for c in columns) + " |")
+        lines.append(f"| {name} | " + " | ".join(_with_interval(v["test"], c) for c in columns) + " |")
+    if metrics.get("paired"):
+        lines += ["", "Paired on the same test cases (mean per-case difference [95%]): " + "; ".join(
+            f"{pair} {d[next(k for k in d if k.startswith('ndcg@'))]:+.4f} {signed_span(d['ci'])}"
+            for pair, d in metrics["paired"].items())]
     for name, v in variants.items():
         if "gamma" in v:
             lines.append("")

@@ -33,6 +33,7 @@ from recalign.llm import (CIE, LORA_CONFIG, MODEL_CONFIG, MODEL_NULLABLE, Backbo
 from recalign.llm.prompts import check_template
 from recalign.data import Needs
 from recalign.methods.api import Experiment, Method, RunContext
+from recalign.report.markdown import signed_span
 from recalign.tasks.ctr import (COLLM_NULLABLE, COLLM_PROTOCOL, check_collm_protocol, collm_protocol, ctr_report,
                                 paired_ctr_report, summary_line, valid_auc)
 from recalign.tasks.text import SAMPLE_FIELDS, frame_fields
@@ -255,7 +256,7 @@ def run(ctx: RunContext) -> dict:
     paired = {f"collm-{row}": paired_ctr_report(data.test, test_scores["test"], test_scores[row])
               for row in ("cf", "step1", "icl", "zero-cf") if row in test_scores}
     for name, difference in paired.items():
-        ctx.log(f"{name}: " + ", ".join(f"{k} {v['difference']:+.4f} {_span(v['ci'])}" for k, v in difference.items()
+        ctx.log(f"{name}: " + ", ".join(f"{k} {v['difference']:+.4f} {signed_span(v['ci'])}" for k, v in difference.items()
                                         if k.startswith("auc")))
     return {
         "test": test, "valid": valid, "paired": paired,
@@ -263,10 +264,6 @@ def run(ctx: RunContext) -> dict:
                     "eval": scorer.seconds - eval_started, **seconds, "eval_all": scorer.seconds},
         "baselines": baselines, "ablation": ablation, "data": data.summary(), "training": training,
     }
-
-
-def _span(ci) -> str:
-    return "[undefined]" if ci is None else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
 
 
 def prompts_of(backbone: Backbone, pcfg: dict, key: str, frames: dict, ds, **slot_rules) -> dict[str, list[str]]:
@@ -314,7 +311,7 @@ def report(metrics: dict) -> str:
         lines = ["", "## CoLLM minus each row, paired on the same test samples (difference [95% interval])", "",
                  "| CoLLM − | " + " | ".join(slices) + " |", "|---|" + "---|" * len(slices)]
         for name, difference in paired.items():
-            cells = [f"{difference[k]['difference']:+.4f} {_span(difference[k]['ci'])}" if k in difference else "–"
+            cells = [f"{difference[k]['difference']:+.4f} {signed_span(difference[k]['ci'])}" if k in difference else "–"
                      for k in slices]
             lines.append(f"| {labels.get(name.removeprefix('collm-'), name)} | " + " | ".join(cells) + " |")
         text += "\n".join(lines) + "\n"

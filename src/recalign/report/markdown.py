@@ -28,6 +28,11 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def signed_span(ci) -> str:
+    """A paired difference's interval as text: [-0.0123, +0.0045]."""
+    return "[undefined]" if not ci else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
+
+
 def interval_lines(test: dict) -> list[str]:
     """The test metrics' 95% bootstrap intervals (`<metric>_ci`) and the sample count they rest on."""
     cells = [f"{key[:-3]} {test[key[:-3]]:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]" for key, ci in test.items()
