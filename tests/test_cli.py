@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from cli_helpers import invoke
@@ -35,6 +36,59 @@ def test_report_compares_runs(tmp_path, monkeypatch, capsys):
     code, stdout, _ = invoke(monkeypatch, capsys, "report", str(tmp_path / "a"), "--out", str(tmp_path / "t.md"))
     assert code == 0 and "pop (a)" in stdout and "ndcg@10" in stdout
     assert (tmp_path / "t.md").read_text() == stdout
+
+
+def _yes_no_run(path, scores, users=(0, 0, 1, 1, 2, 2), labels=(1, 0, 1, 0, 0, 1), name="predictions.json"):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "metrics.json").write_text(json.dumps({"method": "icl", "test": {"auc": 0.5, "auc_ci": [0.4, 0.6]}}))
+    (path / name).write_text(json.dumps({"user": list(users), "item": list(range(len(users))),
+                                         "label": list(labels), "score": list(scores)}))
+    return path
+
+
+def test_report_paired_differences_on_the_same_samples(tmp_path, monkeypatch, capsys):
+    from recalign.eval.intervals import paired_predictions
+
+    rng = np.random.default_rng(0)
+    users, labels = rng.integers(0, 30, 400), rng.integers(0, 2, 400)
+    good, noise = labels + rng.normal(0, 0.8, 400), rng.normal(0, 1, 400)
+    a = _yes_no_run(tmp_path / "a", noise.tolist(), users.tolist(), labels.tolist())
+    b = _yes_no_run(tmp_path / "b", good.tolist(), users.tolist(), labels.tolist(), "predictions-seed0-test.json")
+    code, stdout, _ = invoke(monkeypatch, capsys, "report", str(a), str(b), "--paired")
+    assert code == 0 and "0.5000 [0.400, 0.600]" in stdout  # each run's metric with its interval
+    expected = paired_predictions(json.loads((b / "predictions-seed0-test.json").read_text()),
+                                  json.loads((a / "predictions.json").read_text()))
+    line = next(row for row in stdout.splitlines() if row.startswith(f"| {b} |"))
+    assert f"| 400 | {expected['auc']['difference']:+.4f} [{expected['auc']['ci'][0]:+.4f}," in line
+    assert expected["auc"]["ci"][0] > 0  # the informative scores beat noise, and the interval says so
+
+    # other samples, several result files, a run without any: one line naming the run
+    _yes_no_run(tmp_path / "c", [0.1] * 5, users=(0, 0, 1, 1, 2), labels=(1, 0, 1, 0, 0))
+    code, _, err = invoke(monkeypatch, capsys, "report", str(a), str(tmp_path / "c"), "--paired")
+    assert code == 2 and str(tmp_path / "c") in err and "different samples" in err and len(err.strip().splitlines()) == 1
+    _yes_no_run(b, [0.0] * 6, name="predictions-seed1-test.json")
+    code, _, err = invoke(monkeypatch, capsys, "report", str(a), str(b), "--paired")
+    assert code == 2 and "several per-case result files" in err
+    code, _, _ = invoke(monkeypatch, capsys, "report", str(a), str(b / "predictions-seed0-test.json"), "--paired")
+    assert code == 0
+    invoke(monkeypatch, capsys, "run", "pop", "--out", str(tmp_path / "pop"))
+    code, _, err = invoke(monkeypatch, capsys, "report", str(a), str(tmp_path / "pop"), "--paired")
+    assert code == 2 and "kept no per-case test results" in err
+
+
+def test_report_paired_ranks_of_next_item_runs(tmp_path, monkeypatch, capsys):
+    def ranked(name, ranks):
+        path = tmp_path / name
+        path.mkdir()
+        (path / "metrics.json").write_text(json.dumps({"method": "bigrec", "test": {"ndcg@10": 0.1}}))
+        (path / "cases-test.json").write_text(json.dumps([{"user": i, "target": f"t{i}", "rank": r}
+                                                          for i, r in enumerate(ranks)]))
+        return path
+
+    a, b = ranked("a", [0, 5, 20, None]), ranked("b", [0, 0, 0, 0])
+    code, stdout, _ = invoke(monkeypatch, capsys, "report", str(a), str(b), "--paired")
+    gain = (4 - (1 + 1 / np.log2(7))) / 4  # b finds every target first; a: ranks 0 and 5, misses two
+    assert code == 0 and f"| {b} | 4 | {gain:+.4f} [" in stdout
 
 
 def test_reproduce_only_pop(tmp_path, monkeypatch, capsys):

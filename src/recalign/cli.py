@@ -156,21 +156,45 @@ def reproduce(
 
 @app.command("report")
 def report(run_dirs: List[Path] = typer.Argument(..., help="run directories"),
-           out: Optional[Path] = typer.Option(None, "--out", "-o", help="write Markdown here")):
-    """A comparison table of finished runs (Markdown)."""
+           out: Optional[Path] = typer.Option(None, "--out", "-o", help="write Markdown here"),
+           paired: bool = typer.Option(False, "--paired", help="also each run minus the first on the same test "
+                                       "cases, with paired 95% intervals (a run dir or its per-case results file)")):
+    """A comparison table of finished runs (Markdown), test metrics with their 95% intervals."""
     from recalign.report.markdown import metrics_table
+    from recalign.report.summary import with_intervals
 
-    rows = []
+    rows, columns = [], []
     for path in run_dirs:
-        metrics_path = path / "metrics.json"
+        run_dir = path.parent if path.is_file() else path
+        metrics_path = run_dir / "metrics.json"
         if not metrics_path.is_file():
-            raise InputError(f"{path}: no metrics.json (not a finished run directory)")
+            raise InputError(f"{run_dir}: no metrics.json (not a finished run directory)")
         try:
             metrics = json.loads(metrics_path.read_text())
         except json.JSONDecodeError as exc:
             raise InputError(f"{metrics_path}:{exc.lineno}: invalid JSON") from None
-        rows.append((f"{metrics.get('method')} ({path.name})", metrics.get("test", {})))
-    text = metrics_table(rows) + "\n"
+        test = metrics.get("test", {})
+        columns += [k for k, v in test.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                    and k not in columns]
+        rows.append((f"{metrics.get('method')} ({run_dir.name})", with_intervals(test, list(test))))
+    text = metrics_table(rows, columns) + "\n"
+    if paired:
+        from recalign.runs import paired_differences
+        from recalign.report.markdown import signed_span
+
+        if len(run_dirs) < 2:
+            raise InputError("--paired: give at least two runs (each is compared with the first)")
+        differences = paired_differences(list(run_dirs))
+        reference = run_dirs[0]
+        if "auc" in differences[0]:
+            lines = [f"| run − {reference} (paired, same test samples) | n | AUC [95%] | UAUC [95%] |", "|---|---|---|---|"]
+            lines += [f"| {d['run']} | {d['n']} | {d['auc']['difference']:+.4f} {signed_span(d['auc']['ci'])} | "
+                      f"{d['uauc']['difference']:+.4f} {signed_span(d['uauc']['ci'])} |" for d in differences]
+        else:
+            lines = [f"| run − {reference} (paired, same test cases) | n | NDCG@10 [95%] |", "|---|---|---|"]
+            lines += [f"| {d['run']} | {d['n']} | {d['ndcg@10']['ndcg@10']:+.4f} {signed_span(d['ndcg@10']['ci'])} |"
+                      for d in differences]
+        text += "\n" + "\n".join(lines) + "\n"
     if out:
         from recalign.io import atomic_write_text
 

@@ -254,3 +254,68 @@ def _changed_keys(saved: str, new: str) -> str:
         return "its config.yaml is unreadable"
     keys = sorted(k for k in set(old) | set(cur) if old.get(k, object) != cur.get(k, object))
     return "changed: " + (", ".join(keys[:5]) + (", ..." if len(keys) > 5 else "") if keys else "formatting")
+
+
+# ------------------------------------------------------------------------------ paired comparisons
+def per_case_results(path: Path) -> tuple[str, dict]:
+    """The per-case test results a finished run kept, for comparing runs on the same test cases:
+    ("scores", {"user", "item", "label", "score"}) from a Yes/No run's predictions (ICL `predictions.json`,
+    TALLRec `predictions-<seed>-test.json`, CoLLM `predictions-test.json`, its CoLLM row) or ("ranks",
+    {"user", "target", "rank"}) from a next-item run's `cases-test.json` (BIGRec, P5, TransRec, GPT4Rec).
+    `path`: a run directory, or one of those files when a run holds several (a TALLRec run over seeds)."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "metrics.json").is_file():
+            raise InputError(f"{path}: not a finished run directory (no metrics.json)")
+        files = sorted(p for pattern in ("predictions.json", "predictions*-test.json", "cases-test.json")
+                       for p in path.glob(pattern))
+        if not files:
+            raise InputError(f"{path}: the run kept no per-case test results (predictions*.json or "
+                             f"cases-test.json); it cannot be paired")
+        if len(files) > 1:
+            raise InputError(f"{path}: several per-case result files ({', '.join(p.name for p in files)}); "
+                             f"name one of them instead of the directory")
+        path = files[0]
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: not a readable JSON file ({exc})") from None
+    if isinstance(data, list):  # cases-test.json
+        if not data or not all(isinstance(row, dict) and "rank" in row and "user" in row for row in data):
+            raise InputError(f"{path}: expected a list of test cases with 'user' and 'rank'")
+        ranks = [float("inf") if row["rank"] is None else float(row["rank"]) for row in data]
+        return "ranks", {"user": [row["user"] for row in data], "target": [row.get("target") for row in data],
+                         "rank": ranks}
+    if isinstance(data, dict) and isinstance(data.get("scores"), dict) and "collm" in data["scores"]:
+        data = {**data, "score": data["scores"]["collm"]}
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("user", "item", "label", "score")) \
+            or len({len(data[k]) for k in ("user", "item", "label", "score")}) != 1:
+        raise InputError(f"{path}: expected per-sample lists 'user', 'item', 'label', 'score' of one length")
+    return "scores", data
+
+
+def paired_differences(paths: list[Path]) -> list[dict]:
+    """Each run minus the first on the same test cases, with paired 95% bootstrap intervals: AUC and UAUC
+    for Yes/No runs, NDCG@10 for next-item runs. Runs on other cases (or of the other kind) are an error."""
+    from recalign.eval.intervals import paired_predictions, paired_ranking_difference
+
+    kind, first = per_case_results(paths[0])
+    out = []
+    for path in paths[1:]:
+        other_kind, other = per_case_results(path)
+        if other_kind != kind:
+            raise InputError(f"{path}: {other_kind} cannot be paired with {paths[0]}'s {kind}")
+        row = {"run": str(path), "reference": str(paths[0])}
+        if kind == "scores":
+            try:
+                row.update(paired_predictions(other, first))
+            except InputError as exc:
+                raise InputError(f"{path} vs {paths[0]}: {exc}") from None
+        else:
+            for key in ("user", "target"):
+                if other[key] != first[key]:
+                    raise InputError(f"{path}: other test cases than {paths[0]} ({key} differs; "
+                                     f"{len(other[key])} vs {len(first[key])} cases); not paired")
+            row.update({"n": len(first["rank"]), "ndcg@10": paired_ranking_difference(other["rank"], first["rank"])})
+        out.append(row)
+    return out
