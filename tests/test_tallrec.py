@@ -40,6 +40,12 @@ def test_tallrec_runs_end_to_end_with_seeds_and_resume(tmp_path, monkeypatch, ca
     assert len(scored["score"]) == 40 and set(scored["label"]) <= {0, 1}
     assert auc(scored["label"], scored["score"]) == pytest.approx(metrics["per_seed"][1]["test"]["auc"])
     assert len(json.loads((out / "predictions-seed0-valid.json").read_text())["score"]) == 24
+    # counting baselines on the same samples, each paired with every seed's scores
+    assert set(metrics["baselines"]) == {"history_like_ratio", "item_like_rate", "ratio_plus_rate"}
+    ratio = metrics["baselines"]["history_like_ratio"]
+    paired = metrics["per_seed"][1]["paired"]["tallrec - history_like_ratio"]["auc"]
+    assert paired["difference"] == pytest.approx(metrics["per_seed"][1]["test"]["auc"] - ratio["auc"])
+    assert "Counting baselines" in (out / "report.md").read_text()
     # resume after losing metrics.json: finished seeds are read back, same numbers
     (out / "metrics.json").unlink()
     code, _, err = invoke(monkeypatch, capsys, "run", "tallrec", "--dataset", "ml-100k", "--out", str(out), *TINY,
@@ -93,6 +99,20 @@ def toy_dataset():
     items = pd.DataFrame({"item_id": [str(i) for i in range(6)], "title": [f"Film {i}" for i in range(6)],
                           "year": [1990 + i for i in range(6)]})
     return build_dataset("toy", inter, items)
+
+
+def test_counting_baselines_count_likes_of_the_history_and_of_the_item():
+    from recalign.tasks.ctr import counting_baselines
+
+    train = pd.DataFrame({"item": [1, 1, 1, 2], "label": [True, True, False, False]})
+    frame = pd.DataFrame({"item": [1, 2, 3], "history_labels": [(True, True, True), (False,), ()]})
+    out = counting_baselines(train, frame, prior_weight=2.0)
+    overall = 0.5
+    assert out["item_like_rate"] == pytest.approx([(2 + 2 * overall) / 5, (0 + 2 * overall) / 3, overall])
+    assert out["history_like_ratio"] == pytest.approx([4 / 5, 1 / 3, 1 / 2])  # Laplace: (liked + 1) / (n + 2)
+    assert out["ratio_plus_rate"][2] == pytest.approx(0.0)  # no history, unseen item: even odds
+    liked_only = counting_baselines(train, frame.assign(history_labels=[(True,), (True, True), ()]))
+    assert set(liked_only) == {"item_like_rate"}  # a liked-only history says nothing about leniency
 
 
 def test_prompts_split_history_into_liked_and_disliked_and_truncate_oldest():

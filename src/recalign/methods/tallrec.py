@@ -22,8 +22,9 @@ from recalign.llm import (LORA_CONFIG, MODEL_CONFIG, MODEL_NULLABLE, Backbone, P
                           check_train, check_yes_no, lora_step, train_section)
 from recalign.llm.prompts import check_template
 from recalign.methods.api import Experiment, Method, RunContext
-from recalign.tasks.ctr import (TALLREC_PROMPT, TALLREC_SAMPLES, check_tallrec_samples, ctr_report, domain_datasets,
-                                mean_std, tallrec_protocol)
+from recalign.report.markdown import signed_span
+from recalign.tasks.ctr import (TALLREC_PROMPT, TALLREC_SAMPLES, check_tallrec_samples, counting_baselines, ctr_report,
+                                domain_datasets, mean_std, paired_ctr_report, tallrec_protocol)
 from recalign.tasks.text import SAMPLE_FIELDS, frame_fields
 
 DEFAULTS = {
@@ -69,9 +70,10 @@ def write_predictions(ctx: RunContext, name: str, frame, scores) -> None:
 
 
 def train_and_score(ctx: RunContext, backbone: Backbone, ds, train_pool, eval_sets: dict, seed: int,
-                    tag: str) -> dict:
+                    tag: str, references: dict | None = None) -> dict:
     """Train fresh LoRA on N samples of `train_pool` (seed), early-stop on eval_sets["valid"], score every
-    eval set. Resumable: a finished tag is read back from its checkpoint."""
+    eval set; `references`: other scores of the test set, each paired with this model's. Resumable: a
+    finished tag is read back from its checkpoint."""
     done = ctx.run.load_checkpoint(f"result-{tag}")
     if done is not None:
         ctx.log(f"{tag}: finished earlier, read back from its checkpoint")
@@ -112,9 +114,11 @@ def train_and_score(ctx: RunContext, backbone: Backbone, ds, train_pool, eval_se
             scores = backbone.score_yes_no(prompts[name], yes, no, progress=f"{tag} {name}").numpy()
         metrics[name] = ctr_report(frame, scores)
         write_predictions(ctx, f"predictions-{tag}-{name}.json", frame, scores)
+        if name == "test" and references:
+            paired = {f"tallrec - {ref}": paired_ctr_report(frame, scores, other) for ref, other in references.items()}
     eval_seconds = time.perf_counter() - started
     out = {"tag": tag, "seed": seed, "shots": len(shots), "metrics": metrics,
-           "train": result,
+           "train": result, "paired": paired if references else {},
            "seconds": {"train": train_seconds, "eval": eval_seconds}}
     ctx.run.save_checkpoint(f"result-{tag}", out)
     summary = ", ".join(f"{n} AUC {m['auc']:.4f}" for n, m in metrics.items())
@@ -151,8 +155,10 @@ def run(ctx: RunContext) -> dict:
     backbone = ctx.backbone()
     ctx.log(f"TALLRec with {cfg['model']['name']}: {cfg['train']['shots']} shots x {n_seeds} seed(s); "
             f"{len(data.valid)} valid / {len(data.test)} test samples")
+    floor = counting_baselines(data.train, data.test)  # what counting alone gets on the same test samples
     rows = [train_and_score(ctx, backbone, ds, data.train,
-                            {"valid": (ds, data.valid), "test": (ds, data.test)}, ctx.seed + k, f"seed{ctx.seed + k}")
+                            {"valid": (ds, data.valid), "test": (ds, data.test)}, ctx.seed + k, f"seed{ctx.seed + k}",
+                            references=floor)
             for k in range(n_seeds)]
     return {
         "test": _aggregate(rows, "test"), "valid": _aggregate(rows, "valid"),
@@ -163,7 +169,9 @@ def run(ctx: RunContext) -> dict:
                      f"all of them were used"] if 0 < cfg["train"]["shots"] != rows[0]["shots"] else [],
         "per_seed": [{"seed": r["seed"], "shots": r["shots"], "test": r["metrics"]["test"],
                       "valid": r["metrics"]["valid"], "steps": r["train"]["steps"],
-                      "best_step": r["train"]["best_step"], "history": r["train"]["history"]} for r in rows],
+                      "best_step": r["train"]["best_step"], "history": r["train"]["history"],
+                      "paired": r.get("paired", {})} for r in rows],
+        "baselines": {name: ctr_report(data.test, scores) for name, scores in floor.items()},
         "samples": {**data.sizes(), "valid_scored": len(data.valid), "test_scored": len(data.test)},
     }
 
@@ -220,7 +228,22 @@ def _report(metrics: dict) -> str:
         lines.append(f"| {row['seed']} | {row['shots']} | {row['steps']} | {row['best_step']} | "
                      f"{row['valid'].get('auc', float('nan')):.4f} | {row['test']['auc']:.4f} | "
                      f"{row['test']['uauc']:.4f} |")
+    baselines = metrics.get("baselines", {})
+    if baselines:
+        lines += ["", "### Counting baselines on the same test samples (no LLM; `tasks.ctr.counting_baselines`)", "",
+                  "| baseline | AUC [95%] | UAUC [95%] | TALLRec − baseline, AUC (first seed, paired) |",
+                  "|---|---|---|---|"]
+        paired = (metrics.get("per_seed") or [{}])[0].get("paired", {})
+        for name, m in baselines.items():
+            d = paired.get(f"tallrec - {name}", {}).get("auc")
+            lines.append(f"| {name} | {_value(m, 'auc')} | {_value(m, 'uauc')} | "
+                         + (f"{d['difference']:+.4f} {signed_span(d['ci'])}" if d else "–") + " |")
     return "\n".join(lines) + ("\n" if lines else "")
+
+
+def _value(metrics: dict, key: str) -> str:
+    ci = metrics.get(f"{key}_ci")
+    return f"{metrics[key]:.4f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 
 METHODS = [Method("tallrec", "Few-shot LoRA instruction tuning with Yes/No answers (TALLRec).", DEFAULTS, run,

@@ -279,6 +279,30 @@ def paired_ctr_report(frame: pd.DataFrame, scores_a, scores_b) -> dict:
     return out
 
 
+def counting_baselines(train: pd.DataFrame, frame: pd.DataFrame, prior_weight: float = 5.0) -> dict[str, np.ndarray]:
+    """Scores that learn nothing but counts: the floor a Yes/No LLM should clear on the same samples.
+
+    - `history_like_ratio`: the share of liked items in the sample's history, Laplace-smoothed (the user's
+      leniency; TALLRec's prompt states it as the liked and disliked lists). Needs `history_labels`; left
+      out for liked-only histories (CoLLM's), where it is constant.
+    - `item_like_rate`: the item's share of likes among the `train` samples, shrunk toward the overall rate
+      by `prior_weight` pseudo-samples (an item never seen in training gets the overall rate).
+    - `ratio_plus_rate`: the sum of the two log-odds."""
+    overall = float(train["label"].mean()) if len(train) else 0.5
+    counts = train.groupby("item")["label"].agg(["sum", "count"])
+    rate = ((counts["sum"] + prior_weight * overall) / (counts["count"] + prior_weight))
+    item_rate = rate.reindex(frame["item"].to_numpy()).fillna(overall).to_numpy(np.float64)
+    out = {"item_like_rate": item_rate}
+    if "history_labels" in frame and frame["history_labels"].map(lambda h: not all(h)).any():  # dislikes shown
+        liked = frame["history_labels"].map(lambda h: sum(bool(x) for x in h)).to_numpy(np.float64)
+        total = frame["history_labels"].map(len).to_numpy(np.float64)
+        ratio = (liked + 1.0) / (total + 2.0)
+        out["history_like_ratio"] = ratio
+        item_clipped = np.clip(item_rate, 1e-6, 1 - 1e-6)
+        out["ratio_plus_rate"] = np.log(ratio / (1 - ratio)) + np.log(item_clipped / (1 - item_clipped))
+    return out
+
+
 def summary_line(metrics: dict) -> str:
     """auc / uauc (and the warm / cold AUCs) of a `ctr_report`, for a log line."""
     return (f"auc {metrics['auc']:.4f} uauc {metrics['uauc']:.4f}"
