@@ -8,8 +8,8 @@ continue after an interruption). Writes bench/results/tallrec.json and prints th
     OMP_WAIT_POLICY=PASSIVE nice -n 10 .venv/bin/python bench/tallrec.py [--shots 16,64,256] [--seeds 3]
         [--test-size 2000] [--valid-size 128] [--work runs/bench-tallrec] [--set key=value ...]
 
-Subcommands: `score` (per-sample test scores of ICL or a run's adapter, sharded, resumable), `pair` (metrics and
-paired differences of scored models), `valid` (best valid AUC of finished runs, paired with the first: the
+Subcommands: `score` (per-sample test scores of ICL or a run's adapter, sharded, resumable), `baselines` (the
+same for the counting baselines, no LLM), `pair` (metrics and paired differences of scored models), `valid` (best valid AUC of finished runs, paired with the first: the
 recipe study's decision, no test score read).
 """
 
@@ -256,6 +256,29 @@ def score_test(argv: list[str]) -> None:
         print(f"{out.name}: {len(scores)}/{len(prompts)}", flush=True)
 
 
+def score_baselines(argv: list[str]) -> None:
+    """`bench/tallrec.py baselines --out-dir DIR`: `score`-format files (every row of the test draw) of the
+    counting baselines (`recalign.tasks.ctr.counting_baselines`: history like-ratio, item like-rate from the
+    training period, both), so `pair` can set them beside the LLM rows."""
+    from recalign.data import load_dataset
+    from recalign.io import atomic_write_json
+    from recalign.tasks.ctr import TALLREC_SAMPLES, counting_baselines, tallrec_protocol
+
+    parser = argparse.ArgumentParser(prog="bench/tallrec.py baselines")
+    parser.add_argument("--test-size", type=int, default=2000)
+    parser.add_argument("--out-dir", required=True)
+    args = parser.parse_args(argv)
+    data = tallrec_protocol(load_dataset("ml-100k"), {**TALLREC_SAMPLES, "test_size": args.test_size})
+    test = data.test
+    for name, scores in counting_baselines(data.train, test).items():
+        path = Path(args.out_dir) / f"scores-{name}.json"
+        atomic_write_json(path, {"user": test["user"].tolist(), "item": test["item"].tolist(),
+                                 "label": test["label"].astype(int).tolist(), "rows": list(range(len(test))),
+                                 "test_size": args.test_size, "run": f"counting baseline {name}",
+                                 "score": scores.tolist()})
+        print(path)
+
+
 def pair_scores(argv: list[str]) -> None:
     """`bench/tallrec.py pair NAME=GLOB ... --diff A-B ...`: the test metrics (with 95% intervals) of each
     model's `score` shards on the rows every model has scored, and paired intervals of the differences."""
@@ -362,5 +385,7 @@ if __name__ == "__main__":
         score_test(sys.argv[2:])
     elif sys.argv[1:2] == ["pair"]:
         pair_scores(sys.argv[2:])
+    elif sys.argv[1:2] == ["baselines"]:
+        score_baselines(sys.argv[2:])
     else:
         main()
