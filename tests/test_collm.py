@@ -275,7 +275,8 @@ def test_collm_end_to_end_on_tiny_llama(tmp_path):
     assert saved["test"]["auc"] == pytest.approx(metrics["test"]["auc"])
     # per-sample test scores of every row, and CoLLM minus each row paired on the same samples
     predictions = json.loads((out / "predictions-test.json").read_text())
-    assert sorted(predictions["scores"]) == ["cf", "collm", "step1", "zero-cf"] and sum(predictions["warm"]) == 12
+    assert sorted(predictions["scores"]) == ["cf", "collm", "item_like_rate", "step1", "zero-cf"]
+    assert sum(predictions["warm"]) == 12
     warm = np.asarray(predictions["warm"], dtype=bool)
     labels = np.asarray(predictions["label"], dtype=bool)
     collm, cf = (np.asarray(predictions["scores"][k]) for k in ("collm", "cf"))
@@ -285,7 +286,9 @@ def test_collm_end_to_end_on_tiny_llama(tmp_path):
     assert difference["difference"] == pytest.approx(metrics["test"]["auc_warm"]
                                                      - metrics["baselines"]["cf"]["test"]["auc_warm"])
     assert difference["ci"] is None or difference["ci"][0] <= difference["difference"] <= difference["ci"][1]
-    assert set(metrics["paired"]) == {"collm-cf", "collm-step1", "collm-zero-cf"}
+    assert set(metrics["paired"]) == {"collm-cf", "collm-item_like_rate", "collm-step1", "collm-zero-cf"}
+    assert "history_like_ratio" not in metrics["baselines"]  # CoLLM's histories list liked items only
+    assert "item like-rate (counting, no model)" in report
 
 
 def test_collm_resume_after_an_interruption_gives_the_same_result(tmp_path, monkeypatch):

@@ -34,8 +34,8 @@ from recalign.llm.prompts import check_template
 from recalign.data import Needs
 from recalign.methods.api import Experiment, Method, RunContext
 from recalign.report.markdown import signed_span
-from recalign.tasks.ctr import (COLLM_NULLABLE, COLLM_PROTOCOL, check_collm_protocol, collm_protocol, ctr_report,
-                                paired_ctr_report, summary_line, valid_auc)
+from recalign.tasks.ctr import (COLLM_NULLABLE, COLLM_PROTOCOL, check_collm_protocol, collm_protocol, counting_baselines,
+                                ctr_report, paired_ctr_report, summary_line, valid_auc)
 from recalign.tasks.text import SAMPLE_FIELDS, frame_fields
 
 CF_MODELS = ("mf", "lightgcn", "sasrec")
@@ -199,6 +199,9 @@ def run(ctx: RunContext) -> dict:
             if split == "test":
                 test_scores["cf"] = scores
         ctx.log(f"cf {cf.name} alone: test auc {baselines['cf']['test']['auc']:.4f}")
+    for name, scores in counting_baselines(data.train_all, data.test).items():  # the floor: counts, no model
+        baselines[name] = {"test": ctr_report(data.test, scores)}
+        test_scores[name] = scores
     if cfg["eval"]["icl"]:
         baselines["icl"] = {"test": evaluate("icl-test", data.test,
                                              lambda: scorer.scores(text["test"], progress="ICL test"))}
@@ -254,7 +257,7 @@ def run(ctx: RunContext) -> dict:
         "scores": {("collm" if row == "test" else row): np.asarray(v, dtype=np.float64).tolist()
                    for row, v in test_scores.items()}})
     paired = {f"collm-{row}": paired_ctr_report(data.test, test_scores["test"], test_scores[row])
-              for row in ("cf", "step1", "icl", "zero-cf") if row in test_scores}
+              for row in ("cf", "item_like_rate", "step1", "icl", "zero-cf") if row in test_scores}
     for name, difference in paired.items():
         ctx.log(f"{name}: " + ", ".join(f"{k} {v['difference']:+.4f} {signed_span(v['ci'])}" for k, v in difference.items()
                                         if k.startswith("auc")))
@@ -296,7 +299,8 @@ def report(metrics: dict) -> str:
 
     columns = ["auc", "uauc", "auc_warm", "uauc_warm", "auc_cold", "uauc_cold", "n_warm", "n_cold"]
     rows = []
-    names = {"cf": "CF model alone (CTR)", "icl": "ICL (base LLM, zero-shot)", "step1": "step 1 only (TALLRec)"}
+    names = {"cf": "CF model alone (CTR)", "item_like_rate": "item like-rate (counting, no model)",
+             "icl": "ICL (base LLM, zero-shot)", "step1": "step 1 only (TALLRec)"}
     for key, label in names.items():
         if key in metrics.get("baselines", {}):
             rows.append((label, metrics["baselines"][key]["test"]))
