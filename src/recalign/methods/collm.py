@@ -334,9 +334,11 @@ METHODS = [Method("collm", "CoLLM: CF embeddings mapped by the CIE into <UserID>
 _TABLE = "CoLLM: AUC / UAUC on all, warm and cold test cases (ML-100K, CoLLM's CTR protocol)"
 _QUICK = {"data_protocol.max_train": 32, "data_protocol.max_valid": 16, "data_protocol.max_test_warm": 24,
           "data_protocol.max_test_cold": 24, "data_protocol.max_per_user": 6, "cf.train.epochs": 30}
-# full: 2,000 test cases (1,000 of the 1,350 warm ones + 1,000 cold, at most 100 per user: 83 users)
-_FULL = {"data_protocol.max_train": 300, "data_protocol.max_valid": 64, "data_protocol.max_test_warm": 1000,
-         "data_protocol.max_test_cold": 1000, "data_protocol.max_per_user": 100}
+# full: 2,000 test cases (1,000 of the 1,350 warm ones + 1,000 cold, at most 100 per user: 83 users); step 1
+# trained as long as TALLRec's own 256-shot recipe (3 epochs = 192 steps of 4, validation every 32 steps)
+_FULL = {"data_protocol.max_train": 256, "data_protocol.max_valid": 64, "data_protocol.max_test_warm": 1000,
+         "data_protocol.max_test_cold": 1000, "data_protocol.max_per_user": 100, "step1.epochs": 3,
+         "step1.grad_accum": 1, "step1.eval_every": 32, "step1.patience": 3}
 EXPERIMENTS = [
     Experiment("collm-mf", "collm", table=_TABLE, quick=_QUICK, full={**_FULL, "eval.icl": True, "eval.zero_cf": True}),
     *[Experiment(f"collm-{cf}", "collm", table=_TABLE, full={**_FULL, "cf.model": cf}, profiles=("full",))

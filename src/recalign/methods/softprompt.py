@@ -146,8 +146,9 @@ METHODS = [Method("softprompt", "Soft-Prompt: learned prompt vectors (prompt tun
 
 _QUICK = {"data_protocol.max_train": 32, "data_protocol.max_valid": 16, "data_protocol.max_test_warm": 24,
           "data_protocol.max_test_cold": 24, "data_protocol.max_per_user": 6}
-# full: 2,000 test cases (1,000 of the 1,350 warm ones + 1,000 cold, at most 100 per user: 83 users)
-_FULL = {"data_protocol.max_train": 300, "data_protocol.max_valid": 64, "data_protocol.max_test_warm": 1000,
+# full: the CoLLM rows' samples (256 training samples; 2,000 test cases: 1,000 of the 1,350 warm ones + 1,000 cold,
+# at most 100 per user: 83 users)
+_FULL = {"data_protocol.max_train": 256, "data_protocol.max_valid": 64, "data_protocol.max_test_warm": 1000,
          "data_protocol.max_test_cold": 1000, "data_protocol.max_per_user": 100}
 EXPERIMENTS = [Experiment("softprompt", "softprompt",
                           table="CoLLM: AUC / UAUC on all, warm and cold test cases (ML-100K, CoLLM's CTR protocol)",
