@@ -66,6 +66,11 @@ def test_tallrec_cross_domain_matrix(tmp_path, monkeypatch, capsys):
     matrix = metrics["cross_domain"]["auc"]
     assert len(matrix) == 2 and all(len(row) == 2 and all(0 <= v <= 1 for v in row) for row in matrix)
     assert abs(metrics["test"]["auc"] - (matrix[0][1] + matrix[1][0]) / 2) < 1e-9
+    # in-domain minus cross-domain on each test domain's samples, paired: the matrix's column differences
+    paired = metrics["cross_domain"]["paired"]
+    assert len(paired) == 2
+    first = paired["test genre:Action|Thriller: trained on it - trained on genre:Comedy|Romance"]["auc"]
+    assert first["difference"] == pytest.approx(matrix[0][0] - matrix[1][0])
     report = (out / "report.md").read_text()
     assert "Cross-domain AUC" in report
     row = next(line for line in report.splitlines() if line.startswith("| genre:Action"))

@@ -208,8 +208,27 @@ def _run_cross(ctx: RunContext) -> dict:
         "valid": {},
         "seconds": {"train": train_seconds, "eval": eval_seconds},
         "cross_domain": {"domains": specs, "auc": auc, "uauc": uauc,
+                         "paired": _in_minus_cross_domain(ctx, prepared, ctx.seed),
                          "samples": {name: data.sizes() for name, _, data in prepared}},
     }
+
+
+def _in_minus_cross_domain(ctx: RunContext, prepared: list, seed: int) -> dict:
+    """Per test domain: the in-domain model minus each model trained on another domain, on the same test
+    samples (the first seed's scores, from the predictions files), with paired 95% intervals."""
+    import json
+
+    def scores(i: int, j: int) -> np.ndarray:
+        path = ctx.run.path / f"predictions-domain{i}-seed{seed}-test{j}.json"
+        return np.asarray(json.loads(path.read_text())["score"], dtype=np.float64)
+
+    out = {}
+    for j, (name_j, _, data_j) in enumerate(prepared):
+        for i, (name_i, _, _) in enumerate(prepared):
+            if i != j:
+                out[f"test {name_j}: trained on it - trained on {name_i}"] = paired_ctr_report(
+                    data_j.test, scores(j, j), scores(i, j))
+    return out
 
 
 def _report(metrics: dict) -> str:
@@ -221,6 +240,9 @@ def _report(metrics: dict) -> str:
                   "| train \\ test | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         for name, row in zip(names, cross["auc"]):
             lines.append(f"| {name} | " + " | ".join(f"{v:.4f}" for v in row) + " |")
+        for pair, difference in cross.get("paired", {}).items():
+            d = difference["auc"]
+            lines.append(f"\n{pair}: AUC {d['difference']:+.4f} {signed_span(d['ci'])} (paired, same test samples)")
     for row in metrics.get("per_seed", []):
         if not lines:
             lines += ["### Per seed", "", "| seed | shots | steps | best step | valid AUC | test AUC | test UAUC |",
