@@ -2,6 +2,7 @@
 test cases, mean ± std over seeds, wall times.
 
 Rows (every row scored on the SAME bounded test cases, CoLLM's CTR protocol):
+  item like-rate         counting, no model: the item's share of likes among all training samples
   MF, LightGCN, SASRec   the CF models alone in CTR mode (trained on all training samples, BCE)
   ICL                    the base LLM zero-shot on CoLLM's text prompt
   Soft-Prompt            learned prompt vectors, frozen LLM (`softprompt` method)
@@ -114,6 +115,9 @@ def rows_for_seed(args, seed: int, first: bool, publish, core_only: bool = False
                                        "training": m["training"].get("step2"), "paired": m.get("paired", {})}
         if step1_dir is None:
             step1_dir = out / f"collm-{cf}"
+            if "item_like_rate" in m["baselines"]:
+                rows["item like-rate"] = {"test": m["baselines"]["item_like_rate"]["test"],
+                                          "seconds": {"train": 0.0, "eval": None}}
             rows["TALLRec"] = {"test": m["baselines"]["step1"]["test"],
                                "seconds": {"train": s["step1"], "eval": None},
                                "training": m["training"].get("step1")}
@@ -127,7 +131,7 @@ def rows_for_seed(args, seed: int, first: bool, publish, core_only: bool = False
 
 
 LABELS = {"mf": "MF", "lightgcn": "LightGCN", "sasrec": "SASRec"}
-ORDER = ["MF", "LightGCN", "SASRec", "ICL", "Soft-Prompt", "TALLRec", "CoLLM-MF", "CoLLM-LightGCN", "CoLLM-SASRec",
+ORDER = ["item like-rate", "MF", "LightGCN", "SASRec", "ICL", "Soft-Prompt", "TALLRec", "CoLLM-MF", "CoLLM-LightGCN", "CoLLM-SASRec",
          "CoLLM-MF, CF zeroed"]
 
 
