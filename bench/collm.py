@@ -190,7 +190,33 @@ def paired_markdown(paired: dict) -> str:
     return "\n".join(lines)
 
 
+def counting_of(run: Path, results: Path) -> None:
+    """`--counting-of RUN`: the item like-rate counting baseline on a finished CoLLM run's test cases, each of the
+    run's rows (`predictions-test.json`) minus it, paired (for runs made before `collm` reported it itself)."""
+    import numpy as np
+
+    from recalign import config as cfg_mod
+    from recalign.data import load_dataset
+    from recalign.tasks.ctr import collm_protocol, counting_baselines, ctr_report, paired_ctr_report
+
+    config = cfg_mod.load_yaml(run / "config.yaml")
+    predictions = json.loads((run / "predictions-test.json").read_text())
+    data = collm_protocol(load_dataset("ml-100k"), config["data_protocol"], int(config["seed"]))
+    if data.test["user"].tolist() != predictions["user"] or data.test["item"].tolist() != predictions["item"]:
+        raise SystemExit(f"{run}: its predictions are not this protocol's test cases")
+    rate = counting_baselines(data.train_all, data.test)["item_like_rate"]
+    out = {"run": str(run), "item_like_rate": ctr_report(data.test, rate),
+           "paired": {f"{row} - item_like_rate": paired_ctr_report(data.test, np.asarray(scores), rate)
+                      for row, scores in predictions["scores"].items()}}
+    atomic_write_json(results, out)
+    print(markdown(aggregate({0: {"item like-rate": {"test": out["item_like_rate"], "seconds": {"train": 0.0}}}})))
+    print(paired_markdown(out["paired"]))
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--counting-of"]:
+        counting_of(Path(sys.argv[2]), Path(sys.argv[sys.argv.index("--results") + 1]))
+        return
     args = parse()
     started = time.perf_counter()
     per_seed: dict[int, dict] = {}
