@@ -179,22 +179,12 @@ def report(run_dirs: List[Path] = typer.Argument(..., help="run directories"),
         rows.append((f"{metrics.get('method')} ({run_dir.name})", with_intervals(test, list(test))))
     text = metrics_table(rows, columns) + "\n"
     if paired:
+        from recalign.report.markdown import paired_table
         from recalign.runs import paired_differences
-        from recalign.report.markdown import signed_span
 
         if len(run_dirs) < 2:
             raise InputError("--paired: give at least two runs (each is compared with the first)")
-        differences = paired_differences(list(run_dirs))
-        reference = run_dirs[0]
-        if "auc" in differences[0]:
-            lines = [f"| run − {reference} (paired, same test samples) | n | AUC [95%] | UAUC [95%] |", "|---|---|---|---|"]
-            lines += [f"| {d['run']} | {d['n']} | {d['auc']['difference']:+.4f} {signed_span(d['auc']['ci'])} | "
-                      f"{d['uauc']['difference']:+.4f} {signed_span(d['uauc']['ci'])} |" for d in differences]
-        else:
-            lines = [f"| run − {reference} (paired, same test cases) | n | NDCG@10 [95%] |", "|---|---|---|"]
-            lines += [f"| {d['run']} | {d['n']} | {d['ndcg@10']['ndcg@10']:+.4f} {signed_span(d['ndcg@10']['ci'])} |"
-                      for d in differences]
-        text += "\n" + "\n".join(lines) + "\n"
+        text += "\n" + paired_table(paired_differences(list(run_dirs)), str(run_dirs[0])) + "\n"
     if out:
         from recalign.io import atomic_write_text
 

@@ -33,6 +33,20 @@ def signed_span(ci) -> str:
     return "[undefined]" if not ci else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
 
 
+def paired_table(differences: list[dict], reference: str) -> str:
+    """Runs minus a reference on the same test cases (`runs.paired_differences`): AUC and UAUC differences of
+    Yes/No runs, or NDCG@10 of next-item runs, each with its paired interval."""
+    if differences and "auc" in differences[0]:
+        lines = [f"| run − {reference} (paired, same test samples) | n | AUC [95%] | UAUC [95%] |", "|---|---|---|---|"]
+        lines += [f"| {d['run']} | {d['n']} | {d['auc']['difference']:+.4f} {signed_span(d['auc']['ci'])} | "
+                  f"{d['uauc']['difference']:+.4f} {signed_span(d['uauc']['ci'])} |" for d in differences]
+    else:
+        lines = [f"| run − {reference} (paired, same test cases) | n | NDCG@10 [95%] |", "|---|---|---|"]
+        lines += [f"| {d['run']} | {d['n']} | {d['ndcg@10']['ndcg@10']:+.4f} {signed_span(d['ndcg@10']['ci'])} |"
+                  for d in differences]
+    return "\n".join(lines)
+
+
 def interval_lines(test: dict) -> list[str]:
     """The test metrics' 95% bootstrap intervals (`<metric>_ci`) and the sample count they rest on."""
     cells = [f"{key[:-3]} {test[key[:-3]]:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]" for key, ci in test.items()
