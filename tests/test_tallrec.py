@@ -42,7 +42,7 @@ def test_tallrec_runs_end_to_end_with_seeds_and_resume(tmp_path, monkeypatch, ca
     assert len(json.loads((out / "predictions-seed0-valid.json").read_text())["score"]) == 24
     # counting baselines on the same samples, each paired with every seed's scores
     assert set(metrics["baselines"]) == {"history_like_ratio", "item_like_rate", "ratio_plus_rate"}
-    ratio = metrics["baselines"]["history_like_ratio"]
+    ratio = metrics["baselines"]["history_like_ratio"]["test"]
     paired = metrics["per_seed"][1]["paired"]["tallrec - history_like_ratio"]["auc"]
     assert paired["difference"] == pytest.approx(metrics["per_seed"][1]["test"]["auc"] - ratio["auc"])
     assert "Counting baselines" in (out / "report.md").read_text()

@@ -171,7 +171,7 @@ def run(ctx: RunContext) -> dict:
                       "valid": r["metrics"]["valid"], "steps": r["train"]["steps"],
                       "best_step": r["train"]["best_step"], "history": r["train"]["history"],
                       "paired": r.get("paired", {})} for r in rows],
-        "baselines": {name: ctr_report(data.test, scores) for name, scores in floor.items()},
+        "baselines": {name: {"test": ctr_report(data.test, scores)} for name, scores in floor.items()},
         "samples": {**data.sizes(), "valid_scored": len(data.valid), "test_scored": len(data.test)},
     }
 
@@ -258,7 +258,7 @@ def _report(metrics: dict) -> str:
         paired = (metrics.get("per_seed") or [{}])[0].get("paired", {})
         for name, m in baselines.items():
             d = paired.get(f"tallrec - {name}", {}).get("auc")
-            lines.append(f"| {name} | {_value(m, 'auc')} | {_value(m, 'uauc')} | "
+            lines.append(f"| {name} | {_value(m['test'], 'auc')} | {_value(m['test'], 'uauc')} | "
                          + (f"{d['difference']:+.4f} {signed_span(d['ci'])}" if d else "–") + " |")
     return "\n".join(lines) + ("\n" if lines else "")
 
