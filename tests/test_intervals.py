@@ -103,6 +103,13 @@ def test_reproduce_report_shows_intervals_and_the_quick_noise_statement(tmp_path
             .read_text()
         assert "0.7000 [0.680, 0.720]" in text and "| 0.6000 |" in text
         assert (QUICK_NOISE in text) is noted
+    # counting baselines that runs report on the same test samples: one row each beside the models
+    floor = {"history_like_ratio": {"test": {"auc": 0.71, "auc_ci": [0.69, 0.73], "n": 2000}, "counting": True},
+             "cf": {"test": {"auc": 0.8, "n": 2000}}}
+    runs = [(Experiment(name, "tallrec", table="t"), {**metrics, "baselines": floor}) for name in ("a", "b")]
+    text = write_reproduce_report(tmp_path / "floor", "full", runs).read_text()
+    assert text.count("history_like_ratio (counting baseline, no model) | 0.7100 [0.690, 0.730]") == 1
+    assert "| cf" not in text  # only counting baselines are added
 
 
 def test_run_report_lists_the_test_intervals_with_the_sample_count():

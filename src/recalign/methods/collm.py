@@ -200,7 +200,7 @@ def run(ctx: RunContext) -> dict:
                 test_scores["cf"] = scores
         ctx.log(f"cf {cf.name} alone: test auc {baselines['cf']['test']['auc']:.4f}")
     for name, scores in counting_baselines(data.train_all, data.test).items():  # the floor: counts, no model
-        baselines[name] = {"test": ctr_report(data.test, scores)}
+        baselines[name] = {"test": ctr_report(data.test, scores), "counting": True}
         test_scores[name] = scores
     if cfg["eval"]["icl"]:
         baselines["icl"] = {"test": evaluate("icl-test", data.test,

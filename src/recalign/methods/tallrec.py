@@ -171,7 +171,7 @@ def run(ctx: RunContext) -> dict:
                       "valid": r["metrics"]["valid"], "steps": r["train"]["steps"],
                       "best_step": r["train"]["best_step"], "history": r["train"]["history"],
                       "paired": r.get("paired", {})} for r in rows],
-        "baselines": {name: {"test": ctr_report(data.test, scores)} for name, scores in floor.items()},
+        "baselines": {name: {"test": ctr_report(data.test, scores), "counting": True} for name, scores in floor.items()},
         "samples": {**data.sizes(), "valid_scored": len(data.valid), "test_scored": len(data.test)},
     }
 

@@ -33,6 +33,21 @@ def with_intervals(metrics: dict, columns: list[str]) -> dict:
     return out
 
 
+def _counting_rows(rows, columns: list[str]) -> list[tuple[str, dict]]:
+    """The counting baselines the runs report (`baselines.<name>` with `counting: true`), once per name and
+    test-set size: the floor beside the table's models."""
+    seen, out = set(), []
+    for _, metrics in rows:
+        for name, baseline in metrics.get("baselines", {}).items():
+            if not (isinstance(baseline, dict) and baseline.get("counting")):
+                continue
+            key = (name, baseline.get("test", {}).get("n"))
+            if key not in seen:
+                seen.add(key)
+                out.append((f"{name} (counting baseline, no model)", with_intervals(baseline["test"], columns)))
+    return out
+
+
 def _headline_columns(results) -> list[str]:
     """The accuracy metrics the rows have; for a fairness audit also its similarities and the SNSR (spread
     between a sensitive attribute's groups) of its first metric per attribute."""
@@ -77,7 +92,8 @@ def write_reproduce_report(out: Path, profile: str, results) -> Path:
         body.append(f"<p><strong>{html.escape(QUICK_NOISE)}</strong></p>")
     for table, rows in groups.items():
         columns = _headline_columns(rows)
-        md += [f"## {table}", "", metrics_table([(e.name, with_intervals(m["test"], columns)) for e, m in rows], columns),
+        md += [f"## {table}", "", metrics_table([(e.name, with_intervals(m["test"], columns)) for e, m in rows]
+                                                + _counting_rows(rows, columns), columns),
                "", "Wall seconds: " + ", ".join(f"{e.name} {m['seconds'].get('total', 0):.0f}" for e, m in rows), ""]
         body.append(f"<h2>{html.escape(table)}</h2>")
         body.append(_html_table(rows, columns))
