@@ -20,6 +20,8 @@ def test_icl_scores_test_samples_and_is_deterministic(tmp_path, monkeypatch, cap
     predictions = json.loads((tmp_path / "a" / "predictions.json").read_text())
     assert len(predictions["score"]) == 30 and len(set(predictions["score"])) > 1
     assert abs(auc(np.array(predictions["label"]), np.array(predictions["score"])) - metrics["test"]["auc"]) < 1e-12
+    floor = metrics["baselines"]["ratio_plus_rate"]["test"]["auc"]  # the counting floor, paired with ICL
+    assert abs(metrics["paired"]["icl - ratio_plus_rate"]["auc"]["difference"] - (metrics["test"]["auc"] - floor)) < 1e-9
     # the alpaca wrapper and no prefix cache give a different prompt / the same scores respectively
     code, _, err = invoke(monkeypatch, capsys, "run", "icl", "--out", str(tmp_path / "b"), *args,
                           "--set", "model.prefix_cache=false")

@@ -11,7 +11,8 @@ from recalign.llm import MODEL_CONFIG, MODEL_NULLABLE, Backbone, Prompter, check
 from recalign.llm.prompts import check_template
 from recalign.data import Needs
 from recalign.methods.api import Experiment, Method, RunContext
-from recalign.tasks.ctr import TALLREC_PROMPT, TALLREC_SAMPLES, check_tallrec_samples, ctr_report, tallrec_protocol
+from recalign.tasks.ctr import (TALLREC_PROMPT, TALLREC_SAMPLES, check_tallrec_samples, counting_baselines, ctr_report,
+                                paired_ctr_report, tallrec_protocol)
 from recalign.tasks.text import SAMPLE_FIELDS, frame_fields
 
 DEFAULTS = {
@@ -41,7 +42,8 @@ def run(ctx: RunContext) -> dict:
     ctx.log(f"ICL with {cfg['model']['name']}: {len(data.valid)} valid / {len(data.test)} test samples "
             f"(of {len(data.valid_full)} / {len(data.test_full)})")
     prompter = prompter_for(backbone, cfg["prompt"])
-    out = {}
+    floor = counting_baselines(data.train, data.test)  # what counting alone gets on the same test samples
+    out, paired = {}, {}
     for name, frame in (("valid", data.valid), ("test", data.test)):
         prompts = prompter.render_all(frame_fields(frame, ds.titles(), ctx.noun))
         scores = backbone.score_yes_no(prompts, cfg["prompt"]["yes"], cfg["prompt"]["no"], progress=f"ICL {name}")
@@ -49,8 +51,10 @@ def run(ctx: RunContext) -> dict:
         if name == "test":
             ctx.run.write_json("predictions.json", {"user": frame["user"].tolist(), "item": frame["item"].tolist(),
                                                     "label": frame["label"].tolist(), "score": scores.tolist()})
+            paired = {f"icl - {ref}": paired_ctr_report(frame, scores.numpy(), other) for ref, other in floor.items()}
     ctx.log(f"ICL test AUC {out['test']['auc']:.4f} UAUC {out['test']['uauc']:.4f}")
-    return {**out, "seconds": {"train": 0.0, "eval": time.perf_counter() - started},
+    return {**out, "seconds": {"train": 0.0, "eval": time.perf_counter() - started}, "paired": paired,
+            "baselines": {n: {"test": ctr_report(data.test, s), "counting": True} for n, s in floor.items()},
             "samples": {**data.sizes(), "valid_scored": len(data.valid), "test_scored": len(data.test)}}
 
 
