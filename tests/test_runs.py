@@ -26,9 +26,9 @@ def test_atomic_write_leaves_no_partial_file_on_failure(tmp_path, monkeypatch):
 def test_nan_becomes_null():
     import math
 
-    from recalign.io import _json_safe
+    from recalign.io import json_safe
 
-    assert _json_safe({"x": math.nan, "y": [1.0, math.inf]}) == {"x": None, "y": [1.0, None]}
+    assert json_safe({"x": math.nan, "y": [1.0, math.inf]}) == {"x": None, "y": [1.0, None]}
 
 
 def test_atomic_dir_replaces_whole(tmp_path):

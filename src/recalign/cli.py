@@ -115,7 +115,9 @@ def run(
         raise typer.Exit(distributed.launch(processes, args + (["--overwrite"] if overwrite else [])))
     metrics = run_method(method, dataset, out, str(config) if config else None, sets or [], resume, overwrite)
     if distributed.current().main:
-        print(json.dumps({"out": str(out), "test": metrics["test"]}))
+        from recalign.io import json_safe
+
+        print(json.dumps(json_safe({"out": str(out), "test": metrics["test"]})))  # NaN (e.g. a one-class UAUC) -> null
 
 
 @app.command("methods")
