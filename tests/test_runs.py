@@ -244,3 +244,32 @@ def test_the_dataset_fingerprint_follows_content_not_files():
     retitled = ds.subset_items(ds.items.index.to_numpy())
     retitled.items = ds.items.assign(title=ds.items["title"].str.upper())
     assert retitled.fingerprint() != ds.fingerprint()
+
+
+def test_record_dataset_meets_the_same_barriers_whether_or_not_the_main_process_wrote_first(tmp_path, monkeypatch):
+    """A slower process of a multi-process run may read dataset.json after the main process wrote it; it must
+    still wait at the same barriers, or the processes wait at different ones forever."""
+    from types import SimpleNamespace
+
+    from recalign import distributed
+    from recalign.data import load_dataset
+
+    barriers = []
+    other = SimpleNamespace(main=False, barrier=lambda: barriers.append(1))
+    monkeypatch.setattr(distributed, "current", lambda: other)
+    ds = load_dataset("ml-100k")
+    counts = []
+    for written_already in (False, True):
+        run = RunDir(tmp_path / f"run-{written_already}")
+        run.path.mkdir()
+        if written_already:  # what the main process wrote before this one looked
+            main = RunDir(tmp_path / "main")
+            main.path.mkdir()
+            monkeypatch.setattr(distributed, "current", lambda: SimpleNamespace(main=True, barrier=lambda: None))
+            main.record_dataset("ml-100k", ds)
+            monkeypatch.setattr(distributed, "current", lambda: other)
+            (run.path / "dataset.json").write_text((main.path / "dataset.json").read_text())
+        barriers.clear()
+        run.record_dataset("ml-100k", ds)
+        counts.append(len(barriers))
+    assert counts[0] == counts[1] >= 1

@@ -67,7 +67,9 @@ def run_method(method: str, dataset: str, out: str | Path, config_file: str | No
     # + resume) or replaced (overwrite); a run of another method or dataset is never continued
     if run.finished():
         metrics = run.read_metrics()
-        if not (run.path / "report.md").is_file():  # lost to a crash between the two writes: repaired
+        missing = not (run.path / "report.md").is_file()
+        distributed.current().barrier()  # every process has looked before the main process repairs it
+        if missing:  # lost to a crash between the two writes: repaired
             from recalign.report.markdown import run_report
 
             run.write_text("report.md", run_report(metrics, config, spec))

@@ -176,8 +176,10 @@ class RunDir:
             raise InputError(f"--out {self.path}: the dataset {name!r} changed since this run started (then "
                              f"{sizes(saved)}, now {sizes(now)}; the fingerprint differs); restore its files, or "
                              "--overwrite to start afresh")
-        if saved != now:
-            self.write_json("dataset.json", now)
+        # written (the same content again on a resume) by every process's call: a condition on what a process
+        # read would let a slower one, reading the main process's new file, skip the write's barrier, and the
+        # processes would then wait at different barriers forever
+        self.write_json("dataset.json", now)
 
     # ----- outputs
     # Only the main process of a multi-process run writes (`recalign.distributed`); every process runs the
