@@ -197,17 +197,19 @@ def counting_of(run: Path, results: Path) -> None:
 
     from recalign import config as cfg_mod
     from recalign.data import load_dataset
-    from recalign.tasks.ctr import collm_protocol, counting_baselines, ctr_report, paired_ctr_report
+    from recalign.tasks.ctr import collm_protocol, counting_baselines, counting_rows, paired_with_counting
 
     config = cfg_mod.load_yaml(run / "config.yaml")
     predictions = json.loads((run / "predictions-test.json").read_text())
     data = collm_protocol(load_dataset("ml-100k"), config["data_protocol"], int(config["seed"]))
     if data.test["user"].tolist() != predictions["user"] or data.test["item"].tolist() != predictions["item"]:
         raise SystemExit(f"{run}: its predictions are not this protocol's test cases")
-    rate = counting_baselines(data.train_all, data.test)["item_like_rate"]
-    out = {"run": str(run), "item_like_rate": ctr_report(data.test, rate),
-           "paired": {f"{row} - item_like_rate": paired_ctr_report(data.test, np.asarray(scores), rate)
-                      for row, scores in predictions["scores"].items()}}
+    floor = {"item_like_rate": counting_baselines(data.train_all, data.test)["item_like_rate"]}
+    paired = {}
+    for row, scores in predictions["scores"].items():
+        paired.update(paired_with_counting(row, data.test, np.asarray(scores), floor))
+    out = {"run": str(run), "item_like_rate": counting_rows(floor, data.test)["item_like_rate"]["test"],
+           "paired": paired}
     atomic_write_json(results, out)
     print(markdown(aggregate({0: {"item like-rate": {"test": out["item_like_rate"], "seconds": {"train": 0.0}}}})))
     print(paired_markdown(out["paired"]))

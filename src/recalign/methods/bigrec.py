@@ -48,7 +48,8 @@ from recalign.llm import (GENERATIVE_TRAIN, LORA_CONFIG, MODEL_CONFIG, MODEL_NUL
 from recalign.llm.decoding import DECODING_CONFIG, TitleTrie, check_decoding
 from recalign.llm.prompts import check_template
 from recalign.methods.api import Experiment, Method, RunContext
-from recalign.report.markdown import signed_span
+from recalign.report.markdown import metrics_table, signed_span
+from recalign.report.summary import with_intervals
 from recalign.tasks.next_item import (GENERATIVE_SAMPLES, Cases, check_generative_samples, full_histories,
                                       generative_samples, history_mask, item_diagnostics)
 from recalign.tasks.text import SAMPLE_FIELDS, frame_fields
@@ -236,7 +237,7 @@ def decode_step(ctx: RunContext, backbone, prompts: dict, catalogue, targets: di
         summary.update(samples=int(gen["samples"]), temperature=float(gen["temperature"]), top_p=float(gen["top_p"]))
     outputs = {}
     if use_assistant:
-        metric = "ndcg@10" if 10 in ks else f"ndcg@{max(ks)}"
+        metric = f"ndcg@{_headline_k(ks)}"
         grid, closeness, by_weight = {}, {}, {}
         for weight in sorted({float(w) for w in gen["assistant_weights"]}):
             by_weight[weight] = decode("valid", weight, f"valid-w{weight:g}")
@@ -392,7 +393,7 @@ def run(ctx: RunContext) -> dict:
         reused = cf_raw.get(cfg["inject"]["cf_model"])  # D3's assistant, when it is the same CF model
         signals["cf"] = reused if reused is not None else cf_scores(ctx, ds, split, shots, cases)
         cf_seconds += time.perf_counter() - started_cf
-    paired_k = 10 if 10 in ks else max(ks)
+    paired_k = _headline_k(ks)
     plain_ranks = target_ranks(-dist["test"], targets["test"], masks["test"])
     case_ranks, paired = {"rank": plain_ranks}, {}
     for suffix, signal in signals.items():
@@ -452,10 +453,9 @@ def write_cases(ctx: RunContext, per_case: dict, ranks: dict, titles: list[str])
     return rows[:20]
 
 
-def _with_interval(test: dict, metric: str) -> str:
-    ci = test.get(f"{metric}_ci")
-    value = f"{test.get(metric, float('nan')):.4f}"
-    return f"{value} [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else value
+def _headline_k(ks) -> int:
+    """The K that choices and paired claims use: 10 when evaluated, else the largest."""
+    return 10 if 10 in ks else max(ks)
 
 
 def _ndcg_hr(metrics: dict) -> dict:
@@ -468,9 +468,7 @@ def _report(metrics: dict) -> str:
     ks = sorted({int(k.split("@")[1]) for k in metrics.get("test", {}) if k.startswith("ndcg@") and "_" not in k})
     columns = [f"ndcg@{k}" for k in ks] + [f"hr@{k}" for k in ks]
     lines = ["### Test: plain grounding and injections (gamma chosen on valid per metric)", "",
-             "| variant | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for name, v in variants.items():
-        lines.append(f"| {name} | " + " | ".join(_with_interval(v["test"], c) for c in columns) + " |")
+             metrics_table([(name, with_intervals(v["test"], columns)) for name, v in variants.items()], columns)]
     if metrics.get("paired"):
         lines += ["", "Paired on the same test cases (mean per-case difference [95%]): " + "; ".join(
             f"{pair} {d[next(k for k in d if k.startswith('ndcg@'))]:+.4f} {signed_span(d['ci'])}"

@@ -35,7 +35,7 @@ from recalign.data import Needs
 from recalign.methods.api import Experiment, Method, RunContext
 from recalign.report.markdown import signed_span
 from recalign.tasks.ctr import (COLLM_NULLABLE, COLLM_PROTOCOL, check_collm_protocol, collm_protocol, counting_baselines,
-                                ctr_report, paired_ctr_report, summary_line, valid_auc)
+                                counting_rows, ctr_report, paired_ctr_report, summary_line, valid_auc)
 from recalign.tasks.text import SAMPLE_FIELDS, frame_fields
 
 CF_MODELS = ("mf", "lightgcn", "sasrec")
@@ -199,9 +199,9 @@ def run(ctx: RunContext) -> dict:
             if split == "test":
                 test_scores["cf"] = scores
         ctx.log(f"cf {cf.name} alone: test auc {baselines['cf']['test']['auc']:.4f}")
-    for name, scores in counting_baselines(data.train_all, data.test).items():  # the floor: counts, no model
-        baselines[name] = {"test": ctr_report(data.test, scores), "counting": True}
-        test_scores[name] = scores
+    floor = counting_baselines(data.train_all, data.test)  # the floor: counts, no model
+    baselines.update(counting_rows(floor, data.test))
+    test_scores.update(floor)
     if cfg["eval"]["icl"]:
         baselines["icl"] = {"test": evaluate("icl-test", data.test,
                                              lambda: scorer.scores(text["test"], progress="ICL test"))}

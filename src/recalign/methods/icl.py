@@ -11,8 +11,8 @@ from recalign.llm import MODEL_CONFIG, MODEL_NULLABLE, Backbone, Prompter, check
 from recalign.llm.prompts import check_template
 from recalign.data import Needs
 from recalign.methods.api import Experiment, Method, RunContext
-from recalign.tasks.ctr import (TALLREC_PROMPT, TALLREC_SAMPLES, check_tallrec_samples, counting_baselines, ctr_report,
-                                paired_ctr_report, tallrec_protocol)
+from recalign.tasks.ctr import (TALLREC_PROMPT, TALLREC_SAMPLES, check_tallrec_samples, counting_baselines, counting_rows,
+                                ctr_report, paired_with_counting, tallrec_protocol)
 from recalign.tasks.text import SAMPLE_FIELDS, frame_fields
 
 DEFAULTS = {
@@ -51,10 +51,10 @@ def run(ctx: RunContext) -> dict:
         if name == "test":
             ctx.run.write_json("predictions.json", {"user": frame["user"].tolist(), "item": frame["item"].tolist(),
                                                     "label": frame["label"].tolist(), "score": scores.tolist()})
-            paired = {f"icl - {ref}": paired_ctr_report(frame, scores.numpy(), other) for ref, other in floor.items()}
+            paired = paired_with_counting("icl", frame, scores.numpy(), floor)
     ctx.log(f"ICL test AUC {out['test']['auc']:.4f} UAUC {out['test']['uauc']:.4f}")
     return {**out, "seconds": {"train": 0.0, "eval": time.perf_counter() - started}, "paired": paired,
-            "baselines": {n: {"test": ctr_report(data.test, s), "counting": True} for n, s in floor.items()},
+            "baselines": counting_rows(floor, data.test),
             "samples": {**data.sizes(), "valid_scored": len(data.valid), "test_scored": len(data.test)}}
 
 

@@ -22,9 +22,11 @@ from recalign.llm import (LORA_CONFIG, MODEL_CONFIG, MODEL_NULLABLE, Backbone, P
                           check_train, check_yes_no, lora_step, train_section)
 from recalign.llm.prompts import check_template
 from recalign.methods.api import Experiment, Method, RunContext
-from recalign.report.markdown import signed_span
-from recalign.tasks.ctr import (TALLREC_PROMPT, TALLREC_SAMPLES, check_tallrec_samples, counting_baselines, ctr_report,
-                                domain_datasets, mean_std, paired_ctr_report, tallrec_protocol)
+from recalign.report.markdown import metrics_table, signed_span
+from recalign.report.summary import with_intervals
+from recalign.tasks.ctr import (TALLREC_PROMPT, TALLREC_SAMPLES, check_tallrec_samples, counting_baselines, counting_rows,
+                                ctr_report, domain_datasets, mean_std, paired_ctr_report, paired_with_counting,
+                                tallrec_protocol)
 from recalign.tasks.text import SAMPLE_FIELDS, frame_fields
 
 DEFAULTS = {
@@ -115,7 +117,7 @@ def train_and_score(ctx: RunContext, backbone: Backbone, ds, train_pool, eval_se
         metrics[name] = ctr_report(frame, scores)
         write_predictions(ctx, f"predictions-{tag}-{name}.json", frame, scores)
         if name == "test" and references:
-            paired = {f"tallrec - {ref}": paired_ctr_report(frame, scores, other) for ref, other in references.items()}
+            paired = paired_with_counting("tallrec", frame, scores, references)
     eval_seconds = time.perf_counter() - started
     out = {"tag": tag, "seed": seed, "shots": len(shots), "metrics": metrics,
            "train": result, "paired": paired if references else {},
@@ -171,7 +173,7 @@ def run(ctx: RunContext) -> dict:
                       "valid": r["metrics"]["valid"], "steps": r["train"]["steps"],
                       "best_step": r["train"]["best_step"], "history": r["train"]["history"],
                       "paired": r.get("paired", {})} for r in rows],
-        "baselines": {name: {"test": ctr_report(data.test, scores), "counting": True} for name, scores in floor.items()},
+        "baselines": counting_rows(floor, data.test),
         "samples": {**data.sizes(), "valid_scored": len(data.valid), "test_scored": len(data.test)},
     }
 
@@ -252,20 +254,16 @@ def _report(metrics: dict) -> str:
                      f"{row['test']['uauc']:.4f} |")
     baselines = metrics.get("baselines", {})
     if baselines:
-        lines += ["", "### Counting baselines on the same test samples (no LLM; `tasks.ctr.counting_baselines`)", "",
-                  "| baseline | AUC [95%] | UAUC [95%] | TALLRec − baseline, AUC (first seed, paired) |",
-                  "|---|---|---|---|"]
         paired = (metrics.get("per_seed") or [{}])[0].get("paired", {})
+        column = "TALLRec − baseline, AUC (first seed, paired)"
+        rows = []
         for name, m in baselines.items():
             d = paired.get(f"tallrec - {name}", {}).get("auc")
-            lines.append(f"| {name} | {_value(m['test'], 'auc')} | {_value(m['test'], 'uauc')} | "
-                         + (f"{d['difference']:+.4f} {signed_span(d['ci'])}" if d else "–") + " |")
+            rows.append((name, {**with_intervals(m["test"], ["auc", "uauc"]),
+                                column: f"{d['difference']:+.4f} {signed_span(d['ci'])}" if d else None}))
+        lines += ["", "### Counting baselines on the same test samples (no LLM; `tasks.ctr.counting_baselines`)", "",
+                  metrics_table(rows, ["auc", "uauc", column])]
     return "\n".join(lines) + ("\n" if lines else "")
-
-
-def _value(metrics: dict, key: str) -> str:
-    ci = metrics.get(f"{key}_ci")
-    return f"{metrics[key]:.4f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 
 METHODS = [Method("tallrec", "Few-shot LoRA instruction tuning with Yes/No answers (TALLRec).", DEFAULTS, run,

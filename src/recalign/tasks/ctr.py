@@ -132,7 +132,9 @@ def collm_protocol(ds: Dataset, cfg: Mapping, seed: int) -> CTRSamples:
     valid = mark_warm_cold(split.valid, split.train, include_history=False)
     test = mark_warm_cold(split.test, split.train, include_history=False)
     eval_seed = int(cfg["eval_seed"])
-    valid_small = uniform_draw(valid, cfg["max_valid"], eval_seed)
+    # uniform, not by user like the test cases: a small by-user draw came from one or two heavy users (64
+    # samples of 2 users in a CoLLM run), so early stopping and the checkpoint choice followed noise
+    valid_small = draw(valid, cfg["max_valid"] or 0, eval_seed)
     test_small = bounded(test, cfg["max_test_warm"], cfg["max_test_cold"], cfg["max_per_user"], eval_seed + 1)
     train = few_shot(split.train, cfg["max_train"], seed)
     return CTRSamples(split.train, train, valid_small, test_small, valid, test, cfg["history_len"])
@@ -196,19 +198,6 @@ def bounded(frame: pd.DataFrame, max_warm: int | None, max_cold: int | None, max
         parts = [draw_by_user(frame[frame["warm"]], max_warm, max_per_user, rng),
                  draw_by_user(frame[~frame["warm"]], max_cold, max_per_user, rng)]
     out = pd.concat(parts)
-    return out.sort_values(["timestamp", "user"], kind="stable").reset_index(drop=True)
-
-
-def uniform_draw(frame: pd.DataFrame, max_samples: int | None, seed: int) -> pd.DataFrame:
-    """`max_samples` cases drawn uniformly without replacement (all when None or more), in time order.
-
-    The valid draw: drawn by user like the test cases (`draw_by_user`, users in random order, up to
-    `max_per_user` each), a small valid set came from one or two heavy users (64 samples of 2 users, 58
-    positives, in a CoLLM run), so early stopping and the checkpoint choice followed noise."""
-    if max_samples is None or max_samples >= len(frame):
-        return frame.reset_index(drop=True)
-    rows = np.sort(np.random.default_rng(seed).choice(len(frame), size=max_samples, replace=False))
-    out = frame.iloc[rows]
     return out.sort_values(["timestamp", "user"], kind="stable").reset_index(drop=True)
 
 
@@ -301,6 +290,17 @@ def counting_baselines(train: pd.DataFrame, frame: pd.DataFrame, prior_weight: f
         item_clipped = np.clip(item_rate, 1e-6, 1 - 1e-6)
         out["ratio_plus_rate"] = np.log(ratio / (1 - ratio)) + np.log(item_clipped / (1 - item_clipped))
     return out
+
+
+def counting_rows(floor: dict[str, np.ndarray], frame: pd.DataFrame) -> dict:
+    """A run's `baselines` entries for `counting_baselines` scores: their test metrics, marked `counting` (the
+    reproduce report lists them once per table)."""
+    return {name: {"test": ctr_report(frame, scores), "counting": True} for name, scores in floor.items()}
+
+
+def paired_with_counting(name: str, frame: pd.DataFrame, scores, floor: dict[str, np.ndarray]) -> dict:
+    """`name - <baseline>` for each counting baseline: AUC / UAUC differences on the same samples, paired."""
+    return {f"{name} - {ref}": paired_ctr_report(frame, scores, other) for ref, other in floor.items()}
 
 
 def summary_line(metrics: dict) -> str:
