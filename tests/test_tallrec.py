@@ -75,6 +75,14 @@ def test_tallrec_cross_domain_matrix(tmp_path, monkeypatch, capsys):
     assert "Cross-domain AUC" in report
     row = next(line for line in report.splitlines() if line.startswith("| genre:Action"))
     assert len(row.replace("\\|", "").split("|")) == 5  # name + 2 AUCs: the genre pipes are escaped
+    # every cell carries its interval, and each test domain its counting floor
+    intervals = metrics["cross_domain"]["auc_ci"]
+    assert all(ci[0] <= v <= ci[1] for r, c in zip(matrix, intervals) for v, ci in zip(r, c))
+    assert " [" in row
+    floors = metrics["cross_domain"]["baselines"]
+    assert set(floors) == {"genre:Action|Thriller", "genre:Comedy|Romance"}
+    assert all("item_like_rate" in rows and 0 <= rows["item_like_rate"]["test"]["auc"] <= 1 for rows in floors.values())
+    assert "counting baselines on genre:Action, Thriller's test samples" in report
 
 
 @pytest.mark.parametrize("setting, message", [

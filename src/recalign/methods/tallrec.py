@@ -190,6 +190,7 @@ def _run_cross(ctx: RunContext) -> dict:
     n = len(prepared)
     auc = [[float("nan")] * n for _ in range(n)]
     uauc = [[float("nan")] * n for _ in range(n)]
+    auc_ci = [[None] * n for _ in range(n)]
     train_seconds = eval_seconds = 0.0
     for i, (name, ds, data) in enumerate(prepared):
         eval_sets = {"valid": (ds, data.valid)}
@@ -199,6 +200,7 @@ def _run_cross(ctx: RunContext) -> dict:
         for j in range(n):
             auc[i][j] = mean_std([r["metrics"][f"test{j}"]["auc"] for r in per_seed])[0]
             uauc[i][j] = mean_std([r["metrics"][f"test{j}"]["uauc"] for r in per_seed])[0]
+            auc_ci[i][j] = per_seed[0]["metrics"][f"test{j}"].get("auc_ci")
         train_seconds += sum(r["seconds"]["train"] for r in per_seed)
         eval_seconds += sum(r["seconds"]["eval"] for r in per_seed)
         ctx.log(f"trained on {name}: test AUC " + ", ".join(f"{prepared[j][0]} {auc[i][j]:.4f}" for j in range(n)))
@@ -209,8 +211,10 @@ def _run_cross(ctx: RunContext) -> dict:
         "test": {"auc": float(np.nanmean(off)), "uauc": float(np.nanmean(off_u)), "auc_in_domain": float(np.nanmean(diag))},
         "valid": {},
         "seconds": {"train": train_seconds, "eval": eval_seconds},
-        "cross_domain": {"domains": specs, "auc": auc, "uauc": uauc,
+        "cross_domain": {"domains": specs, "auc": auc, "uauc": uauc, "auc_ci": auc_ci,  # the first seed's
                          "paired": _in_minus_cross_domain(ctx, prepared, ctx.seed),
+                         "baselines": {name: counting_rows(counting_baselines(data.train, data.test), data.test)
+                                       for name, _, data in prepared},
                          "samples": {name: data.sizes() for name, _, data in prepared}},
     }
 
@@ -240,8 +244,14 @@ def _report(metrics: dict) -> str:
         names = [name.replace("|", "\\|") for name in cross["domains"]]  # genre lists hold table pipes
         lines += ["### Cross-domain AUC (rows: trained on, columns: tested on)", "",
                   "| train \\ test | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-        for name, row in zip(names, cross["auc"]):
-            lines.append(f"| {name} | " + " | ".join(f"{v:.4f}" for v in row) + " |")
+        spans = cross.get("auc_ci") or [[None] * len(names) for _ in names]
+        for name, row, row_ci in zip(names, cross["auc"], spans):
+            cells = [with_intervals({"auc": v, "auc_ci": ci}, ["auc"])["auc"] for v, ci in zip(row, row_ci)]
+            lines.append(f"| {name} | " + " | ".join(f"{c:.4f}" if isinstance(c, float) else str(c) for c in cells)
+                         + " |")
+        for name, rows in cross.get("baselines", {}).items():
+            lines.append(f"\ncounting baselines on {name.replace('|', ', ')}'s test samples: " + "; ".join(
+                f"{ref} AUC {with_intervals(m['test'], ['auc'])['auc']}" for ref, m in rows.items()))
         for pair, difference in cross.get("paired", {}).items():
             d = difference["auc"]
             lines.append(f"\n{pair}: AUC {d['difference']:+.4f} {signed_span(d['ci'])} (paired, same test samples)")
