@@ -327,6 +327,11 @@ def test_softprompt_end_to_end_on_tiny_llama(tmp_path):
                          sets=[s for s in TINY_RUN if not s.startswith(("cf.", "step"))] + ["softprompt.tokens=3"])
     assert {"auc", "uauc", "auc_warm", "auc_cold", "uauc_warm", "uauc_cold"} <= set(metrics["test"])
     assert metrics["training"]["steps"] >= 1
+    # the counting floor on the same test cases, and Soft-Prompt paired against it
+    floor = metrics["baselines"]["item_like_rate"]
+    assert floor["counting"] and 0 <= floor["test"]["auc"] <= 1 and "auc_ci" in floor["test"]
+    difference = metrics["paired"]["softprompt - item_like_rate"]["auc"]
+    assert difference["difference"] == pytest.approx(metrics["test"]["auc"] - floor["test"]["auc"])
 
 
 @pytest.mark.parametrize("setting, message", [

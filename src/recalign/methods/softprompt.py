@@ -3,7 +3,8 @@ adapts the LLM with learned prompt vectors and no collaborative information.
 
 k free vectors (initialised from the embeddings of a text) fill the <SoftPrompt> placeholder of CoLLM's text
 prompt; the LLM stays frozen (`softprompt.lora: true` tunes LoRA jointly). Loss = binary cross-entropy on
-logit("Yes") − logit("No"). Same CTR protocol, test cases and metrics as `collm` (all / warm / cold).
+logit("Yes") − logit("No"). Same CTR protocol, test cases and metrics as `collm` (all / warm / cold), with the
+item like-rate counting baseline on the same cases (`baselines`) and paired against it (`paired`).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from recalign.llm import (LORA_CONFIG, MODEL_CONFIG, MODEL_NULLABLE, LoraSetting
 from recalign.llm.prompts import check_template
 from recalign.data import Needs
 from recalign.methods.api import Experiment, Method, RunContext
-from recalign.tasks.ctr import (COLLM_NULLABLE, COLLM_PROTOCOL, check_collm_protocol, collm_protocol, ctr_report,
-                                summary_line, valid_auc)
+from recalign.tasks.ctr import (COLLM_NULLABLE, COLLM_PROTOCOL, check_collm_protocol, collm_protocol, counting_baselines,
+                                counting_rows, ctr_report, paired_with_counting, summary_line, valid_auc)
 from recalign.tasks.text import SAMPLE_FIELDS, frame_fields
 
 DEFAULTS = {
@@ -117,10 +118,11 @@ def run(ctx: RunContext) -> dict:
             values = fills(len(prompts[split]))
         return scorer.scores(prompts[split], slots={k: v.detach() for k, v in values.items()}, progress=progress)
 
-    def evaluate(name: str, frame, compute) -> dict:
-        metrics = ctr_report(frame, scorer.cached(name, len(frame), compute))
+    def evaluate(name: str, frame, compute) -> tuple[dict, np.ndarray]:
+        scores = scorer.cached(name, len(frame), compute)
+        metrics = ctr_report(frame, scores)
         ctx.log(f"{name}: {summary_line(metrics)}")
-        return metrics
+        return metrics, scores
 
     started = time.perf_counter()
     training = train_slot_modules(ctx.run, backbone, tuned, TrainConfig.from_config(cfg["train"], seed),
@@ -129,10 +131,13 @@ def run(ctx: RunContext) -> dict:
     train_seconds = time.perf_counter() - started
     tuned.eval()
     eval_started = scorer.seconds
-    test = evaluate("test", data.test, lambda: score("test", progress="soft-prompt test"))
-    valid = evaluate("valid", data.valid, lambda: score("valid"))
+    test, test_scores = evaluate("test", data.test, lambda: score("test", progress="soft-prompt test"))
+    valid, _ = evaluate("valid", data.valid, lambda: score("valid"))
+    floor = counting_baselines(data.train_all, data.test)  # the floor: counts, no model
     return {"test": test, "valid": valid,
             "seconds": {"train": train_seconds, "eval": scorer.seconds - eval_started},
+            "baselines": counting_rows(floor, data.test),
+            "paired": paired_with_counting("softprompt", data.test, test_scores, floor),
             "data": data.summary(), "training": training}
 
 
