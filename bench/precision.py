@@ -1,5 +1,6 @@
 """Benchmark: the same trained TALLRec adapter scored in float32, bfloat16 and int8 (`model.quantize: int8`) on
-the same test samples: AUC / UAUC per number format, the difference to float32, the largest score difference,
+the same test samples: AUC / UAUC per number format with 95% intervals, the difference to float32 (paired 95%
+intervals over the same samples), the largest score difference,
 the rank correlation of the scores, and the scoring speed.
 
 The run directory gives the config (model, prompt, samples) and the adapter (`checkpoints/adapter-seed0`);
@@ -47,7 +48,9 @@ def main() -> None:
     from recalign.io import atomic_write_json
     from recalign.llm import Backbone, Prompter
     from recalign.llm.precision import cpu_info
-    from recalign.tasks.ctr import ctr_report, tallrec_protocol
+    from recalign.report.markdown import signed_span
+    from recalign.report.summary import with_intervals
+    from recalign.tasks.ctr import ctr_report, paired_ctr_report, tallrec_protocol
     from recalign.tasks.text import frame_fields
 
     run = Path(args.run)
@@ -77,7 +80,7 @@ def main() -> None:
             if len(scores[name]) != len(frame):
                 raise SystemExit(f"{kept / name}.npy holds {len(scores[name])} scores, not {len(frame)}")
             metrics = ctr_report(frame, scores[name])
-            rows.append({**saved, "format": name, "auc": metrics["auc"], "uauc": metrics["uauc"]})
+            rows.append({**saved, "format": name, **{k: metrics[k] for k in ("auc", "uauc", "auc_ci", "uauc_ci")}})
             print(f"{name}: read back from {kept}", flush=True)
             continue
         dtype, quantize = FORMATS[name]
@@ -91,12 +94,12 @@ def main() -> None:
         scores[name] = backbone.score_yes_no(prompts, prompt_cfg["yes"], prompt_cfg["no"], progress=name).numpy()
         seconds = time.perf_counter() - started
         metrics = ctr_report(frame, scores[name])
-        rows.append({"format": name, "auc": metrics["auc"], "uauc": metrics["uauc"], "seconds": seconds,
+        rows.append({"format": name, **{k: metrics[k] for k in ("auc", "uauc", "auc_ci", "uauc_ci")}, "seconds": seconds,
                      "samples_per_s": len(prompts) / seconds, "precision": backbone.precision})
         if kept is not None:
             kept.mkdir(parents=True, exist_ok=True)
             np.save(kept / f"{name}.npy", scores[name])
-            atomic_write_json(kept / f"{name}.json", {k: v for k, v in rows[-1].items() if k not in ("auc", "uauc")})
+            atomic_write_json(kept / f"{name}.json", {k: v for k, v in rows[-1].items() if not k.startswith(("auc", "uauc"))})
         print(f"{name}: AUC {metrics['auc']:.4f} UAUC {metrics['uauc']:.4f}, {len(prompts) / seconds:.2f} samples/s",
               flush=True)
         del backbone
@@ -104,20 +107,23 @@ def main() -> None:
     base = "float32" if "float32" in scores else formats[0]
     for row in rows:
         other = scores[row["format"]]
-        row["auc_diff_vs_" + base] = row["auc"] - next(r["auc"] for r in rows if r["format"] == base)
-        row["uauc_diff_vs_" + base] = row["uauc"] - next(r["uauc"] for r in rows if r["format"] == base)
+        paired = paired_ctr_report(frame, other, scores[base])
+        row["auc_diff_vs_" + base], row["auc_diff_ci"] = paired["auc"]["difference"], paired["auc"]["ci"]
+        row["uauc_diff_vs_" + base], row["uauc_diff_ci"] = paired["uauc"]["difference"], paired["uauc"]["ci"]
         row["max_abs_score_diff"] = float(np.abs(other - scores[base]).max())
         row["score_spearman"] = float(spearmanr(other, scores[base]).statistic)
 
     print()
     print(f"{len(frame)} test samples, adapter {adapter}")
-    print(f"| format | AUC | AUC - {base} | UAUC | UAUC - {base} | max abs score diff | Spearman vs {base} | "
-          "samples/s |")
+    print(f"| format | AUC [95% CI] | AUC - {base} [paired 95% CI] | UAUC [95% CI] | UAUC - {base} [paired 95% CI] | "
+          f"max abs score diff | Spearman vs {base} | samples/s |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['format']} | {row['auc']:.4f} | {row['auc_diff_vs_' + base]:+.4f} | {row['uauc']:.4f} | "
-              f"{row['uauc_diff_vs_' + base]:+.4f} | {row['max_abs_score_diff']:.3f} | {row['score_spearman']:.4f} | "
-              f"{row['samples_per_s']:.2f} |")
+        shown = with_intervals(row, ["auc", "uauc"])
+        print(f"| {row['format']} | {shown['auc']} | {row['auc_diff_vs_' + base]:+.4f} "
+              f"{signed_span(row['auc_diff_ci'])} | {shown['uauc']} | "
+              f"{row['uauc_diff_vs_' + base]:+.4f} {signed_span(row['uauc_diff_ci'])} | {row['max_abs_score_diff']:.3f} | "
+              f"{row['score_spearman']:.4f} | {row['samples_per_s']:.2f} |")
     atomic_write_json(Path(args.results), {
         "machine": {"cpu": cpu_info()[0], "cpus": os.cpu_count(), "threads": args.threads,
                     "platform": platform.platform(), "torch": torch.__version__},
