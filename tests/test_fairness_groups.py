@@ -63,6 +63,9 @@ def test_group_audit_of_a_cf_model(monkeypatch, capsys, tmp_path):
     test = metrics["test"]
     # the same numbers as `recalign run pop` (leave-one-out, full ranking)
     assert test["ndcg@10"] == pytest.approx(0.0442, abs=1e-4) and test["hr@10"] == pytest.approx(0.0859, abs=1e-4)
+    # the overall mean carries its interval (the same as `recalign run pop`'s: 0.0349-0.0546)
+    low, high = test["ndcg@10_ci"]
+    assert 0.030 < low < test["ndcg@10"] < high < 0.060
     gender = metrics["groups"]["gender"]["ndcg@10"]
     assert {g: e["n"] for g, e in gender["groups"].items()} == {"F": 273, "M": 670}
     means = [e["mean"] for e in gender["groups"].values()]

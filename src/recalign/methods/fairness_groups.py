@@ -28,6 +28,7 @@ import numpy as np
 
 from recalign.errors import InputError
 from recalign.eval.fairness import group_means, permutation_spread
+from recalign.eval.intervals import mean_interval
 from recalign.eval.metrics import auc, ndcg_per_case, target_ranks
 from recalign.methods.api import Experiment, Method, RunContext
 from recalign.report.fairness import group_audit_markdown
@@ -157,6 +158,7 @@ def run(ctx: RunContext) -> dict:
     ctx.log(f"group audit of {note}")
     activity = np.bincount(ds.interactions["user"].to_numpy(), minlength=ds.n_users)[users].astype(np.float64)
     out_groups, test = {}, {name: float(np.nanmean(v)) for name, v in per_user.items()}
+    test.update({f"{name}_ci": mean_interval(v[~np.isnan(v)], seed=ctx.seed) for name, v in per_user.items()})
     for attribute in g["attributes"]:
         group_of = activity_groups(activity) if attribute == "activity" else labels[attribute][users]
         out_groups[attribute] = {}
