@@ -23,6 +23,21 @@ def test_atomic_write_leaves_no_partial_file_on_failure(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 
 
+def test_atomic_writes_get_the_umask_permissions_of_a_plain_new_file(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "report.md", "x")
+        with atomic_dir(tmp_path / "adapter") as tmp:
+            (tmp / "a.txt").write_text("1")
+        os.umask(0o077)
+        atomic_write_text(tmp_path / "private.md", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "report.md").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+    assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "private.md").stat().st_mode & 0o777 == 0o600
+
+
 def test_nan_becomes_null():
     import math
 

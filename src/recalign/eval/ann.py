@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -27,6 +26,7 @@ import torch
 
 from recalign.errors import InputError
 from recalign.eval.grounding import l2_topk
+from recalign.io import temporary_sibling
 
 SEARCHES = ("exact", "hnsw", "ivf")
 CODECS = ("flat", "sq8")
@@ -117,8 +117,7 @@ def build_index(embeddings: np.ndarray, params: dict, train_rows: int = 0, seed:
 def _write_index(index, path: Path) -> None:
     import faiss
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = temporary_sibling(path)
     os.close(fd)
     try:
         faiss.write_index(index, tmp)
