@@ -300,6 +300,11 @@ BAD = [
     ("/recommend", {"user": "1", "k": -3}, 422, "k"),
     ("/recommend", {"user": "1", "k": 10 ** 9}, 422, "k"),
     ("/recommend", {"user": "1", "k": "ten"}, 422, "k"),
+    ("/recommend", {"user": "1", "k": "3"}, 422, "k"),  # k is a strict integer: no coercion
+    ("/recommend", {"user": "1", "k": True}, 422, "k"),
+    ("/recommend", {"user": "1", "k": 1000.0}, 422, "k"),
+    ("/recommend", {"history": ["1", "2"], "k": 3, "model": "mf"}, 422, "history"),  # MF scores known users only
+    ("/score", {"history": ["1"], "items": ["50"], "model": "mf"}, 422, "history"),
     ("/recommend", {"user": "1", "k": 5, "exclude_seen": "maybe"}, 422, "exclude_seen"),
     ("/recommend", {"user": "1", "candidates": []}, 422, "candidates"),
     ("/recommend", {"user": "1", "candidates": ["x"]}, 404, "candidates[0]"),
@@ -317,14 +322,51 @@ def test_bad_requests_get_a_4xx_naming_the_field(client, path, body, status, fie
     assert "\n" not in payload["error"]
 
 
+def test_k_must_be_an_integer_not_a_string_bool_or_float(client):
+    for k in (b'"3"', b"true", b"1e3", b"3.0"):
+        r = client.post("/recommend", content=b'{"user": "1", "k": ' + k + b"}",
+                        headers={"content-type": "application/json"})
+        assert r.status_code == 422 and r.json() == {"error": "k: Input should be a valid integer", "field": "k"}, k
+    assert len(client.post("/recommend", json={"user": "1", "k": 3}).json()["items"]) == 3
+
+
+def test_a_model_that_scores_known_users_only_refuses_a_bare_history(client, loaded):
+    from recalign.cf import MODELS, create_model
+    from recalign.serve.models import scores_known_users_only
+
+    assert {n for n in MODELS if scores_known_users_only(create_model(n, 4, 6))} == {"mf", "lightgcn"}
+    assert loaded["mf"].needs_user and not loaded["sasrec"].needs_user and not loaded["tallrec"].needs_user
+    described = {m["name"]: m for m in client.get("/models").json()["models"]}
+    assert described["mf"]["needs_user"] is True and described["sasrec"]["needs_user"] is False
+    bare = {"/recommend": {"history": ["50", "181"], "k": 3}, "/score": {"history": ["50"], "items": ["1"]}}
+    for path, body in bare.items():
+        r = client.post(path, json={**body, "model": "mf"})
+        assert r.status_code == 422 and r.json() == {
+            "error": 'history: mf (mf) scores known users only; give "user", or use a sequential or LLM model',
+            "field": "history"}
+        assert client.post(path, json={**body, "model": "sasrec"}).status_code == 200
+        assert client.post(path, json=body).json()["model"] == "tallrec"  # the router sends it to the LLM
+    models = [loaded["mf"], loaded["tallrec"]]
+    pinned = create_app(models, Router(models, "cf"))
+    with TestClient(pinned) as c:
+        r = c.post("/recommend", json={"history": ["50"], "k": 3})
+        assert r.status_code == 422 and r.json()["field"] == "history"
+        # user and history together: the history replaces the user's log, MF scores the user (documented)
+        both = c.post("/score", json={"user": "1", "history": ["181"], "items": ["50"]}).json()
+        alone = c.post("/score", json={"user": "1", "items": ["50"]}).json()
+        assert both["model"] == "mf" and both["scores"] == alone["scores"]
+
+
 def test_malformed_json_oversized_bodies_and_unknown_paths(client, loaded):
     headers = {"content-type": "application/json"}
     r = client.post("/score", content=b'{"user": "1", "items": [', headers=headers)
     assert r.status_code == 422 and r.json()["error"].startswith("body: malformed JSON")
-    r = client.post("/score", content=b"[" * 100_000 + b"]" * 100_000, headers=headers)
-    assert 400 <= r.status_code < 500
-    r = client.post("/score", content=b'{"user": 1' + b"0" * 5000 + b', "items": ["1"]}', headers=headers)
-    assert 400 <= r.status_code < 500
+    # every malformation gets the same status and one-line form (json.loads raises other than JSONDecodeError)
+    for body, why in ((b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+                      (b'{"user": "1\xff", "items": ["1"]}', "not UTF-8"),
+                      (b'{"user": 1' + b"0" * 5000 + b', "items": ["1"]}', "an integer with too many digits")):
+        r = client.post("/score", content=body, headers=headers)
+        assert r.status_code == 422 and r.json() == {"error": f"body: malformed JSON ({why})", "field": "body"}
     r = client.post("/score", content=b" " * 1_000_001, headers=headers)
     assert r.status_code == 413 and r.json()["field"] == "body"
     r = client.post("/recommend", content=b"k=3", headers={"content-type": "application/x-www-form-urlencoded"})

@@ -3,10 +3,11 @@
 Ids in requests and responses are the dataset's raw ids (strings; integers are accepted and read as their
 decimal string). A request names a user (`user`), or gives a history (`history`: item ids oldest first,
 optional `liked` flags aligned with it; default all liked), or both (the history then replaces the user's
-logged one). Every bad request is a 4xx whose body is `{"error": "FIELD: what is wrong", "field": FIELD}`:
-malformed JSON, a missing or mistyped field, an unknown field, an unknown user / item / model (404), an
-empty history, k out of range, too many items, a body over the size limit (413). Every answer says which
-model answered and why (`model`, `route`).
+logged one; the user id still picks the route, and MF / LightGCN score the user). A model that scores known
+users only (`needs_user`: MF, LightGCN) refuses a history without a user. Every bad request is a 4xx whose
+body is `{"error": "FIELD: what is wrong", "field": FIELD}`: malformed JSON, a missing or mistyped field, an
+unknown field, an unknown user / item / model (404), an empty history, k out of range, too many items, a body
+over the size limit (413). Every answer says which model answered and why (`model`, `route`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, WithJsonSchema
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, WithJsonSchema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from recalign.errors import InputError
@@ -71,7 +72,7 @@ class Who(BaseModel):
 
 
 class RecommendRequest(Who):
-    k: int = Field(10, ge=1, le=MAX_K, description="how many items")
+    k: StrictInt = Field(10, ge=1, le=MAX_K, description="how many items")
     exclude_seen: StrictBool = Field(True, description="leave out the user's logged items and the history")
     candidates: Optional[list[RawId]] = Field(None, max_length=MAX_LIST,
                                               description="rank only these items (default: the whole catalogue; "
@@ -114,7 +115,12 @@ class ErrorResponse(BaseModel):
     field: Optional[str] = None
 
 
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 422)}
+ERRORS = {code: {"model": ErrorResponse} for code in (404, 413, 422)}
+
+
+# what json.loads raises besides JSONDecodeError (exact types: UnicodeDecodeError is a ValueError)
+BODY_ERRORS = {UnicodeDecodeError: "not UTF-8", RecursionError: "nested too deeply",
+               ValueError: "an integer with too many digits"}
 
 
 class ApiError(Exception):
@@ -214,11 +220,11 @@ def create_app(models: list[ServedModel], router: Router, settings: Settings | N
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400:  # FastAPI: json.loads failed with other than a JSONDecodeError
+            why = BODY_ERRORS.get(type(exc.__cause__), "unreadable")
+            return JSONResponse({"error": f"body: malformed JSON ({why})", "field": "body"}, 422)
         detail = exc.detail if isinstance(exc.detail, str) else "bad request"
-        if exc.status_code == 400:
-            detail = f"body: {detail} (malformed or too deeply nested JSON)"
-        return JSONResponse({"error": detail, "field": "body" if exc.status_code == 400 else None}, exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        return JSONResponse({"error": detail, "field": None}, exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(InputError)
     async def _input_error(request: Request, exc: InputError):
@@ -272,6 +278,7 @@ def create_app(models: list[ServedModel], router: Router, settings: Settings | N
             raise ApiError(422, "items", f"at most {settings.max_items} items per request, got {len(body.items)}")
         items = _items(body.items, catalog, "items")
         decision = Decision(chosen, "requested by name") if chosen else router.decide(ctx, items)
+        _check_user(decision.model, ctx)
         scores = await _guarded(decision.model.score(ctx, items))
         return {**answer(request, decision), "scores": listing(catalog, items, scores)}
 
@@ -292,6 +299,7 @@ def create_app(models: list[ServedModel], router: Router, settings: Settings | N
                                                   f"got {len(body.candidates)}")
             candidates = np.unique(_items(body.candidates, catalog, "candidates"))
         decision = Decision(chosen, "requested by name") if chosen else router.decide(ctx)
+        _check_user(decision.model, ctx)
         ranked = await _guarded(decision.model.recommend(ctx, body.k, body.exclude_seen, candidates))
         return {**answer(request, decision), "candidates": ranked.candidates,
                 "items": listing(catalog, ranked.items, ranked.scores), "generated": ranked.generated}
@@ -354,6 +362,12 @@ def _context(body: Who, catalog: Catalog, settings: Settings) -> Context:
     liked = np.asarray(body.liked if body.liked is not None else [True] * len(history), bool)
     seen = history if user < 0 else np.union1d(history, catalog.user_log(user)[0])
     return Context(user, history, liked, seen)
+
+
+def _check_user(model: ServedModel, ctx: Context) -> None:
+    if ctx.user < 0 and model.needs_user:
+        raise ApiError(422, "history", f'{model.name} ({model.method}) scores known users only; give "user", '
+                                       "or use a sequential or LLM model")
 
 
 def _items(ids: list[str], catalog: Catalog, field: str) -> np.ndarray:

@@ -84,6 +84,7 @@ class Ranked:
 class ServedModel:
     kind = ""  # cf | yesno | generator
     role = ""  # cf | llm (the router's two sides)
+    needs_user = False  # scores only users it was trained on (a history alone says nothing to it)
 
     def __init__(self, name: str, path: Path, method: str, dataset: str, config: dict, metrics: dict,
                  catalog: Catalog, info: dict | None = None):
@@ -122,12 +123,21 @@ def _top(items: np.ndarray, scores: np.ndarray, k: int, seen: np.ndarray | None)
 
 
 # ------------------------------------------------------------------------------------------------ CF
+def scores_known_users_only(model) -> bool:
+    """A non-sequential model with a learnt vector per training user (MF, LightGCN) reads the user id only: an
+    unknown user is the zero vector whatever the history. FISM, kNN, Pop and sequential models read the history."""
+    from recalign.cf.base import CFModel
+
+    return not model.sequential and type(model).user_embeddings is not CFModel.user_embeddings
+
+
 class CFServed(ServedModel):
     kind, role = "cf", "cf"
 
     def __init__(self, *args, model, **kwargs):
         super().__init__(*args, **kwargs)
         self.model = model.eval()
+        self.needs_user = self.info["needs_user"] = scores_known_users_only(model)
 
     def query(self, ctx: Context):
         from recalign.cf import make_query
