@@ -11,6 +11,7 @@ import math
 import pytest
 import yaml
 
+from recalign.data import canonical_dataset
 from recalign.methods import all_methods
 from recalign.runner import run_method
 
@@ -44,7 +45,7 @@ def test_every_method_runs_writes_metrics_and_resumes(name, small, tmp_path):
     out = tmp_path / "run"
     metrics = run_method(name, small, out, sets=sets)
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved["method"] == name and saved["dataset"] == small
+    assert saved["method"] == name and saved["dataset"] == canonical_dataset(small)  # recorded absolute
     assert saved["test"] and {"train", "eval", "total"} <= set(saved["seconds"])
     # accuracy metrics, or the similarity metrics of an audit (fairllm: jaccard@K, ...)
     headline = [v for k, v in saved["test"].items()

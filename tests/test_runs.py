@@ -250,6 +250,36 @@ def test_an_unfinished_run_is_not_continued_on_data_that_changed(tmp_path, monke
     assert metrics["dataset_fingerprint"] == json.loads((tmp_path / "run" / "dataset.json").read_text())["fingerprint"]
 
 
+def test_a_local_dataset_is_recorded_absolute_so_any_spelling_or_cwd_continues_the_run(tmp_path, monkeypatch, capsys):
+    import shutil
+    from pathlib import Path
+
+    from cli_helpers import invoke
+
+    shutil.copytree(Path(__file__).parent / "fixtures" / "ml-1m", tmp_path / "data" / "ml-1m")
+    monkeypatch.chdir(tmp_path)
+
+    def killed(self, metrics):
+        raise KeyboardInterrupt
+
+    original = RunDir.write_metrics
+    monkeypatch.setattr(RunDir, "write_metrics", killed)
+    assert invoke(monkeypatch, capsys, "run", "pop", "--dataset", "data/ml-1m", "--out", "run")[0] == 130
+    monkeypatch.setattr(RunDir, "write_metrics", original)
+    absolute = str((tmp_path / "data" / "ml-1m").resolve())
+    assert (tmp_path / "run" / "config.yaml").read_text().endswith(f"# run: pop on {absolute}\n")
+    assert json.loads((tmp_path / "run" / "dataset.json").read_text())["dataset"] == absolute
+
+    monkeypatch.chdir(tmp_path / "data")  # another cwd, another spelling: the same files, the same run
+    code, _, err = invoke(monkeypatch, capsys, "run", "pop", "--dataset", "./ml-1m/", "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["dataset"] == absolute
+    # a run recorded before paths were made absolute is still continued from its own cwd
+    run = RunDir(tmp_path / "old")
+    run.prepare("seed: 0\n", origin="pop on ml-1m")
+    RunDir(tmp_path / "old").prepare("seed: 0\n", origin=f"pop on {absolute}")
+
+
 def test_the_dataset_fingerprint_follows_content_not_files():
     from recalign.data import load_dataset
 

@@ -8,9 +8,11 @@ from pathlib import Path
 
 from recalign import config as cfg
 from recalign import distributed
+from recalign.data import canonical_dataset
 from recalign.errors import InputError
 from recalign.methods import Experiment, RunContext, all_experiments, get_method
-from recalign.runs import RunDir
+from recalign.io import is_temporary
+from recalign.runs import RunDir, check_out
 
 
 def resolve_config(method: str, config_file: str | None, sets: list[str] | None) -> dict:
@@ -57,6 +59,7 @@ def run_method(method: str, dataset: str, out: str | Path, config_file: str | No
     kept with `resume`, `overwrite` deletes either and starts afresh."""
     spec = get_method(method)
     config = resolve_config(method, config_file, sets)
+    dataset = canonical_dataset(dataset)  # a local path is recorded absolute: any cwd or spelling continues it
     distributed.current()  # a multi-process launch: the process group (and the launch config's checks) first
     run = RunDir(out, resume=resume, overwrite=overwrite)
     run.check()  # --out itself (under a file, /proc, unwritable...) before the dataset is read
@@ -119,6 +122,7 @@ def reproduce(out: str | Path, profile: str = "quick", only: list[str] | None = 
     Finished experiments are kept (the command can be re-run to continue after an interruption)."""
     if profile not in ("quick", "full"):
         raise InputError(f"--profile must be 'quick' or 'full', got {profile!r}")
+    check_out(out)  # before Path(): an empty --out is not "."
     out = Path(out)
     experiments: list[Experiment] = [e for e in all_experiments() if profile in e.profiles]
     if only:
@@ -127,6 +131,7 @@ def reproduce(out: str | Path, profile: str = "quick", only: list[str] | None = 
             raise InputError(f"unknown experiment(s) {', '.join(unknown)}; known: "
                              f"{', '.join(e.name for e in experiments)}")
         experiments = [e for e in experiments if e.name in only]
+    check_reproduce_out(out)
     from recalign.progress import console
 
     results = []
@@ -142,6 +147,24 @@ def reproduce(out: str | Path, profile: str = "quick", only: list[str] | None = 
     from recalign.report.summary import write_reproduce_report
 
     return write_reproduce_report(out, profile, results)
+
+
+def check_reproduce_out(out: Path) -> None:
+    """--out of reproduce: writable (`check_out`) and new, empty, or holding only what reproduce writes (its
+    report.md and report.html, run directories, a folder per experiment); a folder of other files is never
+    written into, so nothing of the user's is overwritten."""
+    from recalign.report.summary import written_by_reproduce
+
+    check_out(out)
+    if not out.is_dir():
+        return
+    names = {e.name for e in all_experiments()}
+    for entry in sorted(out.iterdir()):
+        if is_temporary(entry.name) or written_by_reproduce(entry) or \
+                entry.is_dir() and (entry.name in names or os.path.isfile(entry / "config.yaml")):
+            continue
+        raise InputError(f"--out {out}: holds {entry.name}, which reproduce did not write, so it is not a "
+                         "reproduce directory (and is never written into); choose a new or empty directory")
 
 
 def _yaml_value(value) -> str:

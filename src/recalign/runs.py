@@ -58,25 +58,7 @@ class RunDir:
         if self.resume and self.overwrite:
             raise InputError("--resume and --overwrite exclude each other: --resume continues or keeps a run, "
                              "--overwrite deletes it")
-        target = Path(os.path.abspath(self.path))
-        for root in _VIRTUAL:
-            if target == root or root in target.parents:
-                raise InputError(f"--out {self.path}: under {root}, a virtual file system; choose a normal directory")
-        for part in target.parts:
-            if len(os.fsencode(part)) > 255:
-                raise InputError(f"--out {self.path}: the name {part[:20]}... is longer than 255 bytes")
-        existing = target
-        try:
-            while not existing.exists() and not existing.is_symlink():
-                existing = existing.parent
-        except OSError as exc:
-            raise InputError(f"--out {self.path}: {exc.strerror or exc}") from None
-        if not existing.is_dir():
-            kind = "a file" if existing.is_file() else "a broken symbolic link" if existing.is_symlink() else "no directory"
-            where = "exists and is" if existing == target else f"{existing} is"
-            raise InputError(f"--out {self.path}: {where} {kind}, not a directory")
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise InputError(f"--out {self.path}: {existing} is not writable")
+        check_out(self.path)
 
     def state(self) -> str:
         """'new' (missing or empty), 'finished', 'unfinished' or 'other' (files, but not a run directory)."""
@@ -146,7 +128,7 @@ class RunDir:
     def _same_config(self, config_text: str, what: str) -> None:
         saved = (self.path / "config.yaml").read_text(encoding="utf-8", errors="replace")
         (saved, old), (config_text, new) = _split_origin(saved), _split_origin(config_text)
-        if old and new and old != new:
+        if old and new and _canonical_origin(old) != _canonical_origin(new):
             raise InputError(f"--out {self.path}: holds {what} of {old}, not of {new}; --overwrite deletes it and "
                              "starts afresh, or choose another --out")
         if saved != config_text:
@@ -230,6 +212,89 @@ class RunDir:
         return self._checkpoints.load_checkpoint(name)
 
 
+# ------------------------------------------------------------------------------------------- --out checks
+def check_out(path: str | Path, file: bool = False) -> Path:
+    """Refuse an --out that cannot be written, writing nothing: an empty path, a path under a file, under
+    /proc, /sys or /dev, a name the file system cannot hold, a place that is not writable; for a file
+    (`file`), also a directory or anything but a regular file at the path. The absolute path otherwise."""
+    if str(path).strip() == "":
+        raise InputError(f"--out: empty path; name the output {'file' if file else 'directory'}")
+    target = Path(os.path.abspath(path))
+    for root in _VIRTUAL:
+        if target == root or root in target.parents:
+            raise InputError(f"--out {path}: under {root}, a virtual file system; choose a normal "
+                             f"{'file' if file else 'directory'}")
+    for part in target.parts:
+        if len(os.fsencode(part)) > 255:
+            raise InputError(f"--out {path}: the name {part[:20]}... is longer than 255 bytes")
+    if file and (target.is_dir() or target.exists() and not target.is_file()):
+        raise InputError(f"--out {path}: is {'a directory' if target.is_dir() else 'not a regular file'}; "
+                         "name a file")
+    existing = target.parent if file else target
+    try:
+        while not existing.exists() and not existing.is_symlink():
+            existing = existing.parent
+    except OSError as exc:
+        raise InputError(f"--out {path}: {exc.strerror or exc}") from None
+    if not existing.is_dir():
+        kind = "a file" if existing.is_file() else "a broken symbolic link" if existing.is_symlink() else "no directory"
+        where = "exists and is" if existing == target else f"{existing} is"
+        raise InputError(f"--out {path}: {where} {kind}, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"--out {path}: {existing} is not writable")
+    return target
+
+
+def is_run_dir(path: Path) -> bool:
+    """A run directory: its config.yaml beside a file only a run writes (a user's folder that merely holds
+    a config.yaml is not one)."""
+    return os.path.isfile(path / "config.yaml") and any(os.path.exists(path / name)
+                                                        for name in ("metrics.json", "dataset.json", "run.log"))
+
+
+def check_out_file(path: str | Path, inputs: list[Path] = ()) -> Path:
+    """--out of `report` and `route`: a writable file (`check_out`) that is none of a run's own files: not
+    inside one of the input runs nor inside any run directory. An existing file elsewhere is replaced."""
+    target = check_out(path, file=True).resolve()
+    runs = [Path(run).resolve() for run in inputs]
+    for folder in target.parents:
+        if folder in runs or is_run_dir(folder):
+            raise InputError(f"--out {path}: inside the run directory {folder}, which is never written into; "
+                             "choose a path outside it")
+    return target
+
+
+def write_out(path: str | Path, write, data) -> None:
+    """`write(path, data)` (an atomic write) for an --out file, a failure as one line naming --out."""
+    try:
+        write(Path(path), data)
+    except OSError as exc:
+        raise InputError(f"--out {path}: cannot write there ({exc.strerror or exc})") from None
+
+
+# ------------------------------------------------------------------------------------------ metrics.json
+def read_metrics_file(path: Path) -> dict:
+    """A finished run's metrics.json, checked: a JSON object with the method and dataset, `test` and `valid`
+    mappings whose metrics are numbers (or null, or lists and mappings: intervals, breakdowns)."""
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}:{exc.lineno}: invalid JSON") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise InputError(f"{path}: unreadable ({' '.join(str(exc).split())[:200]})") from None
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("method"), str) \
+            or not isinstance(metrics.get("dataset"), str):
+        raise InputError(f"{path}: not a recalign metrics.json (needs method and dataset)")
+    for split in ("test", "valid"):
+        part = metrics.get(split, {})
+        if not isinstance(part, dict):
+            raise InputError(f"{path}: {split!r} is not a mapping of metric names to values")
+        for key, value in part.items():
+            if isinstance(value, (str, bool)):
+                raise InputError(f"{path}: {split}.{key} is {json.dumps(value)[:40]}, not a number")
+    return metrics
+
+
 _ORIGIN = "# run: "
 
 
@@ -239,6 +304,15 @@ def _split_origin(text: str) -> tuple[str, str | None]:
     if last.startswith(_ORIGIN):
         return head + "\n", last[len(_ORIGIN):]
     return text, None
+
+
+def _canonical_origin(origin: str) -> str:
+    """`METHOD on DATASET` with a local dataset path made absolute (a run recorded before paths were, or
+    spelt another way, is the same run when it names the same files)."""
+    from recalign.data import canonical_dataset
+
+    method, _, dataset = origin.partition(" on ")
+    return f"{method} on {canonical_dataset(dataset)}"
 
 
 def _changed_keys(saved: str, new: str) -> str:

@@ -41,6 +41,17 @@ def detect_format(path: Path) -> str:
                      f"{', '.join(READERS)}")
 
 
+def canonical_dataset(name_or_path: str) -> str:
+    """How a run records its dataset: an embedded name as given, a local path made absolute, so that the run
+    is continued and served from any working directory however the path was spelt (./d, d/, /abs/d)."""
+    if name_or_path in EMBEDDED:
+        return name_or_path
+    path = Path(name_or_path).expanduser()
+    if present(path) or present(Path(f"{path}.inter")):
+        return str(path.resolve())
+    return name_or_path
+
+
 def load_dataset(
     name_or_path: str,
     fmt: str | None = None,
