@@ -38,9 +38,78 @@ def test_report_compares_runs(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "t.md").read_text() == stdout
 
 
+def _one_line(code, stdout, err, *needles):
+    assert code == 2 and stdout == "" and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert all(needle in err for needle in needles), err
+
+
+def test_report_and_route_never_write_into_a_run_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for name in ("a", "b"):
+        invoke(monkeypatch, capsys, "run", "pop", "--out", name)
+    kept = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for out in ("a/metrics.json", "a/config.yaml", "b/new.md", "a/checkpoints/x.md"):
+        _one_line(*invoke(monkeypatch, capsys, "report", "a", "b", "--out", out), f"--out {out}: inside the run directory")
+        _one_line(*invoke(monkeypatch, capsys, "route", "a", "b", "--out", out), f"--out {out}: inside the run directory")
+    (tmp_path / "c").mkdir()  # not a run of recalign's, but one of the inputs: its files are not touched either
+    (tmp_path / "c" / "metrics.json").write_text(json.dumps({"method": "pop", "dataset": "x", "test": {}}))
+    _one_line(*invoke(monkeypatch, capsys, "report", "c", "--out", "c/t.md"), "inside the run directory")
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.parent.name != "c"} == kept
+    # elsewhere an existing file is replaced (one that is not a run's own, e.g. an earlier table)
+    (tmp_path / "t.md").write_text("an earlier table")
+    code, stdout, _ = invoke(monkeypatch, capsys, "report", "a", "b", "--out", "t.md")
+    assert code == 0 and (tmp_path / "t.md").read_text() == stdout
+
+
+@pytest.mark.parametrize("out, needle", [
+    ("runs", "--out runs: is a directory; name a file"),
+    ("", "--out: empty path; name the output file"),
+    ("/proc/x.md", "--out /proc/x.md: under /proc"),
+    ("file/t.md", "--out file/t.md: {tmp}/file is a file, not a directory"),
+])
+def test_report_and_route_refuse_a_bad_out_in_one_line(tmp_path, monkeypatch, capsys, out, needle):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "file").write_text("x")
+    _yes_no_run(tmp_path / "runs" / "a", [0.1] * 6)
+    before = sorted(tmp_path.rglob("*"))
+    needle = needle.format(tmp=tmp_path)
+    _one_line(*invoke(monkeypatch, capsys, "report", "runs/a", "--out", out), needle)
+    _one_line(*invoke(monkeypatch, capsys, "route", "runs/a", "runs/a", "--out", out), needle)  # before loading
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("[1, 2]", "not a recalign metrics.json (needs method and dataset)"),
+    ('"str"', "not a recalign metrics.json (needs method and dataset)"),
+    ("{}", "not a recalign metrics.json (needs method and dataset)"),
+    ('{"method": ["pop"], "dataset": "x", "test": {}}', "not a recalign metrics.json (needs method and dataset)"),
+    ('{"method": "pop", "dataset": "x", "test": [1]}', "'test' is not a mapping of metric names to values"),
+    ('{"method": "pop", "dataset": "x", "test": {"ndcg@10": "abc"}}', 'test.ndcg@10 is "abc", not a number'),
+    ('{"method": "pop"', ":1: invalid JSON"),
+    ("\udcff", "unreadable"),
+])
+def test_report_refuses_a_metrics_json_that_is_not_one(tmp_path, monkeypatch, capsys, text, needle):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "metrics.json").write_bytes(text.encode("utf-8", "surrogateescape"))
+    _one_line(*invoke(monkeypatch, capsys, "report", str(tmp_path / "r")), f"{tmp_path / 'r' / 'metrics.json'}", needle)
+
+
+def test_report_shows_counts_only_as_the_test_size(tmp_path, monkeypatch, capsys):
+    (tmp_path / "llm").mkdir()
+    (tmp_path / "llm" / "metrics.json").write_text(json.dumps({"method": "tallrec", "dataset": "ml-100k", "test": {
+        "auc": 0.61, "auc_ci": [0.55, 0.67], "uauc": 0.58, "uauc_skipped_users": 3, "auc_warm": 0.6, "n_warm": 40,
+        "n_cold": 24, "uauc_skipped_users_warm": 1, "n": 64}}))
+    code, stdout, _ = invoke(monkeypatch, capsys, "report", str(tmp_path / "llm"))
+    header = stdout.splitlines()[0]
+    assert code == 0 and header == "| | n | auc | uauc | auc_warm |", stdout
+    assert "| tallrec (llm) | 64 | 0.6100 [0.550, 0.670] | 0.5800 | 0.6000 |" in stdout
+
+
 def _yes_no_run(path, scores, users=(0, 0, 1, 1, 2, 2), labels=(1, 0, 1, 0, 0, 1), name="predictions.json"):
     path.mkdir(parents=True, exist_ok=True)
-    (path / "metrics.json").write_text(json.dumps({"method": "icl", "test": {"auc": 0.5, "auc_ci": [0.4, 0.6]}}))
+    (path / "metrics.json").write_text(json.dumps({"method": "icl", "dataset": "ml-100k",
+                                                   "test": {"auc": 0.5, "auc_ci": [0.4, 0.6]}}))
     (path / name).write_text(json.dumps({"user": list(users), "item": list(range(len(users))),
                                          "label": list(labels), "score": list(scores)}))
     return path
@@ -80,7 +149,7 @@ def test_report_paired_ranks_of_next_item_runs(tmp_path, monkeypatch, capsys):
     def ranked(name, ranks):
         path = tmp_path / name
         path.mkdir()
-        (path / "metrics.json").write_text(json.dumps({"method": "bigrec", "test": {"ndcg@10": 0.1}}))
+        (path / "metrics.json").write_text(json.dumps({"method": "bigrec", "dataset": "ml-100k", "test": {"ndcg@10": 0.1}}))
         (path / "cases-test.json").write_text(json.dumps([{"user": i, "target": f"t{i}", "rank": r}
                                                           for i, r in enumerate(ranks)]))
         return path
@@ -98,6 +167,39 @@ def test_reproduce_only_pop(tmp_path, monkeypatch, capsys):
     assert "| pop |" in md
     html = (tmp_path / "rep" / "report.html").read_text()
     assert "<table>" in html and "data:image/png;base64," in html
+
+
+def test_reproduce_never_writes_into_a_folder_of_other_files(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "report.md").write_text("my notes")
+    _one_line(*invoke(monkeypatch, capsys, "reproduce", "--only", "pop", "--out", "mine"),
+              "--out mine: holds report.md, which reproduce did not write")
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["report.md"]
+    assert (tmp_path / "mine" / "report.md").read_text() == "my notes"
+    (tmp_path / "afile").write_text("x")
+    _one_line(*invoke(monkeypatch, capsys, "reproduce", "--only", "pop", "--out", "afile"),
+              "--out afile: exists and is a file, not a directory")
+    _one_line(*invoke(monkeypatch, capsys, "reproduce", "--only", "pop", "--out", ""), "--out: empty path")
+
+
+def test_reproduce_recognises_its_own_earlier_output(tmp_path):
+    from recalign.runner import check_reproduce_out
+    from recalign.errors import InputError
+
+    out = tmp_path / "rep"  # as reproduce left it: its reports, run directories, a temporary of a killed write
+    (out / "pop").mkdir(parents=True)
+    (out / "pop" / "config.yaml").write_text("seed: 0\n")
+    (out / "renamed-experiment").mkdir()
+    (out / "renamed-experiment" / "config.yaml").write_text("seed: 0\n")
+    (out / "report.md").write_text("# recalign reproduce (quick profile)\n\nEach row is one run directory ...\n")
+    (out / "report.html").write_text("<!doctype html><html><head><title>recalign report</title></head><body>"
+                                     "<h1>recalign reproduce (quick profile)</h1></body></html>\n")
+    (out / ".report.md.ab12cd34").write_text("half")
+    check_reproduce_out(out)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="holds notes.txt, which reproduce did not write"):
+        check_reproduce_out(out)
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -105,6 +105,13 @@ def test_a_directory_as_config_file_says_so(tmp_path):
         cfg.resolve(DEFAULTS, tmp_path)
 
 
+def test_a_config_file_that_exists_but_is_not_a_regular_file_says_so(tmp_path):
+    with pytest.raises(InputError, match=r"^/dev/zero: not a regular file$"):  # never read: it has no end
+        cfg.resolve(DEFAULTS, "/dev/zero")
+    with pytest.raises(InputError, match="config file not found"):
+        cfg.resolve(DEFAULTS, tmp_path / "missing.yaml")
+
+
 def test_null_is_kept_for_keys_whose_default_is_null_or_declared_nullable():
     out = cfg.resolve(DEFAULTS, None, ["model.name=null", "data.like_threshold=null"])
     assert out["model"]["name"] is None and out["data"]["like_threshold"] is None

@@ -318,3 +318,31 @@ def test_record_dataset_meets_the_same_barriers_whether_or_not_the_main_process_
         run.record_dataset("ml-100k", ds)
         counts.append(len(barriers))
     assert counts[0] == counts[1] >= 1
+
+
+# ------------------------------------------------------------------------------ --out of report and route
+def test_an_out_file_is_refused_inside_a_run_directory_only(tmp_path):
+    from recalign.runs import check_out_file
+
+    project = tmp_path / "project"  # a user's folder with a config.yaml of its own is not a run directory
+    project.mkdir()
+    (project / "config.yaml").write_text("mine: 1\n")
+    assert check_out_file(project / "table.md") == (project / "table.md").resolve()
+    (project / "run.log").write_text("")  # a run's config.yaml beside its log: a run directory
+    with pytest.raises(InputError, match=r"inside the run directory .*project, which is never written into"):
+        check_out_file(project / "table.md")
+    with pytest.raises(InputError, match="inside the run directory"):
+        check_out_file(tmp_path / "in" / "deep" / "t.md", inputs=[tmp_path / "in"])  # one of the inputs
+    (tmp_path / "link").symlink_to(project)
+    with pytest.raises(InputError, match="inside the run directory"):
+        check_out_file(tmp_path / "link" / "t.md")
+
+
+def test_a_failed_out_write_is_one_line_naming_out(tmp_path):
+    from recalign.runs import write_out
+
+    def full(path, data):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(InputError, match=r"^--out t.md: cannot write there \(No space left on device\)$"):
+        write_out("t.md", full, "text")

@@ -140,7 +140,8 @@ def show_config(method: str = typer.Argument(...)):
 
 @app.command("reproduce")
 def reproduce(
-    out: Path = typer.Option(Path("runs/reproduce"), "--out", "-o"),
+    out: str = typer.Option("runs/reproduce", "--out", "-o", help="a new or empty directory, or an earlier "
+                            "output of reproduce (a folder of other files is refused)"),
     profile: str = typer.Option("quick", "--profile", "-p", help="quick (~14 min on 2 idle CPU cores) or full (hours)"),
     only: Optional[List[str]] = typer.Option(None, "--only", help="run just these experiments"),
     overwrite: bool = typer.Option(False, "--overwrite",
@@ -158,28 +159,30 @@ def reproduce(
 
 @app.command("report")
 def report(run_dirs: List[Path] = typer.Argument(..., help="run directories"),
-           out: Optional[Path] = typer.Option(None, "--out", "-o", help="write Markdown here"),
+           out: Optional[str] = typer.Option(None, "--out", "-o", help="write Markdown here (replaces an existing "
+                                             "file; refused inside a run directory)"),
            paired: bool = typer.Option(False, "--paired", help="also each run minus the first on the same test "
                                        "cases, with paired 95% intervals (a run dir or its per-case results file)")):
-    """A comparison table of finished runs (Markdown), test metrics with their 95% intervals."""
+    """A comparison table of finished runs (Markdown): the test-set size n and the test metrics with their 95%
+    intervals."""
     from recalign.report.markdown import metrics_table
-    from recalign.report.summary import with_intervals
+    from recalign.report.summary import is_count, with_intervals
+    from recalign.runs import check_out_file, read_metrics_file, write_out
 
+    dirs = [path.parent if path.is_file() else path for path in run_dirs]
+    if out is not None:
+        check_out_file(out, dirs)
     rows, columns = [], []
-    for path in run_dirs:
-        run_dir = path.parent if path.is_file() else path
-        metrics_path = run_dir / "metrics.json"
-        if not metrics_path.is_file():
+    for run_dir in dirs:
+        if not (run_dir / "metrics.json").is_file():
             raise InputError(f"{run_dir}: no metrics.json (not a finished run directory)")
-        try:
-            metrics = json.loads(metrics_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{metrics_path}:{exc.lineno}: invalid JSON") from None
+        metrics = read_metrics_file(run_dir / "metrics.json")
         test = metrics.get("test", {})
         columns += [k for k, v in test.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-                    and k not in columns]
-        rows.append((f"{metrics.get('method')} ({run_dir.name})", with_intervals(test, list(test))))
-    text = metrics_table(rows, columns) + "\n"
+                    and not is_count(k) and k not in columns]
+        rows.append((f"{metrics['method']} ({run_dir.name})", with_intervals(test, list(test))))
+    sizes = ["n"] if any("n" in values for _, values in rows) else []
+    text = metrics_table(rows, sizes + columns) + "\n"
     if paired:
         from recalign.report.markdown import paired_table
         from recalign.runs import paired_differences
@@ -187,10 +190,10 @@ def report(run_dirs: List[Path] = typer.Argument(..., help="run directories"),
         if len(run_dirs) < 2:
             raise InputError("--paired: give at least two runs (each is compared with the first)")
         text += "\n" + paired_table(paired_differences(list(run_dirs)), str(run_dirs[0])) + "\n"
-    if out:
+    if out is not None:
         from recalign.io import atomic_write_text
 
-        atomic_write_text(out, text)
+        write_out(out, atomic_write_text, text)
     print(text, end="")
 
 
@@ -245,18 +248,22 @@ def route(
     requests: int = typer.Option(8, "--requests", min=1, help="single requests timed per model for the latency"),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="none | int8 for the LLM"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="override model.dtype of the LLM run"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="write the result as JSON here"),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="write the result as JSON here (replaces an "
+                                      "existing file; refused inside a run directory)"),
 ):
     """Offline study of the warm/cold router: thresholds chosen on valid, AUC/UAUC of the routed system beside
     each model on the LLM run's test samples, the LLM's share of requests, and the cost per extra millisecond."""
+    from recalign.runs import check_out_file, write_out
     from recalign.serve import evaluate_routing, load_runs, routing_markdown
 
+    if out is not None:
+        check_out_file(out, [run_cf, run_llm])
     models = load_runs([run_cf, run_llm], _load_options(quantize, dtype, None, 32, 0.0, 50))
     result = evaluate_routing(models[0], models[1], latency_requests=requests)
-    if out:
+    if out is not None:
         from recalign.io import atomic_write_json
 
-        atomic_write_json(out, result)
+        write_out(out, atomic_write_json, result)
     print(routing_markdown(result), end="")
 
 

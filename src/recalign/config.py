@@ -114,7 +114,7 @@ def load_yaml(path: str | Path) -> dict:
     if path.is_dir():
         raise InputError(f"{path}: is a directory, not a config file")
     if not path.is_file():
-        raise InputError(f"{path}: config file not found")
+        raise InputError(f"{path}: {'not a regular file' if path.exists() else 'config file not found'}")
     try:
         data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except UnicodeDecodeError as exc:

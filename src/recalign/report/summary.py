@@ -21,6 +21,12 @@ QUICK_NOISE = ("Quick profile: one seed, short training and small test sets (a f
                "methods on 2,000 test samples.")
 
 
+def is_count(key: str) -> bool:
+    """A count stored beside the test metrics (test-set size `n`, `n_warm`, `uauc_skipped_users_cold`), not a
+    metric."""
+    return key == "n" or key.startswith(("n_", "uauc_skipped_users"))
+
+
 def with_intervals(metrics: dict, columns: list[str]) -> dict:
     """Each column's value as text, with its `<column>_ci` interval when the run recorded one."""
     out = {}
@@ -77,6 +83,19 @@ def _bar_plot_png(title: str, labels: list[str], values: list[float], metric: st
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
     return base64.b64encode(buffer.getvalue()).decode()
+
+
+def written_by_reproduce(path: Path) -> bool:
+    """True for a report.md or report.html that `write_reproduce_report` wrote (known by its title)."""
+    title = {"report.md": "# recalign reproduce (", "report.html": "<h1>recalign reproduce ("}.get(path.name)
+    if title is None or not path.is_file():
+        return False
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(2048).decode("utf-8", errors="replace")
+    except OSError:
+        return False
+    return head.startswith(title) if path.suffix == ".md" else title in head
 
 
 def write_reproduce_report(out: Path, profile: str, results) -> Path:
