@@ -16,7 +16,7 @@ import pytest
 
 from cli_helpers import invoke
 from recalign.data import build_dataset, load_dataset
-from recalign.data.readers import READERS, read_amazon, read_book_crossing
+from recalign.data.readers import READERS, _common, read_amazon, read_book_crossing
 from recalign.data.registry import detect_format
 from recalign.errors import InputError
 
@@ -214,6 +214,84 @@ def test_csv_tables_by_column_name_separator_dates_and_errors(tmp_path):
     (tmp_path / "interactions.tsv").unlink()
     (tmp_path / "interactions.csv").rename(tmp_path / "export.csv")  # any name, given as the file with --format
     assert raw_rows(load_dataset(str(tmp_path / "export.csv"), fmt="csv")) == [("a", "p", 5.0, 0)]
+
+
+def test_csv_side_table_lists_each_id_once(tmp_path):
+    # an item or user on two rows that differ was silently the first row; identical repeats are harmless
+    (tmp_path / "interactions.csv").write_text("user_id,item_id\n1,a\n1,zz\n")
+    (tmp_path / "items.csv").write_text("item_id,title\na,A\nzz,Z\na , A \n")
+    (tmp_path / "users.csv").write_text("user_id,age\n1,20\n1,20\n")
+    ds = load_dataset(str(tmp_path))
+    assert ds.titles() == ["A", "Z"] and ds.users["age"].tolist() == [20]
+    (tmp_path / "items.csv").write_text("item_id,title\na,A\nzz,Z\na,A2\n")
+    assert read_error(tmp_path) == (f"{tmp_path / 'items.csv'}:4: item 'a' already listed on line 2 with other "
+                                    "values; keep one row per item")
+    (tmp_path / "items.csv").unlink()
+    (tmp_path / "users.csv").write_text("user_id,age\n1,20\n\n1,30\n")
+    assert read_error(tmp_path).startswith(f"{tmp_path / 'users.csv'}:4: user '1' already listed on line 2 ")
+
+
+@pytest.mark.parametrize("fmt", ["csv", "amazon"])
+def test_exact_duplicate_interactions_are_read_once_and_density_counts_pairs(fmt, tmp_path, monkeypatch, capsys):
+    if fmt == "csv":
+        (tmp_path / "interactions.csv").write_text("user_id,item_id,rating,timestamp\n" + "1,a,5,100\n" * 3
+                                                   + "1,a,4,100\n1,a,5,200\n1,b,5,100\n")
+    else:
+        (tmp_path / "x.json").write_text("".join(json.dumps({"reviewerID": "1", "asin": i, "overall": r,
+                                                             "unixReviewTime": t}) + "\n"
+                                                 for i, r, t in [("a", 5, 100)] * 3 + [("a", 4, 100), ("a", 5, 200),
+                                                                                      ("b", 5, 100)]))
+    ds = load_dataset(str(tmp_path), fmt=fmt)
+    # another rating or another time is another interaction; only the exact repeats go
+    assert raw_rows(ds) == [("1", "a", 5.0, 100), ("1", "a", 4.0, 100), ("1", "b", 5.0, 100), ("1", "a", 5.0, 200)]
+    monkeypatch.setenv("RECALIGN_DATA_CACHE", str(tmp_path / "cache"))
+    for _ in range(2):  # a fresh read, then the cached one
+        code, out, err = invoke(monkeypatch, capsys, "data", "stats", str(tmp_path), "--format", fmt, "--json")
+        stats = json.loads(out)
+        assert (stats["interactions"], stats["duplicates_dropped"], stats["density"]) == (4, 2, 1.0), stats
+    assert load_dataset(str(tmp_path), fmt=fmt, k_core_users=2).stats()["duplicates_dropped"] == 2
+
+
+def test_csv_timestamps_mixing_unix_seconds_and_iso_dates_name_both_lines(tmp_path, monkeypatch):
+    data = tmp_path / "interactions.csv"
+    data.write_text("user_id,item_id,rating,timestamp\n1,a,5,100\n1,b,4,2020-01-01\n")
+    assert read_error(tmp_path) == (f"{data}:3: column 'timestamp' mixes Unix seconds (line 2) and ISO dates "
+                                    "(line 3); use one")
+    data.write_text("user_id,item_id,time\n1,a,2020-01-01\n1,b,100\n1,c,31/01/2020\n")
+    assert read_error(tmp_path).startswith(f"{data}:4: column 'time' is neither Unix seconds nor an ISO date")
+    # the two kinds in different blocks of a large file
+    data.write_text("user_id,item_id,time\n" + "".join(f"1,{i},2020-01-01\n" for i in range(40)) + "2,a,100\n")
+    monkeypatch.setattr(_common, "BLOCK_BYTES", 100)
+    assert read_error(tmp_path) == (f"{data}:42: column 'time' mixes Unix seconds (line 42) and ISO dates (line 2); "
+                                    "use one")
+
+
+def test_csv_quoted_cells_spanning_lines(tmp_path, monkeypatch):
+    (tmp_path / "interactions.csv").write_text('user_id,item_id\n1,a\n1,b\n')
+    (tmp_path / "items.csv").write_bytes(b'item_id,title\r\na,"line1\r\n\r\n  line2\r\n"\r\nb,"He said ""hi"""\r\n')
+    (tmp_path / "users.csv").write_text('user_id,city\n\n1,"Lyon,\nFrance"\n')
+    monkeypatch.setattr(_common, "BLOCK_BYTES", 16)  # a side table is read whole whatever the block size
+    ds = load_dataset(str(tmp_path))
+    assert ds.titles() == ["line1 line2", 'He said "hi"'] and ds.users["city"].tolist() == ["Lyon, France"]
+    (tmp_path / "items.csv").write_text('item_id,title\na,"line1\nline2"\nb,B,x\n')
+    assert read_error(tmp_path) == f"{tmp_path / 'items.csv'}:4: expected 2 fields separated by ',', found 3"
+    (tmp_path / "items.csv").write_text('item_id,title\na,"open\nb,B\n')
+    assert read_error(tmp_path).startswith(f"{tmp_path / 'items.csv'}:2: not a valid CSV line (unexpected end of data)")
+    # the interactions table streams in blocks: a cell there must stay on its line
+    (tmp_path / "items.csv").unlink()
+    (tmp_path / "interactions.csv").write_text('user_id,item_id\n1,a\n1,"b\nc"\n2,a\n')
+    assert read_error(tmp_path) == (f"{tmp_path / 'interactions.csv'}:3: a quoted cell runs on to line 4; newlines "
+                                    "inside cells are read only in items and users tables (or is a quote left open?)")
+
+
+def test_csv_dataset_given_as_a_file_is_named_after_it(tmp_path, monkeypatch, capsys):
+    (tmp_path / "mydata.txt").write_text("user_id,item_id\n1,a\n")
+    (tmp_path / "interactions.csv.gz").write_bytes(gzip.compress(b"user_id,item_id\n1,a\n"))
+    code, out, err = invoke(monkeypatch, capsys, "data", "stats", str(tmp_path / "mydata.txt"), "--format", "csv",
+                            "--json")
+    assert code == 0 and json.loads(out)["name"] == "mydata", err
+    assert load_dataset(str(tmp_path / "interactions.csv.gz"), fmt="csv").name == tmp_path.name
+    assert load_dataset(str(tmp_path)).name == tmp_path.name
 
 
 def test_a_carriage_return_inside_a_book_crossing_header_is_a_line_error(tmp_path):

@@ -24,8 +24,8 @@ import pandas as pd
 from recalign.data.dataset import Dataset
 
 # bump a reader's version whenever its output for the same files changes: old entries are then rebuilt
-READER_VERSIONS = {"recbole": 2, "ml-100k-raw": 2, "ml-1m": 2, "amazon": 3, "book-crossing": 2, "steam": 2,
-                   "movielens-csv": 1, "csv": 1}
+READER_VERSIONS = {"recbole": 3, "ml-100k-raw": 3, "ml-1m": 3, "amazon": 4, "book-crossing": 2, "steam": 3,
+                   "movielens-csv": 2, "csv": 2}
 CACHE_FORMAT = "recalign-dataset-cache/1"
 _SAMPLE = 1 << 20
 _TABLES = ("interactions", "items", "users")

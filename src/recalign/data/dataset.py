@@ -24,7 +24,8 @@ class Dataset:
     """Interactions plus item and user side tables.
 
     interactions: columns user, item (dense ints), rating (float), timestamp (int64), label (bool,
-        rating > like_threshold); sorted by (user, timestamp), ties kept in input order.
+        rating > like_threshold); sorted by (user, timestamp), ties kept in input order. No two rows are
+        exact duplicates (`build_dataset` reads them once); a user may interact with an item more than once.
     items: indexed by dense item id; columns raw_id (str), title (str), year (float, NaN if unknown),
         categories (list[str]), plus any extra metadata a reader provides (author, publisher, brand,
         developer). Readers put only items with at least one interaction in the catalogue.
@@ -63,6 +64,7 @@ class Dataset:
     def stats(self) -> dict:
         inter = self.interactions
         n = len(inter)
+        pairs = int((~inter.duplicated(["user", "item"])).sum())
         return {
             "name": self.name,
             "users": int(self.n_users),
@@ -71,7 +73,8 @@ class Dataset:
             "positives": int(inter["label"].sum()),
             "like_threshold": float(self.like_threshold),
             "domain": self.domain,
-            "density": float(n / max(1, self.n_users * self.n_items)),
+            "density": float(pairs / max(1, self.n_users * self.n_items)),  # distinct (user, item) pairs
+            "duplicates_dropped": int(self.meta.get("duplicates_dropped", 0)),
             "rating_min": float(inter["rating"].min()) if n else None,
             "rating_max": float(inter["rating"].max()) if n else None,
             "first_timestamp": int(inter["timestamp"].min()) if n else None,
@@ -153,6 +156,8 @@ def build_dataset(
     Every reader goes through here, so this is where values are validated: ids are stripped and must be
     non-empty without control characters (a NUL would make a phantom item), ratings finite, timestamps
     integers within int64. A bad value is an `InputError` naming `file:line` (with `origin`) or the row.
+    Exact duplicate interactions (same user, item, rating and timestamp) are read once, the first kept; their
+    count is `meta["duplicates_dropped"]` (in `stats()`) and a log line.
     """
     where = origin.file if origin else (source or name)
     if interactions.empty:
@@ -176,7 +181,13 @@ def build_dataset(
         "rating": ratings,
         "timestamp": _timestamps(interactions["timestamp"], at),
     })
-    out = _sort_user_time(out)
+    duplicate = out.duplicated().to_numpy()
+    if duplicate.any():
+        from recalign.progress import log
+
+        log(f"{where}: {int(duplicate.sum())} exact duplicate interactions (same user, item, rating and time) "
+            f"read once")
+    out = _sort_user_time(out[~duplicate])
     out["label"] = out["rating"] > like_threshold
 
     # first row wins for duplicated ids; reindex keeps the sorted id order
@@ -198,7 +209,8 @@ def build_dataset(
         values = user_table[column]
         users_df[column] = values.to_numpy() if values.dtype != object else values.where(values.notna(), None).to_numpy()
 
-    return Dataset(name, out, items_df, users_df, like_threshold, domain, source)
+    meta = {"duplicates_dropped": int(duplicate.sum())} if duplicate.any() else {}
+    return Dataset(name, out, items_df, users_df, like_threshold, domain, source, meta)
 
 
 def _dense_ids(values: pd.Series, column: str, at, extra=()) -> tuple[list[str], np.ndarray]:
@@ -305,4 +317,4 @@ def k_core(ds: Dataset, k_user: int = 0, k_item: int = 0) -> Dataset:
     out = _sort_user_time(out)
     return Dataset(ds.name, out, ds.items.loc[items].reset_index(drop=True),
                    ds.users.loc[users].reset_index(drop=True), ds.like_threshold, ds.domain, ds.source,
-                   {"k_core": [k_user, k_item]})
+                   {**{k: v for k, v in ds.meta.items() if not k.startswith("_")}, "k_core": [k_user, k_item]})

@@ -149,7 +149,7 @@ def read_amazon(path: str | Path, name: str | None = None, like_threshold: float
 
     `path` is a directory holding `X.json[.gz]` and `meta_X.json[.gz]`, or the reviews file (metadata
     found beside it as `meta_X.*`, with a `_5` suffix dropped). Exact duplicate reviews (same user,
-    item and time) are kept once."""
+    item, rating and time) are read once, as in every reader (`build_dataset`)."""
     path = Path(path)
     reviews_path, meta_path = locate(path)
     like_threshold = 3.0 if like_threshold is None else like_threshold
@@ -166,7 +166,6 @@ def read_amazon(path: str | Path, name: str | None = None, like_threshold: float
                                  "rating": np.frombuffer(ratings),
                                  "timestamp": np.frombuffer(stamps) / schema.units_per_second,
                                  "line": np.frombuffer(lines, dtype=np.int64)})
-    interactions = interactions.drop_duplicates(["user_id", "item_id", "timestamp"]).reset_index(drop=True)
 
     item_table = None
     if meta_path is not None:

@@ -2,7 +2,9 @@
 
 Columns are found by name (case-insensitive), so a file exported from a database or a notebook reads as it
 is: the separator is told by the header line (tab, then ';', '|', else ','), cells may be double-quoted, and
-extra columns are ignored (interactions) or kept as user features (users)."""
+extra columns are ignored (interactions) or kept as user features (users). The side tables are read whole, so
+there a quoted cell may span lines (its line breaks read as spaces); an item or user listed twice with other
+values is an error (an identical repeated row is read once)."""
 
 from __future__ import annotations
 
@@ -40,22 +42,26 @@ def read_csv_tables(path: str | Path, name: str | None = None, like_threshold: f
     interactions: user_id, item_id (or userId/user, itemId/item), optional rating (else 5: all positives),
     optional timestamp (Unix seconds or an ISO date such as 2024-01-31 or 2024-01-31T12:00:00; else file
     order). items: item_id, title (or name), optional year, categories or genres ('|'-separated). users:
-    user_id and any feature columns."""
+    user_id and any feature columns. The dataset is named after the directory, or after a file given by
+    path that is not called interactions.*."""
     path = Path(path)
     directory = path.parent if path.is_file() else path
     inter_path = path if path.is_file() else _table(directory, "interactions", required=True)
     like_threshold = 3.0 if like_threshold is None else like_threshold
+    stem = Path(inter_path.name.removesuffix(".gz")).stem
+    name = name or (stem if path.is_file() and stem != "interactions" else directory.name)
 
     names, sep = table_header(inter_path)
     found = _roles(names, inter_path, ("user", "item"), ("rating", "timestamp"))
-    user_ids, item_ids, ratings, stamps, lines = IdColumn(), IdColumn(), [], [], []
+    user_ids, item_ids, ratings, stamps, lines, time_kinds = IdColumn(), IdColumn(), [], [], [], {}
     for columns, line_nos in table_blocks(inter_path, names, sep):
         user_ids.extend(columns[found["user"]])
         item_ids.extend(columns[found["item"]])
         if "rating" in found:
             ratings.append(numeric_column(columns[found["rating"]], names[found["rating"]], inter_path, line_nos))
         if "timestamp" in found:
-            stamps.append(_times(columns[found["timestamp"]], names[found["timestamp"]], inter_path, line_nos))
+            stamps.append(_times(columns[found["timestamp"]], names[found["timestamp"]], inter_path, line_nos,
+                                 time_kinds))
         lines.append(line_nos)
     line_nos = np.concatenate(lines)
     interactions = pd.DataFrame({
@@ -69,6 +75,7 @@ def read_csv_tables(path: str | Path, name: str | None = None, like_threshold: f
     if item_path is not None:
         header, columns, line_nos = read_table(item_path)
         role = _roles(header, item_path, ("item",), ("title", "year", "categories"))
+        columns, line_nos = _one_row_per_id(columns, line_nos, role["item"], "item", item_path)
         count = len(line_nos)
         titles = columns[role["title"]] if "title" in role else np.full(count, "", dtype=object)
         split = [split_title_year(t) for t in titles]
@@ -85,16 +92,33 @@ def read_csv_tables(path: str | Path, name: str | None = None, like_threshold: f
     users = None
     user_path = _table(directory, "users")
     if user_path is not None:
-        header, columns, _ = read_table(user_path)
+        header, columns, line_nos = read_table(user_path)
         role = _roles(header, user_path, ("user",), ())
+        columns, _ = _one_row_per_id(columns, line_nos, role["user"], "user", user_path)
         users = pd.DataFrame({"user_id": columns[role["user"]]})
         for index, column in enumerate(header):
             if index != role["user"] and column not in users:
                 numbers = pd.to_numeric(pd.Series(columns[index]), errors="coerce")
                 users[column] = numbers if numbers.notna().all() else columns[index]  # ages as numbers
 
-    return build_dataset(name or directory.name, interactions, items, users, like_threshold, domain,
+    return build_dataset(name, interactions, items, users, like_threshold, domain,
                          str(directory), Origin(str(inter_path), "user", "item"))
+
+
+def _one_row_per_id(columns: list[np.ndarray], line_nos: np.ndarray, key: int, what: str,
+                    path: Path) -> tuple[list[np.ndarray], np.ndarray]:
+    """A side table's rows with identical repeats read once; an id on two rows that differ is an error."""
+    frame = pd.DataFrame(dict(enumerate(columns)))
+    keep = ~frame.duplicated().to_numpy()
+    ids = frame[key][keep]
+    repeated = ids.duplicated().to_numpy()
+    if repeated.any():
+        row = int(np.argmax(repeated))
+        first = int(np.argmax((ids == ids.iloc[row]).to_numpy()))
+        lines = line_nos[keep]
+        raise InputError(f"{path}:{lines[row]}: {what} {ids.iloc[row]!r} already listed on line {lines[first]} "
+                         f"with other values; keep one row per {what}")
+    return [column[keep] for column in columns], line_nos[keep]
 
 
 def _table(directory: Path, stem: str, required: bool = False) -> Path | None:
@@ -125,15 +149,21 @@ def table_header(path: Path) -> tuple[list[str], str]:
     return names, sep
 
 
-def table_blocks(path: Path, names: list[str], sep: str) -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
+def table_blocks(path: Path, names: list[str], sep: str,
+                 multiline: bool = False) -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
     """The rows after the header in blocks of (one array of stripped strings per column, line numbers), so a
     table of any size streams: blocks without a double quote go through pandas' C parser (`_common`), the
-    others line by line through the csv module. Every row has the header's width; a repeated header is an error."""
+    others through the csv module. Every row has the header's width; a repeated header is an error.
+    `multiline`: the table is read as one block, and a quoted cell may span lines (see `_quoted_block`)."""
     expected, lowered = len(names), [name.lower() for name in names]
     any_rows = False
-    for first_line, data in _blocks(path, header=True):
+    blocks = _blocks(path, header=True)
+    if multiline:
+        parts = list(blocks)
+        blocks = [(parts[0][0], b"".join(data for _, data in parts))] if parts else []
+    for first_line, data in blocks:
         if b'"' in data:
-            block = _quoted_block(path, data, sep, expected, first_line)
+            block = _quoted_block(path, data, sep, expected, first_line, multiline)
         else:
             block = (_fast_block(data, sep, expected, "utf-8", first_line)
                      or _slow_block(path, data, sep, expected, "utf-8", first_line))
@@ -150,30 +180,48 @@ def table_blocks(path: Path, names: list[str], sep: str) -> Iterator[tuple[list[
 
 
 def read_table(path: Path) -> tuple[list[str], list[np.ndarray], np.ndarray]:
-    """A small table (items, users) whole: (names, columns, line numbers)."""
+    """A small table (items, users) whole: (names, columns, line numbers); a quoted cell may span lines."""
     names, sep = table_header(path)
-    blocks = list(table_blocks(path, names, sep))
+    blocks = list(table_blocks(path, names, sep, multiline=True))
     columns = [np.concatenate([b[0][c] for b in blocks]) for c in range(len(names))]
     return names, columns, np.concatenate([b[1] for b in blocks])
 
 
-def _quoted_block(path: Path, data: bytes, sep: str, expected: int, first_line: int):
+def _quoted_block(path: Path, data: bytes, sep: str, expected: int, first_line: int, multiline: bool):
+    """A block holding a double quote, through the csv module; each row has the number of its first line.
+    A quoted cell that spans lines is an error unless `multiline` (its line breaks then read as spaces)."""
+    def lines():
+        for offset, raw in enumerate(data.split(b"\n")):
+            try:
+                yield raw.decode("utf-8").rstrip("\r") + "\n"
+            except UnicodeDecodeError as exc:
+                raise InputError(f"{path}:{first_line + offset}: not valid utf-8 text (byte {exc.start} of the "
+                                 f"line)") from None
+
     rows, line_nos = [], []
-    for offset, raw in enumerate(data.split(b"\n")):
-        line_no = first_line + offset
-        try:
-            line = raw.decode("utf-8").rstrip("\r")
-        except UnicodeDecodeError as exc:
-            raise InputError(f"{path}:{line_no}: not valid utf-8 text (byte {exc.start} of the line)") from None
-        if not line.strip():
-            continue
-        fields = quoted_fields(line, sep, path, line_no)
-        if len(fields) != expected:
-            raise InputError(f"{path}:{line_no}: expected {expected} fields separated by {sep!r}, found {len(fields)}")
-        rows.append([f.strip(BLANKS) for f in fields])
-        line_nos.append(line_no)
+    reader, line_no = csv.reader(lines(), delimiter=sep, strict=True), first_line
+    try:
+        for fields in reader:
+            start, line_no = line_no, first_line + reader.line_num
+            if line_no - start > 1 and not multiline:
+                raise InputError(f"{path}:{start}: a quoted cell runs on to line {line_no - 1}; newlines inside "
+                                 f"cells are read only in items and users tables (or is a quote left open?)")
+            if len(fields) <= 1 and not "".join(fields).strip():
+                continue  # a blank line
+            if len(fields) != expected:
+                raise InputError(f"{path}:{start}: expected {expected} fields separated by {sep!r}, "
+                                 f"found {len(fields)}")
+            rows.append([_one_line(f) if "\n" in f else f.strip(BLANKS) for f in fields])
+            line_nos.append(start)
+    except csv.Error as exc:
+        kind = "CSV" if sep == "," else "delimited"
+        raise InputError(f"{path}:{line_no}: not a valid {kind} line ({exc})") from None
     columns = [np.array(column, dtype=object) for column in zip(*rows)] or [np.array([], dtype=object)] * expected
     return columns, np.asarray(line_nos, dtype=np.int64)
+
+
+def _one_line(cell: str) -> str:
+    return " ".join(part for part in (line.strip(BLANKS) for line in cell.split("\n")) if part)
 
 
 def quoted_fields(line: str, sep: str, path: Path, line_no: int) -> list[str]:
@@ -201,18 +249,27 @@ def _roles(header: list[str], path: Path, required: tuple[str, ...], optional: t
     return found
 
 
-def _times(values: np.ndarray, column: str, path: Path, line_nos: np.ndarray) -> np.ndarray:
-    """Unix seconds as numbers, or ISO dates/times (UTC unless they say otherwise) as Unix seconds."""
-    numbers = pd.to_numeric(pd.Series(values), errors="coerce")
-    if numbers.notna().all():
-        return numeric_column(values, column, path, line_nos)
+def _times(values: np.ndarray, column: str, path: Path, line_nos: np.ndarray, kinds: dict[str, int]) -> np.ndarray:
+    """Unix seconds as numbers, or ISO dates/times (UTC unless they say otherwise) as Unix seconds; one of the
+    two in a file. `kinds`: the line each kind was first seen on, kept across a file's blocks."""
+    numeric = pd.to_numeric(pd.Series(values), errors="coerce").notna().to_numpy()
+    dates = pd.Series(values[~numeric])
     try:
-        parsed = pd.to_datetime(pd.Series(values), format="ISO8601", utc=True, errors="coerce")
+        parsed = pd.to_datetime(dates, format="ISO8601", utc=True, errors="coerce")
     except (ValueError, OverflowError):
-        parsed = pd.Series(pd.NaT, index=range(len(values)))
+        parsed = pd.Series(pd.NaT, index=dates.index)
     bad = parsed.isna().to_numpy()
     if bad.any():
-        row = int(np.argmax(bad))
+        row = int(np.flatnonzero(~numeric)[np.argmax(bad)])
         raise InputError(f"{path}:{line_nos[row]}: column '{column}' is neither Unix seconds nor an ISO date "
                          f"(2024-01-31 or 2024-01-31T12:00:00): {values[row]!r}")
+    for kind, rows in (("Unix seconds", numeric), ("ISO dates", ~numeric)):
+        if rows.any():
+            kinds.setdefault(kind, int(line_nos[np.argmax(rows)]))
+    if len(kinds) == 2:
+        seconds, iso = kinds["Unix seconds"], kinds["ISO dates"]
+        raise InputError(f"{path}:{max(seconds, iso)}: column '{column}' mixes Unix seconds (line {seconds}) and "
+                         f"ISO dates (line {iso}); use one")
+    if numeric.all():
+        return numeric_column(values, column, path, line_nos)
     return ((parsed - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)).to_numpy(np.int64)
