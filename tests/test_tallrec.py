@@ -88,6 +88,8 @@ def test_tallrec_cross_domain_matrix(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("setting, message", [
     ("prompt.wrapper=fancy", "prompt.wrapper"),
     ("prompt.input=Target {nope}", "prompt.input"),
+    ("prompt.input=no placeholders", "uses {target}, so every sample would get the same prompt"),
+    ("prompt.max_tokens=5", "prompt.max_tokens=5: a prompt without any history item already has"),
     ("train.loss=hinge", "train.loss"),
     ("lora.r=0", "lora"),
     ("model.name=/does/not/exist", "model.name"),

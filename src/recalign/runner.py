@@ -59,14 +59,14 @@ def run_method(method: str, dataset: str, out: str | Path, config_file: str | No
     kept with `resume`, `overwrite` deletes either and starts afresh."""
     spec = get_method(method)
     config = resolve_config(method, config_file, sets)
-    dataset = canonical_dataset(dataset)  # a local path is recorded absolute: any cwd or spelling continues it
+    recorded = canonical_dataset(dataset)  # a local path is recorded absolute: any cwd or spelling continues it
     distributed.current()  # a multi-process launch: the process group (and the launch config's checks) first
     run = RunDir(out, resume=resume, overwrite=overwrite)
     run.check()  # --out itself (under a file, /proc, unwritable...) before the dataset is read
     context = RunContext(method=method, dataset_name=dataset, config=config, run=run)
     warnings = dataset_warnings(spec, config, context.dataset)  # load + check before anything is written
     config_text = cfg.dump(config)
-    run.prepare(config_text, origin=f"{method} on {dataset}")  # new, continued (same config), kept (finished
+    run.prepare(config_text, origin=f"{method} on {recorded}")  # new, continued (same config), kept (finished
     # + resume) or replaced (overwrite); a run of another method or dataset is never continued
     if run.finished():
         metrics = run.read_metrics()
@@ -79,7 +79,7 @@ def run_method(method: str, dataset: str, out: str | Path, config_file: str | No
             context.log("report.md was missing; written again from metrics.json")
         context.log(f"{run.path} already finished; metrics.json kept")
         return metrics
-    run.record_dataset(dataset, context.dataset)  # continuing on changed data is refused
+    run.record_dataset(recorded, context.dataset)  # continuing on changed data is refused
     context.log(f"run {method} on {dataset} -> {run.path}")
     started = time.perf_counter()
     try:
@@ -96,7 +96,7 @@ def run_method(method: str, dataset: str, out: str | Path, config_file: str | No
         raise
     metrics = {
         "method": method,
-        "dataset": dataset,
+        "dataset": recorded,
         "dataset_fingerprint": context.dataset.fingerprint(),  # serving checks it against the data it reloads
         "test": result.get("test", {}),
         "valid": result.get("valid", {}),

@@ -15,6 +15,7 @@ A template is a mapping with `instruction` and `input` strings using `str.format
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
@@ -122,18 +123,31 @@ class Prompter:
                          fill(self.template["input"], f"{self.where}.input", **fields))
 
     def render_fitted(self, fields: Callable[[int], Mapping], n_history: int) -> str:
-        """Render with the newest k history items for the largest k <= n_history within max_tokens."""
-        return fit_history(lambda k: self.render(fields(k)), n_history, self.count_tokens, self.max_tokens)[0]
+        """Render with the newest k history items for the largest k <= n_history within max_tokens; a budget
+        that not even the history-less prompt fits is a config error, not a silent loss of every history."""
+        prompt, k = fit_history(lambda k: self.render(fields(k)), n_history, self.count_tokens, self.max_tokens)
+        if k == 0 < n_history and self.count_tokens(prompt) > self.max_tokens:
+            raise InputError(f"{self.where}.max_tokens={self.max_tokens}: a prompt without any history item already "
+                             f"has {self.count_tokens(prompt)} tokens, so no history would fit; raise max_tokens")
+        return prompt
 
     def render_all(self, samples: Sequence[tuple[Callable[[int], Mapping], int]]) -> list[str]:
         return [self.render_fitted(fields, n) for fields, n in samples]
 
 
-def check_template(section: Mapping, where: str, fields: Mapping, keys: Sequence[str] = ("instruction", "input")) -> None:
-    """A prompt section's wrapper and templates, checked against example fields (before anything runs)."""
+def check_template(section: Mapping, where: str, fields: Mapping, keys: Sequence[str] = ("instruction", "input"),
+                   uses_one_of: Sequence[str] = ()) -> None:
+    """A prompt section's wrapper and templates, checked against example fields (before anything runs).
+    `uses_one_of`: fields of which the templates must use at least one (a Yes/No prompt without {target}
+    asks the same question of every sample)."""
     if section.get("wrapper", "auto") not in WRAPPERS:
         raise InputError(f"{where}.wrapper: unknown wrapper {section['wrapper']!r}; use one of {', '.join(WRAPPERS)}")
     for key in keys:
         if not isinstance(section.get(key), str):
             raise InputError(f"{where}.{key}: expected a string template")
         fill(section[key], f"{where}.{key}", **fields)
+    used = {name for key in keys for _, name, _, _ in string.Formatter().parse(section[key]) if name}
+    if uses_one_of and not used & set(uses_one_of):
+        wanted = " or ".join("{" + name + "}" for name in uses_one_of)
+        raise InputError(f"{where}: neither {' nor '.join(f'{where}.{key}' for key in keys)} uses {wanted}, so every "
+                         "sample would get the same prompt")

@@ -52,7 +52,7 @@ from recalign.report.markdown import metrics_table, signed_span
 from recalign.report.summary import with_intervals
 from recalign.tasks.next_item import (GENERATIVE_SAMPLES, Cases, check_generative_samples, full_histories,
                                       generative_samples, history_mask, item_diagnostics)
-from recalign.tasks.text import SAMPLE_FIELDS, frame_fields
+from recalign.tasks.text import HISTORY_FIELDS, SAMPLE_FIELDS, frame_fields
 
 PROMPT = {
     "wrapper": "auto",  # auto | chat | alpaca | plain
@@ -292,7 +292,7 @@ def cf_scores(ctx: RunContext, ds, split, shots, cases: dict, model_name: str | 
 # --------------------------------------------------------------------------------------------- run
 def validate(cfg: dict) -> None:
     check_model(cfg["model"], training=True)
-    check_template(cfg["prompt"], "prompt", SAMPLE_FIELDS)
+    check_template(cfg["prompt"], "prompt", SAMPLE_FIELDS, uses_one_of=HISTORY_FIELDS)
     fill(cfg["prompt"]["output"], "prompt.output", title="t")
     fill(cfg["grounding"]["item_text"], "grounding.item_text", title="t")
     check_generative_samples(cfg["samples"])

@@ -46,7 +46,7 @@ from recalign.methods.api import Experiment, Method, RunContext
 from recalign.tasks.next_item import (GENERATIVE_SAMPLES, check_generative_samples, diagnostics_lines,
                                       full_histories, generative_samples, item_diagnostics,
                                       period_popularity)
-from recalign.tasks.text import SAMPLE_FIELDS, frame_fields
+from recalign.tasks.text import HISTORY_FIELDS, SAMPLE_FIELDS, frame_fields
 
 PROMPT = {
     "wrapper": "auto",  # auto | chat | alpaca | plain
@@ -108,7 +108,7 @@ def render_answers(ds, frame: pd.DataFrame, prompt_cfg: dict, eos: str) -> list[
 
 def validate(cfg: dict) -> None:
     check_model(cfg["model"], training=True)
-    check_template(cfg["prompt"], "prompt", SAMPLE_FIELDS)
+    check_template(cfg["prompt"], "prompt", SAMPLE_FIELDS, uses_one_of=HISTORY_FIELDS)
     fill(cfg["prompt"]["output"], "prompt.output", **ANSWER_FIELDS)
     fill(cfg["retrieval"]["item_text"], "retrieval.item_text", **ANSWER_FIELDS)
     check_generative_samples(cfg["samples"])

@@ -24,7 +24,7 @@ DEFAULTS = {
 
 def validate(config: dict) -> None:
     check_model(config["model"])
-    check_template(config["prompt"], "prompt", SAMPLE_FIELDS)
+    check_template(config["prompt"], "prompt", SAMPLE_FIELDS, uses_one_of=("target",))
     check_yes_no(config["prompt"]["yes"], config["prompt"]["no"])
     check_tallrec_samples(config["samples"])
 

@@ -62,7 +62,8 @@ def validate(config: dict) -> None:
     prompt = config["prompt"]
     if not prompt["slot"]:
         raise InputError("prompt.slot: the soft-prompt placeholder must be a non-empty string")
-    check_template({**prompt["template"], "wrapper": prompt["wrapper"]}, "prompt.template", SAMPLE_FIELDS)
+    check_template({**prompt["template"], "wrapper": prompt["wrapper"]}, "prompt.template", SAMPLE_FIELDS,
+                   uses_one_of=("target",))
     check_yes_no(prompt["yes"], prompt["no"])
     check_lora(config["lora"])
     check_train(config["train"])

@@ -49,7 +49,7 @@ DEFAULTS = {
 
 def validate(config: dict) -> None:
     check_model(config["model"], training=True)
-    check_template(config["prompt"], "prompt", SAMPLE_FIELDS)
+    check_template(config["prompt"], "prompt", SAMPLE_FIELDS, uses_one_of=("target",))
     check_yes_no(config["prompt"]["yes"], config["prompt"]["no"])
     check_tallrec_samples(config["samples"])
     check_lora(config["lora"])

@@ -31,6 +31,7 @@ def text_fields(history: Sequence[int], labels: Sequence[bool] | None, target: i
 
 
 SAMPLE_FIELDS = text_fields(history=(0, 1), labels=(True, False), target=2, titles=["a", "b", "c"], noun="movie")
+HISTORY_FIELDS = ("history", "liked", "disliked")  # a generative prompt must use one: it is all the model sees
 
 
 def frame_fields(frame: pd.DataFrame, titles: Sequence[str], noun: str, with_target: bool = True,
