@@ -461,6 +461,10 @@ def test_a_real_server_answers_and_stops_cleanly_and_bad_runs_exit_2(runs, tmp_p
     proc = _cli("serve", str(runs["mf"]), str(broken), "--port", str(_free_port()))
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and err.strip().count("\n") == 0 and str(broken) in err, err
+    # a bad --dtype is refused even when only CF runs are served
+    proc = _cli("serve", str(runs["mf"]), "--dtype", "float8", "--port", str(_free_port()))
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "--dtype: unknown dtype 'float8'" in err and err.strip().count("\n") == 0, err
 
     port = _free_port()
     proc = _cli("serve", str(runs["mf"]), "--port", str(port))

@@ -202,6 +202,10 @@ def _load_options(quantize, dtype, device, max_batch, max_wait_ms, rerank):
 
     if quantize is not None and quantize not in ("none", "int8"):
         raise InputError(f"--quantize: expected none or int8, got {quantize!r}")
+    if dtype is not None and dtype != "auto":  # checked even when only CF runs are served
+        from recalign.llm.precision import parse_dtype
+
+        parse_dtype(dtype, "--dtype")
     return LoadOptions(quantize=quantize, dtype=dtype, device=device, max_batch=max_batch, max_wait_ms=max_wait_ms,
                        rerank=rerank)
 

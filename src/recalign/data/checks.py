@@ -89,8 +89,8 @@ def degeneracy(ds: Dataset, needs: Needs = Needs()) -> Degeneracy:
         if problem:
             report.problems.append(problem)
     if needs.top_k and 1 < ds.n_items <= needs.top_k:
-        report.warnings.append(f"{ds.n_items} items, not more than k={needs.top_k}: every top-{needs.top_k} list "
-                               f"holds the whole catalogue, so hr@{needs.top_k} is 1 by construction")
+        report.warnings.append(f"{ds.n_items} items, not more than k={needs.top_k}: every top-K list with K >= "
+                               f"{ds.n_items} holds the whole catalogue, so hr@K is 1 by construction for those K")
     if ds.n_users == 1 and not needs.min_user_interactions:
         report.warnings.append("1 user: metrics rest on a single user")
     return report
