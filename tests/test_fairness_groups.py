@@ -5,6 +5,7 @@ per-case file of a finished run."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -93,6 +94,25 @@ def test_group_audit_of_a_runs_per_case_file(monkeypatch, capsys, tmp_path):
     assert metrics["test"]["auc"] == 0.5
     assert {g: e["mean"] for g, e in metrics["groups"]["gender"]["auc"]["groups"].items()} == {"F": 0.0, "M": 1.0}
     assert metrics["test"]["auc_snsr_gender"] == 1.0
+
+
+def test_a_run_on_the_same_local_dataset_spelt_otherwise_is_audited(monkeypatch, capsys, tmp_path):
+    import shutil
+
+    shutil.copytree(Path(__file__).parent / "fixtures" / "ml-1m", tmp_path / "data" / "ml-1m")
+    run = tmp_path / "icl-run"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"method": "icl", "test": {}}))
+    # runs record a local dataset's absolute path; the audit names it relative to its own cwd
+    (run / "config.yaml").write_text(f"seed: 0\n# run: icl on {(tmp_path / 'data' / 'ml-1m').resolve()}\n")
+    (run / "predictions.json").write_text(json.dumps({
+        "user": [0, 0, 1, 1], "item": [1, 2, 1, 2], "label": [1, 0, 1, 0], "score": [0.9, 0.1, 0.1, 0.5]}))
+    monkeypatch.chdir(tmp_path)
+    code, _, stderr = invoke(monkeypatch, capsys, "run", "fairness-groups", "--dataset", "./data/ml-1m/", *FAST,
+                             "--set", "source.recommender=", "--set", f"source.run={run}",
+                             "--set", "groups.attributes=[activity]", "--set", "groups.min_size=1", "--out", "audit")
+    assert code == 0, stderr
+    assert json.loads((tmp_path / "audit" / "metrics.json").read_text())["test"]["auc"] == 0.5
 
 
 @pytest.mark.parametrize("sets, message", [

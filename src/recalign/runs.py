@@ -336,7 +336,8 @@ def _changed_keys(saved: str, new: str) -> str:
 def per_case_results(path: Path) -> tuple[str, dict]:
     """The per-case test results a finished run kept, for comparing runs on the same test cases:
     ("scores", {"user", "item", "label", "score"}) from a Yes/No run's predictions (ICL `predictions.json`,
-    TALLRec `predictions-<seed>-test.json`, CoLLM `predictions-test.json`, its CoLLM row) or ("ranks",
+    TALLRec `predictions-<seed>-test.json`, CoLLM `predictions-test.json` (its CoLLM row), Soft-Prompt
+    `predictions-test.json`) or ("ranks",
     {"user", "target", "rank"}) from a next-item run's `cases-test.json` (BIGRec, P5, TransRec, GPT4Rec).
     `path`: a run directory, or one of those files when a run holds several (a TALLRec run over seeds)."""
     path = Path(path)

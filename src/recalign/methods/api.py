@@ -91,6 +91,15 @@ class RunContext:
         """The domain noun used in prompts ("movie", "book", ...)."""
         return self.config["data"].get("domain") or self.dataset.domain or "item"
 
+    def write_predictions(self, name: str, frame, scores) -> None:
+        """A Yes/No run's per-sample test scores ({"user", "item", "label", "score"}), so that runs scored on
+        the same samples can be paired (`recalign report --paired`)."""
+        import numpy as np
+
+        self.run.write_json(name, {"user": frame["user"].tolist(), "item": frame["item"].tolist(),
+                                   "label": frame["label"].astype(int).tolist(),
+                                   "score": np.asarray(scores, dtype=np.float64).tolist()})
+
     def log(self, message: str) -> None:
         from recalign.progress import log
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from recalign.data import canonical_dataset
 from recalign.errors import InputError
 from recalign.eval.fairness import group_means, permutation_spread
 from recalign.eval.intervals import mean_interval
@@ -117,7 +118,8 @@ def from_run(ctx: RunContext) -> tuple[np.ndarray, dict[str, np.ndarray], str]:
     ds, k = ctx.dataset, int(ctx.config["eval"]["k"])
     path = per_case_file(ctx.config["source"]["run"])
     origin = (path.parent / "config.yaml").read_text().rstrip().splitlines()[-1] if (path.parent / "config.yaml").is_file() else ""
-    if origin.startswith("# run: ") and not origin.endswith(f" on {ctx.dataset_name}"):
+    recorded = origin[len("# run: "):].partition(" on ")[2]
+    if origin.startswith("# run: ") and canonical_dataset(recorded) != canonical_dataset(ctx.dataset_name):
         raise InputError(f"source.run: {path.parent} is a run on another dataset ({origin[7:]}); "
                          f"this audit is on {ctx.dataset_name}")
     try:

@@ -49,8 +49,7 @@ def run(ctx: RunContext) -> dict:
         scores = backbone.score_yes_no(prompts, cfg["prompt"]["yes"], cfg["prompt"]["no"], progress=f"ICL {name}")
         out[name] = ctr_report(frame, scores.numpy())
         if name == "test":
-            ctx.run.write_json("predictions.json", {"user": frame["user"].tolist(), "item": frame["item"].tolist(),
-                                                    "label": frame["label"].tolist(), "score": scores.tolist()})
+            ctx.write_predictions("predictions.json", frame, scores.numpy())
             paired = paired_with_counting("icl", frame, scores.numpy(), floor)
     ctx.log(f"ICL test AUC {out['test']['auc']:.4f} UAUC {out['test']['uauc']:.4f}")
     return {**out, "seconds": {"train": 0.0, "eval": time.perf_counter() - started}, "paired": paired,

@@ -134,6 +134,7 @@ def run(ctx: RunContext) -> dict:
     eval_started = scorer.seconds
     test, test_scores = evaluate("test", data.test, lambda: score("test", progress="soft-prompt test"))
     valid, _ = evaluate("valid", data.valid, lambda: score("valid"))
+    ctx.write_predictions("predictions-test.json", data.test, test_scores)
     floor = counting_baselines(data.train_all, data.test)  # the floor: counts, no model
     return {"test": test, "valid": valid,
             "seconds": {"train": train_seconds, "eval": scorer.seconds - eval_started},

@@ -64,13 +64,6 @@ def prompts_of(backbone: Backbone, prompt: dict, ds, frame, noun: str) -> list[s
     return prompter.render_all(frame_fields(frame, ds.titles(), noun))
 
 
-def write_predictions(ctx: RunContext, name: str, frame, scores) -> None:
-    """Per-sample scores (ICL's predictions.json format), so runs scored on the same samples can be paired."""
-    ctx.run.write_json(name, {"user": frame["user"].tolist(), "item": frame["item"].tolist(),
-                              "label": frame["label"].astype(int).tolist(),
-                              "score": np.asarray(scores, dtype=np.float64).tolist()})
-
-
 def train_and_score(ctx: RunContext, backbone: Backbone, ds, train_pool, eval_sets: dict, seed: int,
                     tag: str, references: dict | None = None) -> dict:
     """Train fresh LoRA on N samples of `train_pool` (seed), early-stop on eval_sets["valid"], score every
@@ -115,7 +108,7 @@ def train_and_score(ctx: RunContext, backbone: Backbone, ds, train_pool, eval_se
         else:
             scores = backbone.score_yes_no(prompts[name], yes, no, progress=f"{tag} {name}").numpy()
         metrics[name] = ctr_report(frame, scores)
-        write_predictions(ctx, f"predictions-{tag}-{name}.json", frame, scores)
+        ctx.write_predictions(f"predictions-{tag}-{name}.json", frame, scores)
         if name == "test" and references:
             paired = paired_with_counting("tallrec", frame, scores, references)
     eval_seconds = time.perf_counter() - started

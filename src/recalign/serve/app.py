@@ -327,6 +327,8 @@ def _first_error(errors) -> tuple[str, str]:
     loc = [p for p in error.get("loc", ()) if p != "body"]
     field = ""
     for part in loc:
+        if not isinstance(part, int) and not str(part).isidentifier():
+            part = repr(str(part))  # a client's odd key ("a\nb", "") stays one readable line
         field += f"[{part}]" if isinstance(part, int) else (f".{part}" if field else str(part))
     field = field or "body"
     message = str(error.get("msg", "invalid"))

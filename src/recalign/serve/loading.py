@@ -151,10 +151,10 @@ def load_run(info: RunInfo, name: str, options: LoadOptions) -> ServedModel:
 
 # ------------------------------------------------------------------------------------------- dataset
 def _catalog(info: RunInfo, options: LoadOptions) -> Catalog:
-    from recalign.data import load_dataset
+    from recalign.data import canonical_dataset, load_dataset
 
     data = info.config["data"]
-    key = (info.dataset, json.dumps(data, sort_keys=True, default=str))
+    key = (canonical_dataset(info.dataset), json.dumps(data, sort_keys=True, default=str))  # however it was spelt
     if key not in options._catalogs:
         try:
             ds = load_dataset(info.dataset, fmt=data.get("format"), like_threshold=data.get("like_threshold"),
