@@ -41,7 +41,7 @@ timeout 90 python3 bench/llm_scoring.py --dtype float32 --samples 64 --batch-siz
   --train-examples 16 --results "$OUT/llm_scoring_gpu.json" 2>&1 | grep -v Warn | tail -14
 log "LLM tests on CUDA"
 timeout 60 python3 -m pytest -q -x -p no:cacheprovider tests/test_llm.py 2>&1 | tail -3
-log "TALLRec bench, the CPU settings (300 test, 64 valid, 3 seeds)"
-timeout 380 python3 bench/tallrec.py --shots 16,64,256 --seeds 3 --test-size 300 --valid-size 64 \
+log "TALLRec bench, the CPU settings (2,000 test, 128 valid, 3 seeds; the JSON holds what finished)"
+timeout 380 python3 bench/tallrec.py --shots 16,64,256 --seeds 3 --test-size 2000 --valid-size 128 \
   --set model.batch_size=32 --work /root/work-small --results "$OUT/tallrec_gpu.json" 2>&1 | grep -v -i warn | tail -16
 log done

@@ -138,14 +138,26 @@ def main() -> None:
     work = Path(args.work)
     common = [f"samples.test_size={args.test_size}", f"samples.valid_size={args.valid_size}"]
     common += [s for s in args.sets if s.startswith("model.")]  # model settings apply to ICL too
+    from recalign.io import atomic_write_json
+
+    def runs_of(results: dict) -> dict:
+        return {name: {"test": m["test"], "valid": m["valid"], "seconds": m["seconds"],
+                       "per_seed": [{k: v for k, v in row.items() if k != "history"} for row in m.get("per_seed", [])]}
+                for name, m in results.items()}
+
     started = time.perf_counter()
-    results = {"icl": run("icl", work / "icl", common)}
-    print(f"ICL: test AUC {results['icl']['test']['auc']:.4f}", flush=True)
+    def finished(name: str, metrics: dict) -> None:
+        results[name] = metrics
+        print(f"{name}: test AUC {metrics['test']['auc']:.4f}", flush=True)
+        # what is finished so far, in case a time limit (a lent GPU's) stops the bench before its table
+        atomic_write_json(Path(args.results), {"partial": True, "args": vars(args), "runs": runs_of(results)})
+
+    results = {}
+    finished("icl", run("icl", work / "icl", common))
     for n in shots:
         sets = common + [f"train.shots={n}", f"train.seeds={args.seeds}"] + [f"{k}={v}" for k, v in schedule[n].items()]
         sets += [s for s in args.sets if not s.startswith("model.")]
-        results[f"tallrec-{n}"] = run("tallrec", work / f"tallrec-{n}", sets)
-        print(f"TALLRec {n}: test AUC {results[f'tallrec-{n}']['test']['auc']:.4f}", flush=True)
+        finished(f"tallrec-{n}", run("tallrec", work / f"tallrec-{n}", sets))
     cf = {} if args.no_cf else mf_ctr(shots, args.seeds, args.test_size, args.valid_size)
     wall = time.perf_counter() - started
 
@@ -181,16 +193,12 @@ def main() -> None:
     print("\nTest AUC (mean ± std over seeds)\n" + "\n".join(lines) + "\n\n" + "\n".join(detail)
           + "\n\n" + "\n".join(intervals))
     print(f"\nwall time {wall / 60:.1f} min (runs finished earlier and resumed count only their reading)")
-    from recalign.io import atomic_write_json
-
     atomic_write_json(Path(args.results), {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                     "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
         "args": vars(args), "schedule": {str(n): schedule[n] for n in shots},
         "wall_seconds": wall,
-        "runs": {name: {"test": m["test"], "valid": m["valid"], "seconds": m["seconds"],
-                        "per_seed": [{k: v for k, v in row.items() if k != "history"} for row in m.get("per_seed", [])]}
-                 for name, m in results.items()},
+        "runs": runs_of(results),
         "mf_ctr": cf, "table": lines, "detail": detail, "intervals": intervals, "paired_with_icl": paired,
     })
     print(f"wrote {args.results}")
