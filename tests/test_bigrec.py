@@ -179,6 +179,8 @@ def test_bad_config_is_one_line_input_error(tmp_path):
         run_method("bigrec", "ml-100k", tmp_path / "r", sets=["inject.gammas=[-1]"])
     with pytest.raises(InputError, match="inject.cf_model"):
         run_method("bigrec", "ml-100k", tmp_path / "r", sets=["inject.cf_model=nope"])
+    with pytest.raises(InputError, match="generate.max_new_tokens must be >= 1"):
+        run_method("bigrec", "ml-100k", tmp_path / "r", sets=["generate.max_new_tokens=0"])
     with pytest.raises(InputError, match=r"uses \{history\} or \{liked\} or \{disliked\}"):
         run_method("bigrec", "ml-100k", tmp_path / "r", sets=["prompt.input=Recommend a {noun}."])
     assert not (tmp_path / "r").exists()

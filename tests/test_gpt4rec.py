@@ -90,11 +90,17 @@ def test_merged_ranks_per_k():
     assert np.isclose(ranking_metrics(ranks[4], [4])["ndcg@4"], (1 / np.log2(5) + 1 / np.log2(3)) / 2)
 
 
+def test_an_index_of_stop_words_only_is_one_error():
+    with pytest.raises(InputError, match="no item text holds a word to index"):
+        BM25Index(["the", "a an", ""])
+
+
 @pytest.mark.parametrize("key,value,match", [
     ("retrieval.merge", "rrf", "retrieval.merge"),
     ("retrieval.b", 1.5, "retrieval.b"),
     ("retrieval.k1", -1, "retrieval.k1"),
     ("retrieval.item_text", "{plot}", "retrieval.item_text"),
+    ("retrieval.item_text", "", "retrieval.item_text: empty template"),
     ("retrieval.stopwords", "fr", "retrieval.stopwords"),
     ("generate.queries", 0, "generate.queries"),
     ("prompt.output", "{year}", "prompt.output"),

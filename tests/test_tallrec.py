@@ -94,6 +94,7 @@ def test_tallrec_cross_domain_matrix(tmp_path, monkeypatch, capsys):
     ("lora.r=0", "lora"),
     ("model.name=/does/not/exist", "model.name"),
     ("samples.split=[0.5, 0.5]", "samples.split"),
+    ("samples.split=[1, 0, 0]", "three positive fractions"),
     ("cross.domains=[\"genre:Nope\", \"genre:Drama\"]", "cross.domains"),
 ])
 def test_bad_settings_are_one_line_errors(tmp_path, monkeypatch, capsys, setting, message):

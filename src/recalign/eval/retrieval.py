@@ -37,7 +37,11 @@ class BM25Index:
         self.stopwords = stopwords or None
         self._bm25s = bm25s
         self.model = bm25s.BM25(k1=float(k1), b=float(b), method=method)
-        self.model.index(self.tokenize(list(texts)), show_progress=False)
+        tokens = self.tokenize(list(texts))
+        if not any(tokens):
+            raise InputError("BM25 index: no item text holds a word to index (empty texts, or stop words only); "
+                             "check retrieval.item_text and the item titles")
+        self.model.index(tokens, show_progress=False)
 
     def tokenize(self, texts: list[str]) -> list[list[str]]:
         return self._bm25s.tokenize(texts, stopwords=self.stopwords, return_ids=False, show_progress=False)

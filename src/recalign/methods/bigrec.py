@@ -299,8 +299,11 @@ def validate(cfg: dict) -> None:
     check_lora(cfg["lora"])
     check_train(cfg["train"])
     check_ks(cfg["eval"]["ks"])
-    if int(cfg["generate"]["beams"]) < 1:
-        raise InputError(f"generate.beams must be >= 1, got {cfg['generate']['beams']}")
+    for key in ("beams", "max_new_tokens"):
+        if int(cfg["generate"][key]) < 1:
+            raise InputError(f"generate.{key} must be >= 1, got {cfg['generate'][key]}")
+    if int(cfg["generate"]["batch_size"]) < 0:
+        raise InputError(f"generate.batch_size must be >= 0 (0 = model.batch_size), got {cfg['generate']['batch_size']}")
     check_decoding(cfg["generate"])
     if cfg["generate"]["assistant"] != "none":
         from recalign.cf import MODELS

@@ -111,6 +111,8 @@ def validate(cfg: dict) -> None:
     check_template(cfg["prompt"], "prompt", SAMPLE_FIELDS, uses_one_of=HISTORY_FIELDS)
     fill(cfg["prompt"]["output"], "prompt.output", **ANSWER_FIELDS)
     fill(cfg["retrieval"]["item_text"], "retrieval.item_text", **ANSWER_FIELDS)
+    if not cfg["retrieval"]["item_text"].strip():
+        raise InputError("retrieval.item_text: empty template; BM25 needs a text per item, e.g. '{title} {genres}'")
     check_generative_samples(cfg["samples"])
     check_lora(cfg["lora"])
     check_train(cfg["train"])

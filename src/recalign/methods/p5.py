@@ -192,6 +192,8 @@ def validate(cfg: dict) -> None:
         raise InputError(f"ids.indexing: expected one of {', '.join(INDEXINGS)}, got {cfg['ids']['indexing']!r}")
     if cfg["ids"]["start"] < 0:
         raise InputError(f"ids.start must be >= 0, got {cfg['ids']['start']}")
+    if not 0 <= cfg["ids"]["seed"] < 2 ** 32:
+        raise InputError(f"ids.seed must be in 0..2^32-1, got {cfg['ids']['seed']}")
     check_generative_samples(cfg["samples"])
     check_lora(cfg["lora"])
     check_train(cfg["train"])

@@ -246,7 +246,7 @@ def _report(metrics: dict) -> str:
             lines.append(f"\ncounting baselines on {name.replace('|', ', ')}'s test samples: " + "; ".join(
                 f"{ref} AUC {with_intervals(m['test'], ['auc'])['auc']}" for ref, m in rows.items()))
         for pair, difference in cross.get("paired", {}).items():
-            d = difference["auc"]
+            d = difference.get("auc") or {"difference": float("nan"), "ci": None}
             lines.append(f"\n{pair}: AUC {d['difference']:+.4f} {signed_span(d['ci'])} (paired, same test samples)")
     for row in metrics.get("per_seed", []):
         if not lines:

@@ -113,6 +113,9 @@ def tallrec_protocol(ds: Dataset, cfg: Mapping, liked_history_only: bool = False
         raise InputError(f"{ds.name}: no user has more than samples.history_len={history_len} interactions; "
                          "nothing to build samples from")
     split = temporal_split(samples, tuple(cfg.get("split", [0.8, 0.1, 0.1])), by="count")
+    if split.train.empty or split.valid.empty or split.test.empty:
+        raise InputError(f"{ds.name}: samples.split {list(cfg.get('split', [0.8, 0.1, 0.1]))} of its {len(samples)} "
+                         f"samples gives an empty train, valid or test part ({split.sizes()})")
     seed = int(cfg.get("subset_seed", 0))
     valid = mark_warm_cold(draw(split.valid, int(cfg.get("valid_size", 0)), seed), split.train)
     test = mark_warm_cold(draw(split.test, int(cfg.get("test_size", 0)), seed), split.train)
@@ -327,9 +330,9 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 # -------------------------------------------------------------------------------------- validation
 def check_split(split, where: str) -> None:
     if (not isinstance(split, list) or len(split) != 3
-            or any(isinstance(f, bool) or not isinstance(f, (int, float)) or f < 0 for f in split)
+            or any(isinstance(f, bool) or not isinstance(f, (int, float)) or f <= 0 for f in split)
             or abs(sum(split) - 1) > 1e-6):
-        raise InputError(f"{where}: expected three non-negative fractions summing to 1, got {split!r}")
+        raise InputError(f"{where}: expected three positive fractions (train, valid, test) summing to 1, got {split!r}")
 
 
 def check_tallrec_samples(samples: Mapping, where: str = "samples") -> None:
