@@ -85,6 +85,38 @@ def test_tallrec_cross_domain_matrix(tmp_path, monkeypatch, capsys):
     assert "counting baselines on genre:Action, Thriller's test samples" in report
 
 
+def test_a_run_interrupted_mid_training_reports_what_an_uninterrupted_one_does(tmp_path, monkeypatch, capsys):
+    """The valid scores reported are the restored best adapter's, also when the best evaluation happened
+    before the interruption (it used to report the best among the evaluations after the resume)."""
+    from recalign.llm.train import Checkpointer
+
+    # with these settings the best evaluation is the first (step 128 of 512), before the interruption
+    sets = ["--set", "model.name=tiny-random", "--set", "samples.valid_size=16", "--set", "samples.test_size=32",
+            "--set", "train.shots=256", "--set", "train.epochs=4", "--set", "train.batch_size=2",
+            "--set", "train.patience=10"]
+    code, _, err = invoke(monkeypatch, capsys, "run", "tallrec", "--out", str(tmp_path / "whole"), *sets)
+    assert code == 0, err
+    whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+
+    original, saves = Checkpointer.save, []
+
+    def save_then_stop(self, state):
+        original(self, state)
+        saves.append(state["result"]["steps"])
+        if len(saves) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Checkpointer, "save", save_then_stop)
+    code, _, _ = invoke(monkeypatch, capsys, "run", "tallrec", "--out", str(tmp_path / "cut"), *sets)
+    assert code == 130
+    monkeypatch.setattr(Checkpointer, "save", original)
+    code, _, err = invoke(monkeypatch, capsys, "run", "tallrec", "--out", str(tmp_path / "cut"), *sets)
+    assert code == 0, err
+    cut = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    assert cut["valid"] == whole["valid"] and cut["test"] == whole["test"]
+    assert cut["per_seed"][0]["best_step"] == whole["per_seed"][0]["best_step"] == saves[0]
+
+
 @pytest.mark.parametrize("setting, message", [
     ("prompt.wrapper=fancy", "prompt.wrapper"),
     ("prompt.input=Target {nope}", "prompt.input"),

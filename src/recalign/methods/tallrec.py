@@ -102,8 +102,11 @@ def train_and_score(ctx: RunContext, backbone: Backbone, ds, train_pool, eval_se
     train_seconds = time.perf_counter() - started
     started = time.perf_counter()
     metrics = {}
+    # the best evaluation's valid scores, when this process made it; after a resume the best may be an earlier
+    # process's, and the valid set is scored again with the restored best adapter (as an uninterrupted run's)
+    best_here = best["scores"] is not None and best["auc"] == result.get("best_score")
     for name, (_, frame) in eval_sets.items():
-        if name == "valid" and best["scores"] is not None:
+        if name == "valid" and best_here:
             scores = best["scores"]
         else:
             scores = backbone.score_yes_no(prompts[name], yes, no, progress=f"{tag} {name}").numpy()
