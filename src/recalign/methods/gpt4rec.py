@@ -228,7 +228,7 @@ def run(ctx: RunContext) -> dict:
     merged = [merged_ranks([lists], [t], [depth], r["merge"])[depth][0] for lists, t in zip(per_query, targets)]
     users = [str(u) for u in ds.users["raw_id"]]
     # rank: the target's 0-based position in the merged list of the largest K; null when it is not in it
-    rows = [{"user": users[int(u)], "target": titles[int(t)], "queries": row,
+    rows = [{"user": int(u), "user_id": users[int(u)], "target": titles[int(t)], "queries": row,
              "rank": float(rank) if np.isfinite(rank) else None,
              "top_items": [[titles[int(i)] for i in lst[:3]] for lst in lists]}
             for u, t, row, lists, rank in zip(test["user"], targets, queries, per_query, merged)]

@@ -294,7 +294,8 @@ def run(ctx: RunContext) -> dict:
     ctx.log(f"generation: validity {stats['validity']:.3f}, {stats['beams_per_case']:.1f} beams per case, target in "
             f"beams {stats['target_in_beams']:.3f}")
     titles = ds.titles()
-    rows = [{"user": users[int(u)], "target": titles[int(t)], "target_id": ids[int(t)], "rank": float(r),
+    # "user": the dataset's user index, as in every next-item run's cases (report --paired, fairness-groups)
+    rows = [{"user": int(u), "user_id": users[int(u)], "target": titles[int(t)], "target_id": ids[int(t)], "rank": float(r),
              "beams": [{"id": ids[i], "title": titles[i], "score": s} for i, s in zip(items[:10], kept[:10])]}
             for u, t, r, items, kept in zip(test["user"], targets.tolist(), ranks.tolist(), beams_items, beams_scores)]
     ctx.run.write_json("cases-test.json", rows)
