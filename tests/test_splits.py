@@ -245,8 +245,8 @@ def test_every_problem_is_listed_on_one_line():
 def test_thin_but_valid_data_gives_warnings():
     ds = make(ROWS)  # 3 users, 2 with >= 3 interactions, 8 items
     assert check_dataset(ds, Needs.leave_one_out()) == [
-        "8 items, not more than k=10: every top-K list with K >= 8 holds the whole catalogue, so hr@K is 1 by "
-        "construction for those K"]
+        "8 items, not more than k=10: every top-K list with K >= 8 holds the whole catalogue, so hr@K (recall@K) is "
+        "1 by construction for those K"]
     assert check_dataset(ds, Needs.leave_one_out(top_k=5)) == []
     assert check_dataset(make(ROWS[:5]), Needs.ctr(history_len=2)) == ["1 user: metrics rest on a single user"]
     assert check_dataset(load_dataset("ml-100k"), Needs.leave_one_out()) == []

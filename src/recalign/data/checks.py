@@ -90,7 +90,7 @@ def degeneracy(ds: Dataset, needs: Needs = Needs()) -> Degeneracy:
             report.problems.append(problem)
     if needs.top_k and 1 < ds.n_items <= needs.top_k:
         report.warnings.append(f"{ds.n_items} items, not more than k={needs.top_k}: every top-K list with K >= "
-                               f"{ds.n_items} holds the whole catalogue, so hr@K is 1 by construction for those K")
+                               f"{ds.n_items} holds the whole catalogue, so hr@K (recall@K) is 1 by construction for those K")
     if ds.n_users == 1 and not needs.min_user_interactions:
         report.warnings.append("1 user: metrics rest on a single user")
     return report

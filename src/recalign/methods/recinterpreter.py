@@ -505,8 +505,11 @@ def run(ctx: RunContext) -> dict:
 
     ctx.run.write_json("cases-test.json", [{k: v[i] for k, v in cases.items()} for i in range(n_test)])
     dists = {k: metrics.pop(k) for k in [k for k in metrics if k.startswith("recovery_dist")]}
+    alone = int((shuffled == np.arange(n_test)).sum())
+    warnings = [f"{alone} of {n_test} test windows have no other user's window among the test windows: for them the "
+                f"'another user's window' control is the window itself"] if "shuffled" in controls and alone else []
     return {
-        "test": metrics, "valid": {},
+        "test": metrics, "valid": {}, "warnings": warnings,
         "seconds": {"train": seconds["encoder"] + seconds["train"], "eval": seconds["eval"], **seconds},
         "recovery_distribution": dists, "intervals": intervals, "training": training,
         "encoder": {"model": encoder.name, "params": encoder.params, "valid_ndcg@10": encoder_valid(encoder),

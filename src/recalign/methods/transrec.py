@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from recalign.data import few_shot
+from recalign.data import Needs, few_shot
 from recalign.data.splits import mark_warm_cold
 from recalign.errors import InputError
 from recalign.eval import check_ks, ranking_metrics, target_ranks
@@ -484,6 +484,8 @@ def _report(metrics: dict) -> str:
 METHODS = [Method("transrec", "Multi-facet identifiers (ID, title, attribute), position-free constrained beam "
                               "search over a suffix-array index, aggregated grounding (TransRec).",
                   DEFAULTS, run, report=_report, validate=validate, nullable=MODEL_NULLABLE,
+                  needs=lambda c: Needs.next_item(c["samples"]["history_len"], c["samples"]["targets"] == "liked",
+                                                  max(c["eval"]["ks"])),
                   smoke={"model.name": "tiny-random", "train.shots": 6, "train.epochs": 1, "train.valid_loss_size": 2,
                          "samples.valid_size": 3, "samples.test_size": 4, "generate.beams": 2,
                          "generate.max_new_tokens": {"id": 6, "title": 4, "attribute": 5},
