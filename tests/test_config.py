@@ -37,6 +37,21 @@ def test_exponent_floats_without_a_dot_are_numbers_on_the_command_line_and_in_fi
         cfg.resolve(DEFAULTS, None, ["train.epochs=1e3"])  # a float is still not an integer
 
 
+def test_only_true_and_false_are_booleans_as_in_yaml_1_2(tmp_path):
+    """YAML 1.1 reads Yes/No/on/off as booleans: the Yes/No answer texts (`prompt.yes: Yes`) and the key
+    `yes:` itself were refused ("expects a string, got True", "unknown config key 'prompt.True'")."""
+    from recalign.methods import get_method
+
+    defaults = get_method("tallrec").defaults
+    assert cfg.resolve(defaults, None, ["prompt.yes=Yes", "prompt.no=No"])["prompt"]["yes"] == "Yes"
+    path = tmp_path / "c.yaml"
+    path.write_text("prompt:\n  yes: Sure\n  no: Nope\n")
+    resolved = cfg.resolve(defaults, path)
+    assert (resolved["prompt"]["yes"], resolved["prompt"]["no"]) == ("Sure", "Nope")
+    assert cfg.parse_set("train.answer_only=false")[1] is False and cfg.parse_set("x=True")[1] is True
+    assert cfg.parse_set("x=on")[1] == "on"
+
+
 @pytest.mark.parametrize("item, message", [
     ("train.epoch=3", "unknown config key 'train.epoch'"),
     ("train.epochs=three", "expects an integer"),

@@ -86,10 +86,15 @@ def parse_set(item: str) -> tuple[str, Any]:
 
 
 class _Loader(yaml.SafeLoader):
-    """safe_load that also reads YAML 1.2 floats without a dot (`1e-4`, `5E3`): PyYAML follows YAML 1.1, where
-    they are strings, so `--set train.lr=1e-4` or `lr: 1e-4` in a config file would be refused as "not a number"."""
+    """safe_load with YAML 1.2's plain scalars where PyYAML follows YAML 1.1: floats without a dot (`1e-4`,
+    `5E3`) are numbers, not strings (`--set train.lr=1e-4` would be refused as "not a number"), and only
+    true/false are booleans, not yes/no/on/off (`prompt.yes: Yes` is the answer text, `yes:` a key)."""
 
 
+_BOOL = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL]
+                                   for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
     list("-+0123456789"))
