@@ -171,6 +171,8 @@ def test_prompt_fields_truncate_oldest_first():
     ("generate.ghost_threshold", 1.5, "generate.ghost_threshold"),
     ("generate.top_p", 0.0, "generate.top_p"),
     ("ids.seed", -1, "ids.seed"),
+    ("ids.separator", "", "ids.separator"),
+    ("ids.separator", " 1 ", "ids.separator"),
 ])
 def test_bad_config_is_one_error_naming_the_key(key, value, match):
     import copy

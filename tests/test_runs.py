@@ -346,3 +346,12 @@ def test_a_failed_out_write_is_one_line_naming_out(tmp_path):
 
     with pytest.raises(InputError, match=r"^--out t.md: cannot write there \(No space left on device\)$"):
         write_out("t.md", full, "text")
+
+
+def test_an_undefined_metric_is_said_with_its_reason():
+    from recalign.runner import undefined_metrics
+
+    assert undefined_metrics({"auc": 0.7, "n": 9, "auc_warm": None, "n_warm": 0, "auc_cold": float("nan"),
+                              "n_cold": 9, "auc_ci": None}) == [
+        "test auc_warm is undefined (no warm test samples)",
+        "test auc_cold is undefined (one label only among the 9 samples it is computed on)"]

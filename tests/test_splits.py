@@ -257,7 +257,7 @@ def test_liked_history_needs_enough_liked_items():
     ds = make(ROWS[:5])  # user a: p5 q2 r4 s1 t5 -> at most 2 liked earlier items
     assert degeneracy(ds, Needs.ctr(history_len=2, liked_history=True)).problems == []
     assert degeneracy(ds, Needs.ctr(history_len=3, liked_history=True)).problems == [
-        "no interaction has 3 earlier liked interactions of its user (longest: 2): lower samples.history_len / "
-        "min_history or use a denser dataset"]
+        "no interaction has 3 earlier liked interactions of its user (longest: 2): lower the method's history "
+        "length (samples.history_len, or data_protocol.min_history for CoLLM and Soft-Prompt) or use a denser dataset"]
     with pytest.raises(InputError, match="longest: 2"):
         history_samples(ds, history_len=3, liked_history_only=True)

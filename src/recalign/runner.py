@@ -39,8 +39,12 @@ def undefined_metrics(test: dict) -> list[str]:
     for key, value in test.items():
         if key.split("_")[0] in ("auc", "uauc") and not key.endswith(("_ci", "_std")) and (value is None or value != value):
             slice_size = test.get("n" + key[key.index("_"):]) if "_" in key else test.get("n")
-            out.append(f"test {key} is undefined (one label only among the"
-                       f"{'' if slice_size is None else f' {slice_size}'} samples it is computed on)")
+            if slice_size == 0:
+                part = key[key.index("_") + 1:] + " " if "_" in key else ""
+                out.append(f"test {key} is undefined (no {part}test samples)")
+            else:
+                out.append(f"test {key} is undefined (one label only among the"
+                           f"{'' if slice_size is None else f' {slice_size}'} samples it is computed on)")
     return out
 
 

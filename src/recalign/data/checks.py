@@ -127,4 +127,5 @@ def samples_problem(ds: Dataset, min_history: int, liked_history: bool = False) 
         return None
     kind = "liked " if liked_history else ""
     return (f"no interaction has {min_history} earlier {kind}interactions of its user (longest: {longest}): "
-            f"lower samples.history_len / min_history or use a denser dataset")
+            f"lower the method's history length (samples.history_len, or data_protocol.min_history for CoLLM and "
+            f"Soft-Prompt) or use a denser dataset")

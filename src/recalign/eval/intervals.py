@@ -112,7 +112,7 @@ def paired_predictions(a: dict, b: dict, rounds: int = ROUNDS) -> dict:
 
     for key in ("user", "item", "label"):
         if list(a[key]) != list(b[key]):
-            raise InputError(f"paired_predictions: the two score records hold different samples ({key} differs; "
+            raise InputError(f"the two score records hold different samples ({key} differs; "
                              f"{len(a[key])} vs {len(b[key])} samples)")
     users, labels = np.asarray(a["user"]), np.asarray(a["label"], dtype=bool)
     return {"n": len(labels), "users": int(np.unique(users).size),

@@ -233,8 +233,11 @@ def run(ctx: RunContext) -> dict:
              "top_items": [[titles[int(i)] for i in lst[:3]] for lst in lists]}
             for u, t, row, lists, rank in zip(test["user"], targets, queries, per_query, merged)]
     ctx.run.write_json("cases-test.json", rows)
+    empty_cases = sum(not any(len(lst) for lst in lists) for lists in per_query)
+    warnings = [f"for {empty_cases} of {len(test)} test cases no generated query retrieved any item "
+                f"({stats['empty_queries']} empty queries): those cases score 0"] if empty_cases else []
     return {
-        "test": metrics, "valid": {},
+        "test": metrics, "valid": {}, "warnings": warnings,
         "seconds": {"train": train_seconds, "eval": eval_seconds, "index": index_seconds},
         "variants": {"gpt4rec": {"test": {k: v for k, v in metrics.items() if not k.endswith("_ci")}},
                      "top_query": {"test": top_query}},

@@ -194,6 +194,10 @@ def validate(cfg: dict) -> None:
         raise InputError(f"ids.start must be >= 0, got {cfg['ids']['start']}")
     if not 0 <= cfg["ids"]["seed"] < 2 ** 32:
         raise InputError(f"ids.seed must be in 0..2^32-1, got {cfg['ids']['seed']}")
+    separator = cfg["ids"]["separator"]
+    if not separator or (cfg["ids"]["indexing"] != "raw" and any(c.isdigit() for c in separator)):
+        raise InputError(f"ids.separator {separator!r}: the history's ids would run together; use one without "
+                         "digits, such as ', '")
     check_generative_samples(cfg["samples"])
     check_lora(cfg["lora"])
     check_train(cfg["train"])
