@@ -338,6 +338,7 @@ def test_softprompt_end_to_end_on_tiny_llama(tmp_path):
     ("cf.model=bpr", "cf.model"),
     ("cie.tokens=0", "cie.tokens"),
     ("data_protocol.split_by=random", "split_by"),
+    ("data_protocol.eval_seed=-1", "data_protocol.eval_seed"),
     ("prompt.item_slot=<UserID>", "different"),
 ])
 def test_bad_config_is_rejected_before_anything_is_written(tmp_path, setting, message):

@@ -322,6 +322,12 @@ def test_bad_requests_get_a_4xx_naming_the_field(client, path, body, status, fie
     assert "\n" not in payload["error"]
 
 
+def test_an_over_long_list_is_worded_like_the_servers_own_limits(client):
+    response = client.post("/recommend", json={"history": ["1"] * 20_000, "k": 3})
+    assert response.status_code == 422
+    assert response.json()["error"] == "history: at most 10000 items, got 20000"
+
+
 def test_k_must_be_an_integer_not_a_string_bool_or_float(client):
     for k in (b'"3"', b"true", b"1e3", b"3.0"):
         r = client.post("/recommend", content=b'{"user": "1", "k": ' + k + b"}",

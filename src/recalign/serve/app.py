@@ -336,6 +336,8 @@ def _first_error(errors) -> tuple[str, str]:
         message = "a JSON object is required"
     elif kind == "extra_forbidden":
         message = "unknown field"
+    elif kind == "too_long" and error.get("ctx"):  # worded like the server's own limits
+        message = f"at most {error['ctx'].get('max_length')} items, got {error['ctx'].get('actual_length')}"
     elif kind.startswith("value_error"):
         message = message.removeprefix("Value error, ")
     return field, " ".join(message.split())

@@ -355,4 +355,6 @@ def check_collm_protocol(cfg: Mapping, where: str = "data_protocol") -> None:
             raise InputError(f"{where}.{key}: expected a positive integer or null, got {value!r}")
     if cfg["split_by"] not in ("time", "count"):
         raise InputError(f"{where}.split_by: expected 'time' or 'count', got {cfg['split_by']!r}")
+    if not 0 <= cfg["eval_seed"] < 2 ** 32 - 1:  # the warm/cold draw uses eval_seed + 1
+        raise InputError(f"{where}.eval_seed: expected an integer in 0..2^32-2, got {cfg['eval_seed']!r}")
     check_split(cfg["split"], f"{where}.split")
