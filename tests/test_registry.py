@@ -57,9 +57,9 @@ def test_every_method_runs_writes_metrics_and_resumes(name, small, tmp_path):
     assert headline and all(v is None or (isinstance(v, float) and 0.0 <= v <= 1.0) for v in headline)
     assert any(v is not None and not math.isnan(v) for v in headline)
     assert (out / "report.md").is_file() and (out / "config.yaml").is_file()
-    if (out / "cases-test.json").is_file():  # next-item runs: one user representation, so runs pair
-        cases = json.loads((out / "cases-test.json").read_text())
-        assert cases and all(isinstance(row["user"], int) and "rank" in row for row in cases)
+    cases = json.loads((out / "cases-test.json").read_text()) if (out / "cases-test.json").is_file() else []
+    if cases and "rank" in cases[0]:  # next-item rankings: one user representation, so that runs pair
+        assert all(isinstance(row["user"], int) for row in cases)
     if "model" in method.defaults and "name" in method.defaults["model"]:  # an LLM method says its dtype and why
         assert saved["precision"]["dtype"] in ("float32", "bfloat16", "float16") and saved["precision"]["reason"]
     (out / "metrics.json").unlink()
