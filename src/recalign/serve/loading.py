@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from recalign.errors import InputError
+from recalign.runs import read_metrics_file
 from recalign.serve.models import Catalog, CFServed, GeneratorServed, ServedModel, YesNoServed
 
 YES_NO = ("tallrec", "icl", "collm")
@@ -84,15 +85,9 @@ def read_run(path: str | Path) -> RunInfo:
         config = yaml.safe_load(text)
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise InputError(f"{config_path}: unreadable ({' '.join(str(exc).split())[:200]})") from None
-    try:
-        metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise InputError(f"{metrics_path}: unreadable ({' '.join(str(exc).split())[:200]})") from None
+    metrics = read_metrics_file(metrics_path)
     if not isinstance(config, dict) or not isinstance(config.get("data"), dict):
         raise InputError(f"{config_path}: not a recalign run config (a mapping with a data: section)")
-    if not isinstance(metrics, dict) or not isinstance(metrics.get("method"), str) \
-            or not isinstance(metrics.get("dataset"), str):
-        raise InputError(f"{metrics_path}: not a recalign metrics.json (needs method and dataset)")
     method, dataset = metrics["method"], metrics["dataset"]
     last = text.rstrip("\n").rpartition("\n")[2]
     if last.startswith("# run: "):
