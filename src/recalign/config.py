@@ -33,11 +33,15 @@ BASE_DEFAULTS: dict[str, Any] = {
 BASE_NULLABLE: dict[str, Any] = {"data.like_threshold": 0.0, "data.format": "", "data.domain": "", "prompt.system": ""}
 
 
+def check_seed(seed, key: str = "seed", top: int = 2**32 - 1) -> None:
+    """A random seed numpy accepts: an integer in 0..top."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= top:
+        raise InputError(f"{key}: expected an integer in 0..{top}, got {seed!r}")
+
+
 def check_base(config: dict) -> None:
     """The keys every method has."""
-    seed = config["seed"]
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-        raise InputError(f"seed: expected an integer in 0..{2**32 - 1}, got {seed!r}")
+    check_seed(config["seed"])
     data = config["data"]
     for key in ("k_core_users", "k_core_items"):
         if isinstance(data[key], bool) or not isinstance(data[key], int) or data[key] < 0:

@@ -126,8 +126,7 @@ def reproduce(out: str | Path, profile: str = "quick", only: list[str] | None = 
     Finished experiments are kept (the command can be re-run to continue after an interruption)."""
     if profile not in ("quick", "full"):
         raise InputError(f"--profile must be 'quick' or 'full', got {profile!r}")
-    check_out(out)  # before Path(): an empty --out is not "."
-    out = Path(out)
+    out = check_reproduce_out(out)
     experiments: list[Experiment] = [e for e in all_experiments() if profile in e.profiles]
     if only:
         unknown = sorted(set(only) - {e.name for e in experiments})
@@ -135,7 +134,6 @@ def reproduce(out: str | Path, profile: str = "quick", only: list[str] | None = 
             raise InputError(f"unknown experiment(s) {', '.join(unknown)}; known: "
                              f"{', '.join(e.name for e in experiments)}")
         experiments = [e for e in experiments if e.name in only]
-    check_reproduce_out(out)
     from recalign.progress import console
 
     results = []
@@ -153,15 +151,16 @@ def reproduce(out: str | Path, profile: str = "quick", only: list[str] | None = 
     return write_reproduce_report(out, profile, results)
 
 
-def check_reproduce_out(out: Path) -> None:
-    """--out of reproduce: writable (`check_out`) and new, empty, or holding only what reproduce writes (its
-    report.md and report.html, run directories, a folder per experiment); a folder of other files is never
-    written into, so nothing of the user's is overwritten."""
+def check_reproduce_out(out: str | Path) -> Path:
+    """--out of reproduce: writable (`check_out`, before Path(): an empty --out is not ".") and new, empty, or
+    holding only what reproduce writes (its report.md and report.html, run directories, a folder per
+    experiment); a folder of other files is never written into, so nothing of the user's is overwritten."""
     from recalign.report.summary import written_by_reproduce
 
     check_out(out)
+    out = Path(out)
     if not out.is_dir():
-        return
+        return out
     names = {e.name for e in all_experiments()}
     for entry in sorted(out.iterdir()):
         if is_temporary(entry.name) or written_by_reproduce(entry) or \
@@ -169,6 +168,7 @@ def check_reproduce_out(out: Path) -> None:
             continue
         raise InputError(f"--out {out}: holds {entry.name}, which reproduce did not write, so it is not a "
                          "reproduce directory (and is never written into); choose a new or empty directory")
+    return out
 
 
 def _yaml_value(value) -> str:

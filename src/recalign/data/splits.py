@@ -28,6 +28,12 @@ class Split:
     def sizes(self) -> dict:
         return {"train": len(self.train), "valid": len(self.valid), "test": len(self.test)}
 
+    def require_parts(self, where: str) -> "Split":
+        """The split itself, or an InputError naming `where` (the split setting) when a part is empty."""
+        if self.train.empty or self.valid.empty or self.test.empty:
+            raise InputError(f"{where}: gives an empty train, valid or test part ({self.sizes()})")
+        return self
+
 
 def leave_one_out(ds: Dataset, min_interactions: int = 3) -> Split:
     """Interactions are already sorted by (user, timestamp) with stable ties.

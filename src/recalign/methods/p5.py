@@ -42,6 +42,7 @@ import pandas as pd
 import torch
 
 from recalign.data import Needs, few_shot
+from recalign.config import check_seed
 from recalign.errors import InputError
 from recalign.eval import check_ks
 from recalign.eval.intervals import ranking_with_intervals
@@ -192,8 +193,7 @@ def validate(cfg: dict) -> None:
         raise InputError(f"ids.indexing: expected one of {', '.join(INDEXINGS)}, got {cfg['ids']['indexing']!r}")
     if cfg["ids"]["start"] < 0:
         raise InputError(f"ids.start must be >= 0, got {cfg['ids']['start']}")
-    if not 0 <= cfg["ids"]["seed"] < 2 ** 32:
-        raise InputError(f"ids.seed must be in 0..2^32-1, got {cfg['ids']['seed']}")
+    check_seed(cfg["ids"]["seed"], "ids.seed")
     separator = cfg["ids"]["separator"]
     if not separator or (cfg["ids"]["indexing"] != "raw" and any(c.isdigit() for c in separator)):
         raise InputError(f"ids.separator {separator!r}: the history's ids would run together; use one without "

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from recalign.data import Dataset, few_shot, history_samples, mark_warm_cold, temporal_split
+from recalign.config import check_seed
 from recalign.errors import InputError
 from recalign.eval.intervals import auc_interval, paired_auc_difference, paired_uauc_difference, uauc_interval
 from recalign.eval.metrics import auc, ctr_metrics
@@ -112,10 +113,8 @@ def tallrec_protocol(ds: Dataset, cfg: Mapping, liked_history_only: bool = False
     if samples.empty:
         raise InputError(f"{ds.name}: no user has more than samples.history_len={history_len} interactions; "
                          "nothing to build samples from")
-    split = temporal_split(samples, tuple(cfg.get("split", [0.8, 0.1, 0.1])), by="count")
-    if split.train.empty or split.valid.empty or split.test.empty:
-        raise InputError(f"{ds.name}: samples.split {list(cfg.get('split', [0.8, 0.1, 0.1]))} of its {len(samples)} "
-                         f"samples gives an empty train, valid or test part ({split.sizes()})")
+    fractions = list(cfg.get("split", [0.8, 0.1, 0.1]))
+    split = temporal_split(samples, tuple(fractions), by="count").require_parts(f"samples.split {fractions}")
     seed = int(cfg.get("subset_seed", 0))
     valid = mark_warm_cold(draw(split.valid, int(cfg.get("valid_size", 0)), seed), split.train)
     test = mark_warm_cold(draw(split.test, int(cfg.get("test_size", 0)), seed), split.train)
@@ -128,10 +127,8 @@ def collm_protocol(ds: Dataset, cfg: Mapping, seed: int) -> CTRSamples:
     samples = history_samples(ds, cfg["history_len"], min_history=cfg["min_history"], liked_history_only=True)
     if samples.empty:
         raise InputError(f"{ds.name}: no samples with at least {cfg['min_history']} liked earlier items")
-    split = temporal_split(samples, tuple(cfg["split"]), by=cfg["split_by"])
-    for name in ("train", "valid", "test"):
-        if getattr(split, name).empty:
-            raise InputError(f"{ds.name}: the {name} part of the temporal split {cfg['split']} is empty")
+    split = temporal_split(samples, tuple(cfg["split"]), by=cfg["split_by"]).require_parts(
+        f"data_protocol.split {cfg['split']}")
     valid = mark_warm_cold(split.valid, split.train, include_history=False)
     test = mark_warm_cold(split.test, split.train, include_history=False)
     eval_seed = int(cfg["eval_seed"])
@@ -355,6 +352,5 @@ def check_collm_protocol(cfg: Mapping, where: str = "data_protocol") -> None:
             raise InputError(f"{where}.{key}: expected a positive integer or null, got {value!r}")
     if cfg["split_by"] not in ("time", "count"):
         raise InputError(f"{where}.split_by: expected 'time' or 'count', got {cfg['split_by']!r}")
-    if not 0 <= cfg["eval_seed"] < 2 ** 32 - 1:  # the warm/cold draw uses eval_seed + 1
-        raise InputError(f"{where}.eval_seed: expected an integer in 0..2^32-2, got {cfg['eval_seed']!r}")
+    check_seed(cfg["eval_seed"], f"{where}.eval_seed", top=2**32 - 2)  # the warm/cold draw uses eval_seed + 1
     check_split(cfg["split"], f"{where}.split")

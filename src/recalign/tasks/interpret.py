@@ -67,9 +67,7 @@ def probe_windows(ds: Dataset, cfg: Mapping, seed: int) -> dict:
         raise InputError(f"samples.length={length}: no user of {ds.name} has that many interactions "
                          f"(the longest history has {longest}); lower samples.length")
     windows = history_samples(ds, length - 1)
-    split = temporal_split(windows, tuple(cfg["split"]), by="count")
-    if split.train.empty or split.valid.empty or split.test.empty:
-        raise InputError(f"samples.split {cfg['split']}: gives an empty train, valid or test part ({split.sizes()})")
+    split = temporal_split(windows, tuple(cfg["split"]), by="count").require_parts(f"samples.split {cfg['split']}")
     subset = int(cfg["subset_seed"])
     return {"train_all": split.train, "valid_all": split.valid, "train": draw(split.train, int(cfg["train_size"]), seed),
             "valid": draw(split.valid, int(cfg["valid_size"]), subset),

@@ -103,10 +103,7 @@ def generative_samples(ds: Dataset, cfg: Mapping) -> tuple[Split, pd.DataFrame, 
     if samples.empty:
         raise InputError(f"{ds.name}: no user has more than samples.history_len={cfg['history_len']} "
                          "interactions; nothing to build next-item samples from")
-    split = temporal_split(samples, tuple(cfg["split"]), by="count")
-    if split.train.empty or split.valid.empty or split.test.empty:
-        raise InputError(f"samples.split {cfg['split']}: gives an empty train, valid or test part "
-                         f"({split.sizes()})")
+    split = temporal_split(samples, tuple(cfg["split"]), by="count").require_parts(f"samples.split {cfg['split']}")
     seed = int(cfg["subset_seed"])
     return split, draw(split.valid, int(cfg["valid_size"]), seed), draw(split.test, int(cfg["test_size"]), seed)
 
