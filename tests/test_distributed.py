@@ -48,6 +48,14 @@ def _torchrun(*args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=timeout)
 
 
+def _why(done: subprocess.CompletedProcess) -> str:
+    """What a failed torchrun printed that tells why: the end of stderr (torchrun's summary, which only names
+    the signal), then each process's error lines, last so that a log's tail shows them."""
+    telling = [line for line in done.stderr.splitlines()
+               if any(mark in line for mark in ("Error", "error", "what()", "terminate", "Abort", "Exception"))]
+    return done.stderr[-1500:] + "\n--- error lines:\n" + "\n".join(telling[:30])
+
+
 SCRIPT = """
 import json, sys
 import torch
@@ -105,7 +113,7 @@ def two_process_script(tmp_path_factory):
     script = out / "script.py"
     script.write_text(textwrap.dedent(SCRIPT))
     done = _torchrun(str(script), str(out), "run", "tallrec", "--out", str(out / "two"), *TINY)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, _why(done)
     return out, json.loads((out / "result.json").read_text()), done.stdout
 
 

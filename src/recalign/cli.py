@@ -272,6 +272,17 @@ def route(
 
 
 def main() -> None:
+    try:
+        _main()
+    except SystemExit as exc:
+        if exc.code not in (None, 0) and "recalign.distributed" in sys.modules:
+            from recalign import distributed
+
+            distributed.note_failure()  # at exit, do not wait for processes that may never come
+        raise
+
+
+def _main() -> None:
     debug = os.environ.get("RECALIGN_DEBUG", "") not in ("", "0")
     if not debug:  # a library's warning on stderr would break the one-line error contract
         import warnings

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import os
+from datetime import timedelta
 from typing import Callable, Sequence, TypeVar
 
 import torch
@@ -26,6 +27,7 @@ import torch
 from recalign.errors import InputError
 
 T = TypeVar("T")
+_LEAVE_TIMEOUT_S = 120  # how long a finished process waits at exit for the others
 
 
 class Processes:
@@ -217,8 +219,28 @@ def _start() -> Processes:
     return processes
 
 
+_FAILED = False
+
+
+def note_failure() -> None:
+    """This process exits on an error: at exit it leaves without waiting for the others."""
+    global _FAILED
+    _FAILED = True
+
+
 def _stop() -> None:
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    # the processes leave together: one that closes its connections while another still has gloo's reader
+    # thread on them can make that other process abort (SIGABRT) on its way out, failing a finished run
+    if not _FAILED:
+        try:
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=timedelta(seconds=_LEAVE_TIMEOUT_S))
+            else:
+                dist.barrier()
+        except Exception:  # a process failed or left already: nothing to wait for
+            pass
+    dist.destroy_process_group()
