@@ -298,3 +298,12 @@ def test_quoted_titles_inside_prose_are_found():
     entries = matcher.entries(text)
     assert [items for _, items in entries if items] == [{1}, {0}]
     assert [name for name, items in entries if not items] == ["a list", "which can be represented as:", "more"]
+
+
+def test_a_catalogue_of_five_items_warns_that_the_residual_top5_holds_it_all():
+    from recalign.methods import get_method
+    from recalign.runner import dataset_warnings
+
+    spec = get_method("recinterpreter")
+    assert any("5 items, not more than k=5" in w for w in dataset_warnings(spec, {}, dataset({"a": 5, "b": 5})))
+    assert dataset_warnings(spec, {}, dataset({"a": 6, "b": 4})) == []

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from recalign.cf.checks import check_model_settings
+from recalign.data import Needs
 from recalign.errors import InputError
 from recalign.llm import (LORA_CONFIG, MODEL_CONFIG, MODEL_NULLABLE, Backbone, LoraSettings, Prompter, TrainConfig,
                           check_lora, check_model, check_train, fill, generate_step, train_section,
@@ -557,7 +558,8 @@ SMOKE = {"model.name": "tiny-random", "samples.length": 4, "samples.train_size":
 METHODS = [Method("recinterpreter", "RecInterpreter: a frozen sequential recommender's hidden states as soft tokens "
                                     "of a frozen LLM; recovery and residual probes with random/shuffled/text/pop "
                                     "controls.",
-                  DEFAULTS, run, report=report, validate=validate, nullable=MODEL_NULLABLE, smoke=SMOKE)]
+                  DEFAULTS, run, report=report, validate=validate, nullable=MODEL_NULLABLE, smoke=SMOKE,
+                  needs=lambda c: Needs(min_items=2, top_k=5))]  # the residual probe's top-5
 
 _TABLE = "RecInterpreter: can the LLM read the recommender's hidden states? (recovery / residual, controls)"
 EXPERIMENTS = [
