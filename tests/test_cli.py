@@ -140,6 +140,18 @@ def test_report_paired_differences_on_the_same_samples(tmp_path, monkeypatch, ca
     assert code == 2 and "several per-case result files" in err
     code, _, _ = invoke(monkeypatch, capsys, "report", str(a), str(b / "predictions-seed0-test.json"), "--paired")
     assert code == 0
+    # a run over seeds: a named seed's file is reported with that seed's metrics, not the mean over seeds
+    metrics = json.loads((b / "metrics.json").read_text())
+    metrics["per_seed"] = [{"seed": s, "test": {"auc": auc, "auc_ci": [auc - 0.1, auc + 0.1]}}
+                           for s, auc in ((0, 0.8), (1, 0.6))]
+    (b / "metrics.json").write_text(json.dumps(metrics))
+    code, stdout, _ = invoke(monkeypatch, capsys, "report", str(a), str(b / "predictions-seed1-test.json"),
+                             str(b / "predictions-seed0-test.json"))
+    assert code == 0 and "| icl (b, seed 1) | 0.6000 [0.500, 0.700] |" in stdout
+    assert "| icl (b, seed 0) | 0.8000 [0.700, 0.900] |" in stdout
+    (b / "predictions-seed7-test.json").write_text("{}")
+    code, _, err = invoke(monkeypatch, capsys, "report", str(b / "predictions-seed7-test.json"))
+    assert code == 2 and "no per_seed entry for seed 7" in err
     invoke(monkeypatch, capsys, "run", "pop", "--out", str(tmp_path / "pop"))
     code, _, err = invoke(monkeypatch, capsys, "report", str(a), str(tmp_path / "pop"), "--paired")
     assert code == 2 and "kept no per-case test results" in err

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -173,14 +174,20 @@ def report(run_dirs: List[Path] = typer.Argument(..., help="run directories"),
     if out is not None:
         check_out_file(out, dirs)
     rows, columns = [], []
-    for run_dir in dirs:
+    for path, run_dir in zip(run_dirs, dirs):
         if not (run_dir / "metrics.json").is_file():
             raise InputError(f"{run_dir}: no metrics.json (not a finished run directory)")
         metrics = read_metrics_file(run_dir / "metrics.json")
-        test = metrics.get("test", {})
+        test, label = metrics.get("test", {}), run_dir.name
+        seed = re.fullmatch(r"predictions-seed(\d+)-test\.json", path.name) if path.is_file() else None
+        if seed and metrics.get("per_seed"):  # one seed's file of a run over seeds: that seed's metrics, not the mean
+            runs = [r for r in metrics["per_seed"] if isinstance(r, dict) and str(r.get("seed")) == seed[1]]
+            if not runs or not isinstance(runs[0].get("test"), dict):
+                raise InputError(f"{run_dir / 'metrics.json'}: no per_seed entry for seed {seed[1]} ({path.name})")
+            test, label = runs[0]["test"], f"{run_dir.name}, seed {seed[1]}"
         columns += [k for k, v in test.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
                     and not is_count(k) and k not in columns]
-        rows.append((f"{metrics['method']} ({run_dir.name})", with_intervals(test, list(test))))
+        rows.append((f"{metrics['method']} ({label})", with_intervals(test, list(test))))
     sizes = ["n"] if any("n" in values for _, values in rows) else []
     text = metrics_table(rows, sizes + columns) + "\n"
     if paired:
