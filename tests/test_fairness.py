@@ -311,3 +311,14 @@ def test_list_complete_marks_the_end_of_the_kth_item():
     assert not list_complete("1. A\n2. B", 2)  # the second title may still be growing
     assert list_complete("1. A\n2. B\n", 2) and list_complete("intro\n(3) C\n", 3)
     assert not list_complete("1. A\n12. B\n", 2) and not list_complete("2.\n", 2)
+
+
+def test_answers_without_a_list_are_warned_about():
+    from recalign.methods.fairllm import unparsed_warnings
+
+    assert unparsed_warnings({"unparsable": 0, "prompts": 93}, 3, 3) == []
+    assert unparsed_warnings({"unparsable": 93, "prompts": 93}, 3, 0) == [
+        "no neutral prompt of the 3 entities gave a list of titles (93 of 93 answers unparsable): every metric is "
+        "undefined; lists.json holds the answers"]
+    assert unparsed_warnings({"unparsable": 40, "prompts": 93}, 3, 2) == [
+        "40 of 93 answers held no list of titles (lists.json); the metrics rest on the others, 2 of 3 entities"]

@@ -187,6 +187,18 @@ def generation_stats(plan: AuditPlan, texts: list[str], keys: list[list[str]], i
     }
 
 
+def unparsed_warnings(generation: dict, entities: int, used: int) -> list[str]:
+    """Answers that held no list of titles, said: with no neutral list at all every metric is undefined."""
+    unparsed, prompts = generation["unparsable"], generation["prompts"]
+    if not unparsed:
+        return []
+    if used == 0:
+        return [f"no neutral prompt of the {entities} entities gave a list of titles ({unparsed} of {prompts} answers "
+                f"unparsable): every metric is undefined; lists.json holds the answers"]
+    return [f"{unparsed} of {prompts} answers held no list of titles (lists.json); the metrics rest on the others"
+            + (f", {used} of {entities} entities" if used < entities else "")]
+
+
 def write_lists(ctx: RunContext, plan: AuditPlan, texts: list[str], keys: list[list[str]], index: CatalogueIndex,
                 titles: list[str]) -> list[dict]:
     rows = []
@@ -225,15 +237,17 @@ def run(ctx: RunContext) -> dict:
     attributes = audit_metrics(plan, keys, k, cfg["audit"]["serp_scale"], int(cfg["audit"]["bootstrap"]), ctx.seed)
     generation = generation_stats(plan, texts, keys, index, k, timing)
     examples = write_lists(ctx, plan, texts, keys, index, titles)
+    used = len(plan.entities) - len(generation["entities_without_neutral_list"])
     result = {
         "test": headline_metrics(attributes, k), "valid": {},
         "audit": {"model": cfg["model"]["name"], "adapter": cfg["adapter"], "k": k,
                   "serp_scale": cfg["audit"]["serp_scale"], "match": cfg["audit"]["match"], "bootstrap": int(cfg["audit"]["bootstrap"]),
                   "entities": len(plan.entities),
-                  "entities_used": len(plan.entities) - len(generation["entities_without_neutral_list"]),
+                  "entities_used": used,
                   "values": len(plan.values) - 1, "prompts": len(plan), "attribute_files": cfg["attributes"]["files"],
                   "entity_names": plan.entities},
         "attributes": attributes, "generation": generation, "examples": examples,
+        "warnings": unparsed_warnings(generation, len(plan.entities), used),
     }
     plots = prompt_audit_plots(result)
     for name, png in plots.items():

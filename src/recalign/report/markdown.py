@@ -23,7 +23,7 @@ def _fmt(value) -> str:
         return "–"
     if isinstance(value, float):
         if value != value:
-            return "nan"
+            return "undefined"
         return f"{value:.4f}" if abs(value) < 100 else f"{value:.1f}"
     return str(value)
 
