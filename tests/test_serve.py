@@ -259,12 +259,29 @@ def test_router_sends_warm_requests_to_cf_and_cold_ones_to_the_llm(client, loade
     Router([other, loaded["tallrec"]], "auto")  # loaded apart, the same dataset and data settings
     other.catalog = copy.copy(other.catalog)
     other.catalog.key = ("another dataset",)
-    with pytest.raises(InputError, match="different datasets"):
+    with pytest.raises(InputError, match="different data \\(datasets 'another dataset' vs "):
+        Router([other, loaded["tallrec"]], "auto")
+    data = json.loads(loaded["tallrec"].catalog.key[1])
+    other.catalog.key = (loaded["tallrec"].catalog.key[0], json.dumps({**data, "like_threshold": 2}, sort_keys=True))
+    with pytest.raises(InputError, match=f"data.like_threshold: 2 vs {data['like_threshold']!r}\\)"):
         Router([other, loaded["tallrec"]], "auto")
     described = client.get("/models").json()
     assert described["route"]["cf"] == "mf" and described["route"]["llm"] == "tallrec"
     assert {m["name"] for m in described["models"]} == set(loaded)
     assert described["models"][0]["metrics"]["method"] == "mf"
+
+
+def test_runs_that_differ_only_in_the_prompt_noun_share_one_catalogue_and_keep_their_noun(runs, tmp_path):
+    book = tmp_path / "tallrec-book"
+    shutil.copytree(runs["tallrec"], book)
+    config = (book / "config.yaml").read_text()
+    assert "  domain: null\n" in config
+    (book / "config.yaml").write_text(config.replace("  domain: null\n", "  domain: book\n", 1))
+    mf, movie, booked = load_runs([runs["mf"], runs["tallrec"], book], LoadOptions())
+    assert mf.catalog is movie.catalog is booked.catalog
+    assert Router([mf, booked], "auto").routing
+    rows = [(0, [1, 2], [True, False], 3)]
+    assert "book" in booked.render(rows)[0][0] and "book" not in movie.render(rows)[0][0]
 
 
 def test_route_study_reports_the_routed_system_beside_each_model(runs, loaded):
@@ -498,3 +515,17 @@ def test_a_real_server_answers_and_stops_cleanly_and_bad_runs_exit_2(runs, tmp_p
         out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert "serving mf (mf) on http://127.0.0.1" in out
+
+
+def test_calibration_never_reverses_a_models_order():
+    from recalign.serve.router import _platt
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 200).astype(bool)
+    anti = -labels.astype(float) + rng.normal(0, 0.5, 200)  # ranks liked samples lower
+    calibrate, slope = _platt(anti, labels)
+    test = np.sort(rng.normal(0, 1, 50))
+    assert slope < 0 and np.all(np.diff(calibrate(test)) > 0)  # increasing: the model's own order kept
+    assert calibrate(test) == pytest.approx(np.full(50, labels.mean()), abs=1e-5)  # ~ the valid like-rate
+    calibrate, slope = _platt(-anti, labels)
+    assert slope > 0 and np.all(np.diff(calibrate(test)) > 0) and calibrate(test).std() > 0.1

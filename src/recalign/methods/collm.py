@@ -174,8 +174,8 @@ def run(ctx: RunContext) -> dict:
     pcfg = cfg["prompt"]
     slots = (pcfg["user_slot"], pcfg["item_slot"])
     frames = {"train": data.train, "valid": data.valid, "test": data.test}
-    text = prompts_of(backbone, pcfg, "text", frames, ds, forbid=slots)
-    ids = prompts_of(backbone, pcfg, "ids", frames, ds, require=slots)
+    text = prompts_of(backbone, pcfg, "text", frames, ds, ctx.noun, forbid=slots)
+    ids = prompts_of(backbone, pcfg, "ids", frames, ds, ctx.noun, require=slots)
     scorer = Scorer(ctx.run, backbone, pcfg["yes"], pcfg["no"], cfg["eval"]["batch_size"])
 
     test_scores: dict[str, np.ndarray] = {}  # row -> per-sample test scores, for the paired differences
@@ -269,11 +269,12 @@ def run(ctx: RunContext) -> dict:
     }
 
 
-def prompts_of(backbone: Backbone, pcfg: dict, key: str, frames: dict, ds, **slot_rules) -> dict[str, list[str]]:
+def prompts_of(backbone: Backbone, pcfg: dict, key: str, frames: dict, ds, noun: str,
+               **slot_rules) -> dict[str, list[str]]:
     """CoLLM's prompt `key` (text | ids) for each frame; {liked} = the last L liked titles or `empty_history`."""
     prompter = Prompter(pcfg[key], backbone.tokenizer, pcfg["wrapper"], pcfg["system"], where=f"prompt.{key}",
                         **slot_rules)
-    return {name: prompter.render_all(frame_fields(frame, ds.titles(), ds.domain, quote_target=False,
+    return {name: prompter.render_all(frame_fields(frame, ds.titles(), noun, quote_target=False,
                                                    empty_history=pcfg["empty_history"]))
             for name, frame in frames.items()}
 

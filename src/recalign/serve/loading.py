@@ -148,17 +148,23 @@ def load_run(info: RunInfo, name: str, options: LoadOptions) -> ServedModel:
 def _catalog(info: RunInfo, options: LoadOptions) -> Catalog:
     from recalign.data import canonical_dataset, load_dataset
 
-    data = info.config["data"]
+    # data.domain is only the prompts' noun (each run's own, read from its config): runs that differ in it
+    # share one catalogue, loaded with the dataset's own noun
+    data = {k: v for k, v in info.config["data"].items() if k != "domain"}
     key = (canonical_dataset(info.dataset), json.dumps(data, sort_keys=True, default=str))  # however it was spelt
     if key not in options._catalogs:
         try:
             ds = load_dataset(info.dataset, fmt=data.get("format"), like_threshold=data.get("like_threshold"),
-                              k_core_users=data.get("k_core_users", 0), k_core_items=data.get("k_core_items", 0),
-                              domain=data.get("domain"))
+                              k_core_users=data.get("k_core_users", 0), k_core_items=data.get("k_core_items", 0))
         except InputError as exc:
             raise info.fail(f"cannot load its dataset {info.dataset!r} ({exc})") from None
         options._catalogs[key] = Catalog(ds, key)
     return options._catalogs[key]
+
+
+def _noun(cfg: dict, ds) -> str:
+    """The run's prompt noun, as `RunContext.noun` gave it in training (the catalogue carries the dataset's own)."""
+    return cfg["data"].get("domain") or ds.domain or "item"
 
 
 def _checkpoint(info: RunInfo, name: str) -> Any:
@@ -288,7 +294,7 @@ def _load_tallrec(info: RunInfo, common: dict, options: LoadOptions) -> YesNoSer
         extra["adapter"] = f"checkpoints/adapter-seed{seed}"
     backbone = _backbone(info, options, adapter)
     prompt = cfg["prompt"]
-    noun = cfg["data"].get("domain") or ds.domain or "item"
+    noun = _noun(cfg, ds)
     if info.method == "tallrec":
         from recalign.methods.tallrec import prompts_of
 
@@ -324,6 +330,7 @@ def _load_collm(info: RunInfo, common: dict, options: LoadOptions) -> YesNoServe
 
     cfg = info.config
     ds = common["catalog"].ds
+    noun = _noun(cfg, ds)
     # the CF model: CoLLM keeps it only as its trainer's checkpoint (best weights + sizes from the config)
     cf_name = cfg["cf"]["model"]
     params = dict(cfg["cf"]["params"])
@@ -361,7 +368,7 @@ def _load_collm(info: RunInfo, common: dict, options: LoadOptions) -> YesNoServe
     def render(rows):
         frame = pd.DataFrame({"user": [r[0] for r in rows], "history": [r[1] for r in rows],
                               "item": [r[3] for r in rows]})
-        prompts = collm.prompts_of(backbone, pcfg, "ids", {"rows": frame}, ds, require=slots)["rows"]
+        prompts = collm.prompts_of(backbone, pcfg, "ids", {"rows": frame}, ds, noun, require=slots)["rows"]
         with torch.no_grad():
             fills = module(frame)
         return prompts, fills
@@ -397,7 +404,7 @@ def _load_bigrec(info: RunInfo, common: dict, options: LoadOptions) -> Generator
                                   base_id, extra=f"pooling={g['pooling']}")
     _load_adapter(info, backbone, adapter)
     p, gen = cfg["prompt"], cfg["generate"]
-    noun = cfg["data"].get("domain") or ds.domain or "item"
+    noun = _noun(cfg, ds)
 
     def generate(histories):
         frame = pd.DataFrame({"history": list(histories)})

@@ -16,6 +16,7 @@ Ids in requests are the dataset's raw ids (`Catalog`); the model sees dense ids.
 from __future__ import annotations
 
 import asyncio
+import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,14 @@ class Catalog:
         self._starts = np.searchsorted(users, np.arange(ds.n_users + 1), side="left")
         self.popularity = np.bincount(self._items, minlength=ds.n_items)
         self.popular_order = np.argsort(-self.popularity, kind="stable")
+
+    def difference(self, other: "Catalog") -> str:
+        """What makes two catalogues differ, in words: the datasets, or the data: keys whose values differ."""
+        if self.key[:1] != other.key[:1]:
+            return f"datasets {self.key[0] if self.key else self.name!r} vs {other.key[0] if other.key else other.name!r}"
+        mine, theirs = (json.loads(c.key[1]) if len(c.key) > 1 else {} for c in (self, other))
+        keys = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        return ", ".join(f"data.{k}: {mine.get(k)!r} vs {theirs.get(k)!r}" for k in keys) or "other data"
 
     @property
     def n_items(self) -> int:

@@ -48,9 +48,9 @@ class Router:
         if mode == "llm" and self.llm is None:
             raise InputError("--route llm: no LLM run is loaded")
         if self.routing and self.cf.catalog.key != self.llm.catalog.key:
-            raise InputError(f"--route auto: {self.cf.name} and {self.llm.name} are runs on different datasets "
-                             f"({self.cf.dataset!r} vs {self.llm.dataset!r}, or other data: settings); a router "
-                             "needs one catalogue (or use --route cf / --route llm)")
+            raise InputError(f"--route auto: {self.cf.name} and {self.llm.name} are runs on different data "
+                             f"({self.cf.catalog.difference(self.llm.catalog)}); a router needs one catalogue "
+                             "(or use --route cf / --route llm)")
 
     @property
     def routing(self) -> bool:
@@ -95,15 +95,23 @@ GRID = (0, 1, 2, 3, 5, 10, 20, 50, 100, 200, np.inf)
 
 
 def _platt(scores: np.ndarray, labels: np.ndarray):
-    """A logistic map of raw scores to probabilities fitted on (valid) labels, so that two models' scores can
-    be compared in one ranking; the identity order when only one class is present."""
+    """(map, fitted slope): a logistic map of raw scores to probabilities fitted on (valid) labels, so that
+    two models' scores can be compared in one ranking; the identity order when only one class is present.
+    The map never reverses a model's order (the server serves its raw scores): where the fitted slope is not
+    positive (valid scores no better than chance), every score maps to about the valid like-rate, still
+    increasing (a slope of 1e-6 per standard deviation)."""
     from sklearn.linear_model import LogisticRegression
 
     scores = np.asarray(scores, np.float64).reshape(-1, 1)
     if len(set(labels.tolist())) < 2 or not np.isfinite(scores).all():
-        return lambda s: 1.0 / (1.0 + np.exp(-np.clip(np.asarray(s, np.float64), -50, 50)))
+        return (lambda s: 1.0 / (1.0 + np.exp(-np.clip(np.asarray(s, np.float64), -50, 50)))), None
     fit = LogisticRegression(C=1e6).fit(scores, labels.astype(int))
-    return lambda s: fit.predict_proba(np.asarray(s, np.float64).reshape(-1, 1))[:, 1]
+    slope = float(fit.coef_[0, 0])
+    if slope > 0:
+        return (lambda s: fit.predict_proba(np.asarray(s, np.float64).reshape(-1, 1))[:, 1]), slope
+    rate = float(labels.mean())
+    base, center, spread = np.log(rate / (1 - rate)), float(scores.mean()), float(scores.std()) or 1.0
+    return (lambda s: 1.0 / (1.0 + np.exp(-(base + 1e-6 * (np.asarray(s, np.float64) - center) / spread)))), slope
 
 
 def _route_mask(users, items, user_counts, item_counts, tu, ti) -> np.ndarray:
@@ -124,7 +132,8 @@ def evaluate_routing(cf: ServedModel, llm: ServedModel, latency_requests: int = 
         raise InputError(f"route: needs a CF run then a Yes/No LLM run (tallrec, icl, collm); got {cf.method} "
                          f"and {llm.method}")
     if cf.catalog.key != llm.catalog.key:
-        raise InputError(f"route: {cf.name} and {llm.name} are runs on different datasets or data settings")
+        raise InputError(f"route: {cf.name} and {llm.name} are runs on different data "
+                         f"({cf.catalog.difference(llm.catalog)})")
     ds = llm.catalog.ds
     cfg = llm.config
     if llm.method == "collm":
@@ -170,8 +179,11 @@ def evaluate_routing(cf: ServedModel, llm: ServedModel, latency_requests: int = 
     scores, ms = asyncio.run(study())
     users_c, items_c = cf.train_user_counts, cf.train_item_counts
     labels = {n: f["label"].to_numpy(bool) for n, f in (("valid", data.valid), ("test", data.test))}
-    cal_cf = _platt(scores["valid"][0], labels["valid"])
-    cal_llm = _platt(scores["valid"][1], labels["valid"])
+    (cal_cf, slope_cf), (cal_llm, slope_llm) = (_platt(scores["valid"][i], labels["valid"]) for i in (0, 1))
+    for model, slope in ((cf, slope_cf), (llm, slope_llm)):
+        if slope is not None and slope <= 0:
+            warnings.append(f"{model.name}'s valid scores rank liked samples no higher than disliked ones (Platt "
+                            f"slope {slope:.3g}): the routed system gives its answers the valid like-rate")
 
     def routed(name, tu, ti):
         frame = data.valid if name == "valid" else data.test
