@@ -21,6 +21,7 @@ def test_run_writes_contract_files(tmp_path, monkeypatch, capsys):
     assert "# pop on ml-100k" in (out / "report.md").read_text()
     assert (out / "run.log").exists()
     assert json.loads(stdout)["test"] == metrics["test"]
+    assert metrics["test"]["n"] == metrics["valid"]["n"] == 943 and metrics["warnings"] == []  # every user has 20+
     # same seed, same metrics
     code, _, _ = invoke(monkeypatch, capsys, "run", "pop", "--out", str(tmp_path / "again"))
     assert json.loads((tmp_path / "again" / "metrics.json").read_text())["test"] == metrics["test"]
@@ -29,6 +30,18 @@ def test_run_writes_contract_files(tmp_path, monkeypatch, capsys):
     assert code == 2 and "already holds a run" in err
     code, _, _ = invoke(monkeypatch, capsys, "run", "pop", "--out", str(out), "--resume")
     assert code == 0
+
+
+def test_leave_one_out_states_its_test_users_and_warns_of_those_left_out(tmp_path, monkeypatch, capsys):
+    rows = ["user_id,item_id,rating,timestamp"] + [f"u{u},i{(u + t) % 9},4,{t}" for u in range(6) for t in range(4)]
+    rows += [f"once{u},i{u},5,{u}" for u in range(4)]  # four users with a single interaction
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "interactions.csv").write_text("\n".join(rows) + "\n")
+    code, _, err = invoke(monkeypatch, capsys, "run", "pop", "--dataset", str(tmp_path / "d"), "--out", str(tmp_path / "p"))
+    metrics = json.loads((tmp_path / "p" / "metrics.json").read_text())
+    assert code == 0 and metrics["test"]["n"] == 6
+    assert metrics["warnings"][1:] == ["4 of 10 users have fewer than 3 interactions: they are not evaluated (leave-one-out "
+                                   "keeps all of theirs in training); test users: 6"]
 
 
 def test_report_compares_runs(tmp_path, monkeypatch, capsys):

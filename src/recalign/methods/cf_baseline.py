@@ -77,6 +77,7 @@ def run(ctx: RunContext) -> dict:
 
     cfg, ds, name = ctx.config, ctx.dataset, ctx.method
     train_cfg = dict(cfg.get("train", {}))
+    warnings = []
     if cfg["protocol"] == "ctr":
         samples = tallrec_protocol(ds, {**cfg["ctr"], "valid_size": 0, "test_size": 0},
                                    liked_history_only=cfg["ctr"]["liked_history_only"])
@@ -88,6 +89,9 @@ def run(ctx: RunContext) -> dict:
     else:
         data, valid, test = leave_one_out_sets(ds.interactions, ds.n_users, ds.n_items)
         ctx.log(f"leave-one-out: {data.n_pairs} training interactions, {len(valid)} valid, {len(test)} test users")
+        if len(test) < ds.n_users:
+            warnings.append(f"{ds.n_users - len(test)} of {ds.n_users} users have fewer than 3 interactions: they are "
+                            f"not evaluated (leave-one-out keeps all of theirs in training); test users: {len(test)}")
     started = time.perf_counter()
     model = train_cf_model(name, data, {"model": cfg.get("model", {}), "train": train_cfg}, catalog=ds,
                            valid=valid, run=ctx.run, checkpoint="train", seed=ctx.seed, log=ctx.log)
@@ -101,10 +105,10 @@ def run(ctx: RunContext) -> dict:
         out["test"]["warm_fraction"] = float(samples.test["warm"].mean())
     else:
         ks = tuple(cfg["eval"]["ks"])
-        out["valid"] = evaluate_ranking(model, valid, ks, cfg["eval"]["batch_size"])
-        out["test"] = evaluate_ranking(model, test, ks, cfg["eval"]["batch_size"], intervals=True)
+        out["valid"] = {**evaluate_ranking(model, valid, ks, cfg["eval"]["batch_size"]), "n": len(valid)}
+        out["test"] = {**evaluate_ranking(model, test, ks, cfg["eval"]["batch_size"], intervals=True), "n": len(test)}
     summary = model.train_summary
-    return {**out, "seconds": {"train": train_seconds, "eval": time.perf_counter() - started},
+    return {**out, "warnings": warnings, "seconds": {"train": train_seconds, "eval": time.perf_counter() - started},
             "training": {k: summary[k] for k in ("epochs", "best_epoch", "seconds_per_epoch", "stopped")},
             "epoch_history": summary["history"]}
 
