@@ -284,3 +284,22 @@ def test_reproduce_overwrite_reruns_only_experiments_whose_settings_changed(tmp_
     again = (out / "pop" / "metrics.json").read_text()
     code, _, err = invoke(monkeypatch, capsys, "reproduce", "--only", "pop", "--out", str(out), "--overwrite")
     assert code == 0 and (out / "pop" / "metrics.json").read_text() == again  # same settings: kept
+
+
+def test_report_refuses_per_case_values_that_are_not_numbers_and_malformed_intervals(tmp_path, monkeypatch, capsys):
+    a = _yes_no_run(tmp_path / "a", [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    for i, (field, value, said) in enumerate((("score", None, "score[2] is null, not a number"),
+                                               ("score", float("nan"), "score[2] is NaN, not a number"),
+                                               ("score", "0.5", 'score[2] is "0.5", not a number'),
+                                               ("label", 2, "label[2] is 2, not 0/1"))):
+        run = _yes_no_run(tmp_path / f"b{i}", [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+        data = json.loads((run / "predictions.json").read_text())
+        data[field][2] = value
+        (run / "predictions.json").write_text(json.dumps(data))
+        code, _, err = invoke(monkeypatch, capsys, "report", str(a), str(run), "--paired")
+        assert code == 2 and said in err and err.count("\n") == 1, err
+    for interval, said in (([0.05, None], "| 0.1000 [undefined] |"), ([0.1], "not an interval")):
+        (a / "metrics.json").write_text(json.dumps({"method": "pop", "dataset": "ml-100k",
+                                                    "test": {"ndcg@10": 0.1, "ndcg@10_ci": interval}}))
+        code, out, err = invoke(monkeypatch, capsys, "report", str(a))
+        assert said in out + err and (code == 0) == (None in interval), (out, err)

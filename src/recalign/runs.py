@@ -292,6 +292,10 @@ def read_metrics_file(path: Path) -> dict:
         for key, value in part.items():
             if isinstance(value, (str, bool)):
                 raise InputError(f"{path}: {split}.{key} is {json.dumps(value)[:40]}, not a number")
+            if key.endswith("_ci") and value is not None and not (
+                    isinstance(value, list) and len(value) == 2
+                    and all(v is None or isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+                raise InputError(f"{path}: {split}.{key} is {json.dumps(value)[:40]}, not an interval [low, high]")
     return metrics
 
 
@@ -360,6 +364,10 @@ def per_case_results(path: Path) -> tuple[str, dict]:
     if isinstance(data, list):  # cases-test.json
         if not data or not all(isinstance(row, dict) and "rank" in row and "user" in row for row in data):
             raise InputError(f"{path}: expected a list of test cases with 'user' and 'rank'")
+        for i, row in enumerate(data):
+            rank = row["rank"]
+            if rank is not None and not (_is_number(rank) and rank >= 0):
+                raise InputError(f"{path}: case {i}: rank is {json.dumps(rank)[:20]}, not a rank >= 0 (or null)")
         ranks = [float("inf") if row["rank"] is None else float(row["rank"]) for row in data]
         return "ranks", {"user": [row["user"] for row in data], "target": [row.get("target") for row in data],
                          "rank": ranks}
@@ -368,7 +376,16 @@ def per_case_results(path: Path) -> tuple[str, dict]:
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("user", "item", "label", "score")) \
             or len({len(data[k]) for k in ("user", "item", "label", "score")}) != 1:
         raise InputError(f"{path}: expected per-sample lists 'user', 'item', 'label', 'score' of one length")
+    for i, (score, label) in enumerate(zip(data["score"], data["label"])):
+        if not _is_number(score):
+            raise InputError(f"{path}: score[{i}] is {json.dumps(score)[:20]}, not a number")
+        if isinstance(label, str) or label not in (0, 1):
+            raise InputError(f"{path}: label[{i}] is {json.dumps(label)[:20]}, not 0/1 or false/true")
     return "scores", data
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
 
 
 def paired_differences(paths: list[Path]) -> list[dict]:

@@ -280,8 +280,9 @@ def _report(metrics: dict) -> str:
 METHODS = [Method("gpt4rec", "GPT4Rec: the LLM (LoRA) writes m search queries from the history's titles by beam "
                              "search; BM25 over item texts retrieves per query; the lists are merged into top-K.",
                   DEFAULTS, run, report=_report, validate=validate, nullable=MODEL_NULLABLE,
+                  # top_k=0: its top-K holds only what the queries retrieved, never the whole catalogue by itself
                   needs=lambda c: Needs.next_item(c["samples"]["history_len"], c["samples"]["targets"] == "liked",
-                                                  max(c["eval"]["ks"])),
+                                                  top_k=0),
                   smoke={"model.name": "tiny-random", "train.shots": 8, "train.epochs": 1, "train.valid_loss_size": 4,
                          "samples.valid_size": 6, "samples.test_size": 8, "generate.queries": 3,
                          "generate.max_new_tokens": 6, "eval.ks": [1, 5]})]

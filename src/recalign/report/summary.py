@@ -33,7 +33,8 @@ def with_intervals(metrics: dict, columns: list[str]) -> dict:
     for column in columns:
         value, interval = metrics.get(column), metrics.get(f"{column}_ci")
         if isinstance(value, float) and interval and len(interval) == 2:
-            out[column] = f"{value:.4f} [{interval[0]:.3f}, {interval[1]:.3f}]"
+            span = "undefined" if None in interval else f"{interval[0]:.3f}, {interval[1]:.3f}"
+            out[column] = f"{value:.4f} [{span}]"
         else:
             out[column] = value
     return out
