@@ -403,6 +403,8 @@ def test_the_method_end_to_end_on_a_tiny_model(tmp_path):
     assert metrics["answers_in_index"] == 1.0 and metrics["samples"]["train_examples"] == 18
     gen = metrics["generation"]["test"]
     assert gen["beams"] > 0 and gen["id"]["complete"] == 1.0 and gen["attribute"]["complete"] == 1.0
+    low, high = metrics["test"]["ndcg@10_ci"]  # the headline metrics carry their intervals
+    assert low <= metrics["test"]["ndcg@10"] <= high and len(metrics["test"]["hr@5_ci"]) == 2
     groups = metrics["groups"]
     assert groups["warm"] + groups["cold"] == 5 == groups["dense"] + groups["sparse"]
     assert set(metrics["variants"]) == {"transrec", "id facet only", "title facet only", "attribute facet only",

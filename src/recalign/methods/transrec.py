@@ -48,6 +48,8 @@ from recalign.data import Needs, few_shot
 from recalign.data.splits import mark_warm_cold
 from recalign.errors import InputError
 from recalign.eval import check_ks, ranking_metrics, target_ranks
+from recalign.eval.intervals import ranking_intervals
+from recalign.report.summary import with_intervals
 from recalign.eval.metrics import check_metric_name
 from recalign.eval.ngram_grounding import GroundingParams, Key, evidence, item_scores
 from recalign.eval.token_index import TokenIndex, cached_index
@@ -402,8 +404,9 @@ def first_item_diagnostics(ds, cases: CaseSet, params: GroundingParams, cutoff) 
 
 def headline(ranks: dict, groups: dict, ks: list[int]) -> dict:
     """metrics.json's `test`: every ranking metric at the configured grounding, NDCG/Recall@5/10 per group
-    (`ndcg@10_warm`, ...), and NDCG/Recall at the valid-chosen grounding (`ndcg@10_tuned`, ...)."""
-    out = ranking_metrics(ranks["rank"], ks)
+    (`ndcg@10_warm`, ...), and NDCG/Recall at the valid-chosen grounding (`ndcg@10_tuned`, ...); the
+    headline NDCG/HR@K carry their 95% intervals (`ndcg@10_ci`, ...)."""
+    out = {**ranking_metrics(ranks["rank"], ks), **ranking_intervals(ranks["rank"].numpy(), ks)}
     for group, rows in groups.items():
         if rows.any():
             metrics = ranking_metrics(ranks["rank"][torch.tensor(rows)], ks)
@@ -455,7 +458,9 @@ def _report(metrics: dict) -> str:
     lines = ["### Test: TransRec, its facets alone, and the valid-chosen grounding", "",
              "| variant | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, v in variants.items():
-        lines.append(f"| {name} | " + " | ".join(f"{v['test'].get(c, float('nan')):.4f}" for c in columns) + " |")
+        spans = with_intervals(test, columns) if name == "transrec" else {}  # the headline row: with intervals
+        lines.append(f"| {name} | " + " | ".join(spans[c] if isinstance(spans.get(c), str)
+                                                 else f"{v['test'].get(c, float('nan')):.4f}" for c in columns) + " |")
     for name, v in variants.items():
         if "params" in v:
             lines.append(f"\n{name}: " + ", ".join(f"{k} {val:g}" for k, val in v["params"].items()))
