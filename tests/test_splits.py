@@ -261,3 +261,14 @@ def test_liked_history_needs_enough_liked_items():
         "length (samples.history_len, or data_protocol.min_history for CoLLM and Soft-Prompt) or use a denser dataset"]
     with pytest.raises(InputError, match="longest: 2"):
         history_samples(ds, history_len=3, liked_history_only=True)
+
+
+def test_cases_whose_masked_history_leaves_k_or_fewer_candidates_are_warned_about():
+    from recalign.tasks.next_item import few_candidates_warnings
+
+    histories = [np.array([0, 1, 2, 3]), np.array([0, 1]), np.array([5, 5, 4])]  # 10 items
+    targets = [3, 2, 0]  # the target is never masked (case 0: 7 left), repeats count once (case 2: 8 left)
+    assert few_candidates_warnings(histories, targets, 10, [5, 7, 8, 10, 20]) == [
+        "masking each user's earlier items leaves K or fewer candidates for some test cases, so their hr@K is 1 by "
+        "construction: 1 of 3 cases at K=7, 3 of 3 cases at K=8"]  # K >= 10: the catalogue-wide warning's
+    assert few_candidates_warnings(histories, targets, 10, [5]) == []

@@ -20,6 +20,7 @@ from recalign.errors import InputError
 from recalign.methods.api import Experiment, Method, RunContext
 from recalign.eval.metrics import check_metric_name
 from recalign.tasks.ctr import check_split, ctr_report, tallrec_protocol
+from recalign.tasks.next_item import few_candidates_warnings
 
 PROTOCOL_DEFAULTS = {
     "protocol": "loo",  # loo | ctr
@@ -105,6 +106,7 @@ def run(ctx: RunContext) -> dict:
         out["test"]["warm_fraction"] = float(samples.test["warm"].mean())
     else:
         ks = tuple(cfg["eval"]["ks"])
+        warnings += few_candidates_warnings(test.histories, test.targets, ds.n_items, ks)
         out["valid"] = {**evaluate_ranking(model, valid, ks, cfg["eval"]["batch_size"]), "n": len(valid)}
         out["test"] = {**evaluate_ranking(model, test, ks, cfg["eval"]["batch_size"], intervals=True), "n": len(test)}
     summary = model.train_summary

@@ -60,8 +60,8 @@ from recalign.llm.prompts import check_template
 from recalign.methods.api import Experiment, Method, RunContext
 from recalign.tasks.identifiers import FACETS, facet_answers, facet_texts, history_texts, title_start_words
 from recalign.tasks.next_item import (GENERATIVE_SAMPLES, check_generative_samples, diagnostics_lines,
-                                      full_histories, generative_samples, history_mask, item_diagnostics,
-                                      period_popularity)
+                                      few_candidates_warnings, full_histories, generative_samples, history_mask,
+                                      item_diagnostics, period_popularity)
 from recalign.tasks.text import SAMPLE_FIELDS, frame_fields
 
 PROMPT = {
@@ -388,6 +388,8 @@ def run(ctx: RunContext) -> dict:
                     "valid_cases": len(valid), "test_cases": len(test)},
         "index": {"items": index.n_docs, "tokens": index.n_tokens, "cached": cached,
                   "distinct_tokens": int(len(index.uni_tokens))},
+        "warnings": (few_candidates_warnings(cases["test"].histories, cases["test"].targets, ds.n_items, metric_ks)
+                     if cases["test"].mask is not None else []),
     }
 
 

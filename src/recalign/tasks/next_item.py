@@ -138,6 +138,20 @@ def history_mask(histories: Sequence[np.ndarray], n_items: int) -> torch.Tensor:
     return mask
 
 
+def few_candidates_warnings(histories: Sequence[np.ndarray], targets, n_items: int, ks) -> list[str]:
+    """A warning when masking a case's history (the target never) leaves K or fewer candidates: that case's
+    hr@K is 1 by construction. Counted per K below the catalogue size (a catalogue of K or fewer items is
+    `data.Needs.top_k`'s warning)."""
+    left = np.array([n_items - len(set(np.asarray(h, np.int64).tolist()) - {int(t)})
+                     for h, t in zip(histories, np.asarray(targets).tolist())], dtype=np.int64)
+    parts = [f"{int((left <= k).sum())} of {len(left)} cases at K={k}" for k in sorted(set(ks))
+             if k < n_items and (left <= k).any()]
+    if not parts:
+        return []
+    return ["masking each user's earlier items leaves K or fewer candidates for some test cases, so their hr@K is 1 "
+            "by construction: " + ", ".join(parts)]
+
+
 def period_popularity(ds: Dataset, cutoff) -> np.ndarray:
     """Interactions per item up to `cutoff` (the training period's last timestamp)."""
     items = ds.interactions.loc[ds.interactions["timestamp"] <= cutoff, "item"].to_numpy()
