@@ -2,6 +2,7 @@
 version and a corrupt entry are rebuilt with a log line; blocks give the same dataset as one read."""
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -55,6 +56,10 @@ def test_hit_returns_an_equal_dataset_without_reading(tmp_path):
     _equal(first, second)
     _equal(second, READERS["ml-1m"](data))
     assert second.items["categories"][0] == ["Drama", "Comedy"]  # lists come back as lists
+    relative = Path(os.path.relpath(data))  # the same files spelt another way: the same entry, no rebuild
+    cache.get("ml-1m", relative, {}, read)
+    cache.get("ml-1m", Path(str(data) + "/"), {}, read)
+    assert read.calls == 1 and not logs
 
 
 def test_touched_or_edited_source_file_is_rebuilt(tmp_path):

@@ -59,7 +59,9 @@ def file_identity(path: Path) -> dict:
         if stat.st_size > 2 * _SAMPLE:
             handle.seek(-_SAMPLE, os.SEEK_END)
         digest.update(handle.read(_SAMPLE))
-    return {"name": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sample_sha256": digest.hexdigest()}
+    # the resolved name: the same files however the dataset path was spelt
+    return {"name": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "sample_sha256": digest.hexdigest()}
 
 
 def entry_key(fmt: str, path: Path, arguments: dict) -> str:
