@@ -101,6 +101,11 @@ def test_pop_ranks_by_training_count():
     assert scores[0].tolist() == [1, 2, 0, 3, 0]
     _, top = recommend(model, make_query([1], [[3]], 5), k=2)
     assert top[0].tolist() == [1, 0]  # item 3 is in the history: masked
+    tied = train_cf_model("pop", pd.DataFrame({"user": [0] * 6, "item": [7, 7, 2, 5, 9, 4]}), n_users=1, n_items=40)
+    query = make_query([0], [[]], 40)
+    tops = [recommend(tied, query, k=k, exclude_history=False)[1][0].tolist() for k in range(1, 12)]
+    assert tops[-1][:5] == [7, 2, 4, 5, 9]  # ties in item order
+    assert all(tops[k - 1] == tops[-1][:k] for k in range(1, 12))  # each top k a prefix of the next
 
 
 @pytest.mark.parametrize("name", list(MODELS))

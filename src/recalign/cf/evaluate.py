@@ -67,14 +67,17 @@ def evaluate_ranking(model: CFModel, cases: EvalSet, ks=(10, 20), batch_size: in
 @torch.no_grad()
 def recommend(model: CFModel, query: Query, k: int = 10, exclude_history: bool = True,
               full_histories: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k (scores [B, k], items [B, k]) for a query; the history (or `full_histories`) is excluded."""
+    """Top-k (scores [B, k], items [B, k]) for a query; the history (or `full_histories`) is excluded. Ties
+    go to the lower item index, so the top k is a prefix of the top k + 1 (topk's tie order is not)."""
     model.eval()
     scores = model.score(query).float()
     if exclude_history:
         mask = (history_mask(full_histories, model.n_items) if full_histories is not None
                 else query_history_mask(query, model.n_items))
         scores = scores.masked_fill(mask, float("-inf"))
-    return scores.topk(min(k, model.n_items), dim=1)
+    ordered, items = scores.sort(dim=1, descending=True, stable=True)
+    k = min(k, model.n_items)
+    return ordered[:, :k], items[:, :k]
 
 
 @torch.no_grad()
