@@ -72,9 +72,9 @@ def paired_auc_difference(labels, scores_a, scores_b, rounds: int = ROUNDS, seed
 
 
 def ranking_with_intervals(ranks, ks) -> dict:
-    """`ranking_metrics` of 0-based target ranks plus their `ndcg@K_ci` / `hr@K_ci`."""
+    """`ranking_metrics` of 0-based target ranks plus their `ndcg@K_ci` / `hr@K_ci` and the case count `n`."""
     ranks = np.asarray(ranks, dtype=np.float64)
-    return {**ranking_metrics(ranks, ks), **ranking_intervals(ranks, ks)}
+    return {**ranking_metrics(ranks, ks), **ranking_intervals(ranks, ks), "n": len(ranks)}
 
 
 def ranking_intervals(ranks, ks) -> dict:

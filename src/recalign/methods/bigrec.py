@@ -385,7 +385,8 @@ def run(ctx: RunContext) -> dict:
                                        for n, s in stats.items()))
 
     result = {n: _ndcg_hr(rank_metrics(dist[n], targets[n], ks, masks[n])) for n in ("valid", "test")}
-    result["test"].update(ranking_intervals(target_ranks(-dist["test"], targets["test"], masks["test"]).numpy(), ks))
+    result["test"].update(ranking_intervals(target_ranks(-dist["test"], targets["test"], masks["test"]).numpy(), ks),
+                          n=len(test))
     variants = {"bigrec": {"valid": result["valid"], "test": result["test"]}}
     gammas = [float(g) for g in cfg["inject"]["gammas"]]
     signals = {}

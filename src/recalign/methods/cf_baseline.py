@@ -108,7 +108,7 @@ def run(ctx: RunContext) -> dict:
         ks = tuple(cfg["eval"]["ks"])
         warnings += few_candidates_warnings(test.histories, test.targets, ds.n_items, ks)
         out["valid"] = {**evaluate_ranking(model, valid, ks, cfg["eval"]["batch_size"]), "n": len(valid)}
-        out["test"] = {**evaluate_ranking(model, test, ks, cfg["eval"]["batch_size"], intervals=True), "n": len(test)}
+        out["test"] = evaluate_ranking(model, test, ks, cfg["eval"]["batch_size"], intervals=True)  # with n
     summary = model.train_summary
     return {**out, "warnings": warnings, "seconds": {"train": train_seconds, "eval": time.perf_counter() - started},
             "training": {k: summary[k] for k in ("epochs", "best_epoch", "seconds_per_epoch", "stopped")},

@@ -175,7 +175,7 @@ def run(ctx: RunContext) -> dict:
             test[f"{metric}_snsr_{attribute}"] = spread["snsr"]
             test[f"{metric}_snsv_{attribute}"] = spread["snsv"]
             test[f"{metric}_p_{attribute}"] = spread.get("p_snsr", float("nan"))
-    return {"test": test, "valid": {}, "groups": out_groups, "source_note": note, "users": int(len(users)),
+    return {"test": {**test, "n": int(len(users))}, "valid": {}, "groups": out_groups, "source_note": note, "users": int(len(users)),
             "seconds": {"train": 0.0, "eval": time.perf_counter() - started}}
 
 

@@ -155,7 +155,7 @@ def evaluate_lists(per_query: list[list[np.ndarray]], targets: np.ndarray, ks: l
     for k, ranks in merged_ranks(per_query, targets, ks, how).items():
         out.update(ranking_metrics(ranks, [k]))
         out.update(ranking_intervals(ranks, [k]))
-    return out
+    return {**out, "n": len(targets)}
 
 
 def run(ctx: RunContext) -> dict:

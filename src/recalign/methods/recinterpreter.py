@@ -510,7 +510,7 @@ def run(ctx: RunContext) -> dict:
     warnings = [f"{alone} of {n_test} test windows have no other user's window among the test windows: for them the "
                 f"'another user's window' control is the window itself"] if "shuffled" in controls and alone else []
     return {
-        "test": metrics, "valid": {}, "warnings": warnings,
+        "test": {**metrics, "n": n_test}, "valid": {}, "warnings": warnings,
         "seconds": {"train": seconds["encoder"] + seconds["train"], "eval": seconds["eval"], **seconds},
         "recovery_distribution": dists, "intervals": intervals, "training": training,
         "encoder": {"model": encoder.name, "params": encoder.params, "valid_ndcg@10": encoder_valid(encoder),

@@ -48,7 +48,7 @@ from recalign.data import Needs, few_shot
 from recalign.data.splits import mark_warm_cold
 from recalign.errors import InputError
 from recalign.eval import check_ks, ranking_metrics, target_ranks
-from recalign.eval.intervals import ranking_intervals
+from recalign.eval.intervals import ranking_with_intervals
 from recalign.report.summary import with_intervals
 from recalign.eval.metrics import check_metric_name
 from recalign.eval.ngram_grounding import GroundingParams, Key, evidence, item_scores
@@ -408,7 +408,7 @@ def headline(ranks: dict, groups: dict, ks: list[int]) -> dict:
     """metrics.json's `test`: every ranking metric at the configured grounding, NDCG/Recall@5/10 per group
     (`ndcg@10_warm`, ...), and NDCG/Recall at the valid-chosen grounding (`ndcg@10_tuned`, ...); the
     headline NDCG/HR@K carry their 95% intervals (`ndcg@10_ci`, ...)."""
-    out = {**ranking_metrics(ranks["rank"], ks), **ranking_intervals(ranks["rank"].numpy(), ks)}
+    out = ranking_with_intervals(ranks["rank"].numpy(), ks)
     for group, rows in groups.items():
         if rows.any():
             metrics = ranking_metrics(ranks["rank"][torch.tensor(rows)], ks)
