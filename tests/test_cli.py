@@ -303,3 +303,8 @@ def test_report_refuses_per_case_values_that_are_not_numbers_and_malformed_inter
                                                     "test": {"ndcg@10": 0.1, "ndcg@10_ci": interval}}))
         code, out, err = invoke(monkeypatch, capsys, "report", str(a))
         assert said in out + err and (code == 0) == (None in interval), (out, err)
+
+
+def test_report_of_a_path_that_does_not_exist_says_so(tmp_path, monkeypatch, capsys):
+    code, _, err = invoke(monkeypatch, capsys, "report", str(tmp_path / "nowhere"))
+    assert code == 2 and err.strip() == f"error: {tmp_path / 'nowhere'}: no such file or directory"

@@ -393,9 +393,16 @@ def test_malformed_json_oversized_bodies_and_unknown_paths(client, loaded):
     r = client.post("/score", content=b" " * 1_000_001, headers=headers)
     assert r.status_code == 413 and r.json()["field"] == "body"
     r = client.post("/recommend", content=b"k=3", headers={"content-type": "application/x-www-form-urlencoded"})
-    assert r.status_code == 422
+    assert r.status_code == 422 and "Content-Type: application/json (got 'application/x-www-form-urlencoded')" in \
+        r.json()["error"]
+    r = client.post("/recommend", content=b'{"user": "1"}', headers={"content-type": "text/plain"})
+    assert r.status_code == 422 and r.json()["field"] == "body" and "(got 'text/plain')" in r.json()["error"]
+    r = client.post("/recommend", content=b'{"user": "1"}', headers={"content-type": ""})
+    assert r.status_code == 422 and "(got none)" in r.json()["error"]
     assert client.get("/nowhere").status_code == 404
-    assert client.get("/score").status_code == 405
+    r = client.get("/score")
+    assert r.status_code == 405 and r.json()["error"] == "GET /score: method not allowed; use POST"
+    assert client.head("/health").status_code == 200  # load balancers' probes
     k = loaded["mf"].catalog.n_items + 1
     if k <= 1000:
         r = client.post("/recommend", json={"user": "1", "k": k})
@@ -454,9 +461,12 @@ def test_runs_that_cannot_be_served_are_refused_with_one_line(runs, tmp_path):
     binary = _copy(runs["tallrec"], tmp_path / "bin-adapter")
     adapter = binary / "checkpoints" / "adapter-seed0"
     (adapter / "adapter_model.safetensors").rename(adapter / "adapter_model.bin")
+    broken = _copy(runs["tallrec"], tmp_path / "broken-adapter")
+    (broken / "checkpoints" / "adapter-seed0" / "adapter_model.safetensors").write_bytes(b"\xff" * 50)
     cases = {unfinished: "unfinished run", corrupt: "not a readable recalign state", pickled: "pickle",
-             other: "cannot be served", changed: "changed since the run was trained", binary: "adapter_model.bin", tmp_path / "missing": "not a directory",
-             runs["root"]: "no config.yaml"}
+             other: "cannot be served", changed: "changed since the run was trained", binary: "adapter_model.bin",
+             broken: "adapter_model.safetensors is not a readable safetensors file",
+             tmp_path / "missing": "not a directory", runs["root"]: "no config.yaml", runs["mf"]: "named twice"}
     for path, why in cases.items():
         with pytest.raises(InputError) as caught:
             load_runs([runs["mf"], path], LoadOptions())

@@ -175,6 +175,8 @@ def report(run_dirs: List[Path] = typer.Argument(..., help="run directories"),
         check_out_file(out, dirs)
     rows, columns = [], []
     for path, run_dir in zip(run_dirs, dirs):
+        if not path.exists():
+            raise InputError(f"{path}: no such file or directory")
         if not (run_dir / "metrics.json").is_file():
             raise InputError(f"{run_dir}: no metrics.json (not a finished run directory)")
         metrics = read_metrics_file(run_dir / "metrics.json")

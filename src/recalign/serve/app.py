@@ -216,6 +216,9 @@ def create_app(models: list[ServedModel], router: Router, settings: Settings | N
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
         field, message = _first_error(exc.errors())
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if field == "body" and not kind.endswith("json"):  # FastAPI reads only bodies sent as JSON as objects
+            message = f"send a JSON object with Content-Type: application/json (got {repr(kind) if kind else 'none'})"
         return JSONResponse({"error": f"{field}: {message}", "field": field}, 422)
 
     @app.exception_handler(StarletteHTTPException)
@@ -224,6 +227,9 @@ def create_app(models: list[ServedModel], router: Router, settings: Settings | N
             why = BODY_ERRORS.get(type(exc.__cause__), "unreadable")
             return JSONResponse({"error": f"body: malformed JSON ({why})", "field": "body"}, 422)
         detail = exc.detail if isinstance(exc.detail, str) else "bad request"
+        if exc.status_code == 405:
+            allowed = (getattr(exc, "headers", None) or {}).get("Allow", "")
+            detail = f"{request.method} {request.url.path}: method not allowed" + (f"; use {allowed}" if allowed else "")
         return JSONResponse({"error": detail, "field": None}, exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(InputError)
@@ -240,6 +246,8 @@ def create_app(models: list[ServedModel], router: Router, settings: Settings | N
     @app.get("/health")
     async def health():
         return {"status": "ok", "models": [m.name for m in models], "uptime_s": round(time.time() - started_at, 3)}
+
+    app.head("/health", include_in_schema=False)(health)  # load balancers' probes
 
     @app.get("/models")
     async def list_models():

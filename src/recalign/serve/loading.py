@@ -104,7 +104,11 @@ def load_runs(paths, options: LoadOptions | None = None) -> list[ServedModel]:
     if not paths:
         raise InputError("serve: name at least one finished run directory")
     infos = [read_run(p) for p in paths]  # cheap checks of every run before any model is loaded
+    seen: set[Path] = set()
     for info in infos:
+        if info.path.resolve() in seen:
+            raise info.fail("named twice; serve each run once")
+        seen.add(info.path.resolve())
         if info.method not in supported():
             raise info.fail(f"a {info.method} run cannot be served (servable methods: {', '.join(supported())})")
     names: dict[str, int] = {}
@@ -223,8 +227,10 @@ def _load_adapter(info: RunInfo, backbone, adapter: Path) -> None:
     except InputError:
         raise
     except Exception as exc:  # shapes of another base model, a truncated file
-        raise info.fail(f"the adapter {adapter} does not fit model {info.config['model'].get('name')!r} "
-                        f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+        why = f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+        if type(exc).__name__ == "SafetensorError":
+            raise info.fail(f"{adapter}/adapter_model.safetensors is not a readable safetensors file {why}") from None
+        raise info.fail(f"the adapter {adapter} does not fit model {info.config['model'].get('name')!r} {why}") from None
 
 
 def _llm_common(options: LoadOptions) -> dict:
