@@ -272,3 +272,13 @@ def test_cases_whose_masked_history_leaves_k_or_fewer_candidates_are_warned_abou
         "masking each user's earlier items leaves K or fewer candidates for some test cases, so their hr@K is 1 by "
         "construction: 1 of 3 cases at K=7, 3 of 3 cases at K=8"]  # K >= 10: the catalogue-wide warning's
     assert few_candidates_warnings(histories, targets, 10, [5]) == []
+
+
+def test_fewer_samples_than_the_config_asks_for_are_warned_about():
+    from recalign.tasks.ctr import fewer_than_asked
+
+    config = {"train": {"shots": 1000}, "samples": {"valid_size": 0, "test_size": 500}}
+    assert fewer_than_asked(config, 181, 40, 23) == [
+        "train.shots=1000 but the training period holds 181 samples; all of them were used",
+        "samples.test_size=500 but the test period holds 23 cases; all of them were used"]  # valid_size 0: all
+    assert fewer_than_asked(config, 1000, 40, 500) == []

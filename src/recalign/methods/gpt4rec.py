@@ -43,6 +43,7 @@ from recalign.llm import (GENERATIVE_TRAIN, LORA_CONFIG, MODEL_CONFIG, MODEL_NUL
 from recalign.llm.prompts import check_template
 from recalign.llm.trie import cached_generate_step
 from recalign.methods.api import Experiment, Method, RunContext
+from recalign.tasks.ctr import fewer_than_asked
 from recalign.tasks.next_item import (GENERATIVE_SAMPLES, check_generative_samples, diagnostics_lines,
                                       full_histories, generative_samples, item_diagnostics,
                                       period_popularity)
@@ -237,7 +238,7 @@ def run(ctx: RunContext) -> dict:
     warnings = [f"for {empty_cases} of {len(test)} test cases no generated query retrieved any item "
                 f"({stats['empty_queries']} empty queries): those cases score 0"] if empty_cases else []
     return {
-        "test": metrics, "valid": {}, "warnings": warnings,
+        "test": metrics, "valid": {}, "warnings": fewer_than_asked(cfg, len(shots), len(valid), len(test)) + warnings,
         "seconds": {"train": train_seconds, "eval": eval_seconds, "index": index_seconds},
         "variants": {"gpt4rec": {"test": {k: v for k, v in metrics.items() if not k.endswith("_ci")}},
                      "top_query": {"test": top_query}},

@@ -509,6 +509,9 @@ def run(ctx: RunContext) -> dict:
     alone = int((shuffled == np.arange(n_test)).sum())
     warnings = [f"{alone} of {n_test} test windows have no other user's window among the test windows: for them the "
                 f"'another user's window' control is the window itself"] if "shuffled" in controls and alone else []
+    warnings += [f"samples.{part}_size={cfg['samples'][f'{part}_size']} but the {part} period holds "
+                 f"{len(windows[part])} windows; all of them were used" for part in ("train", "valid", "test")
+                 if 0 < int(cfg["samples"][f"{part}_size"]) and len(windows[part]) < int(cfg["samples"][f"{part}_size"])]
     return {
         "test": {**metrics, "n": n_test}, "valid": {}, "warnings": warnings,
         "seconds": {"train": seconds["encoder"] + seconds["train"], "eval": seconds["eval"], **seconds},

@@ -25,8 +25,8 @@ from recalign.methods.api import Experiment, Method, RunContext
 from recalign.report.markdown import metrics_table, signed_span
 from recalign.report.summary import with_intervals
 from recalign.tasks.ctr import (TALLREC_PROMPT, TALLREC_SAMPLES, check_tallrec_samples, counting_baselines, counting_rows,
-                                ctr_report, domain_datasets, mean_std, paired_ctr_report, paired_with_counting,
-                                tallrec_protocol)
+                                ctr_report, domain_datasets, fewer_than_asked, mean_std, paired_ctr_report,
+                                paired_with_counting, tallrec_protocol)
 from recalign.tasks.text import SAMPLE_FIELDS, frame_fields
 
 DEFAULTS = {
@@ -163,8 +163,7 @@ def run(ctx: RunContext) -> dict:
         "seconds": {"train": sum(r["seconds"]["train"] for r in rows),
                     "eval": sum(r["seconds"]["eval"] for r in rows)},
         "shots": rows[0]["shots"],  # drawn; fewer than train.shots when the training period is smaller
-        "warnings": [f"train.shots={cfg['train']['shots']} but the training period holds {rows[0]['shots']} samples; "
-                     f"all of them were used"] if 0 < cfg["train"]["shots"] != rows[0]["shots"] else [],
+        "warnings": fewer_than_asked(cfg, rows[0]["shots"], len(data.valid), len(data.test)),
         "per_seed": [{"seed": r["seed"], "shots": r["shots"], "test": r["metrics"]["test"],
                       "valid": r["metrics"]["valid"], "steps": r["train"]["steps"],
                       "best_step": r["train"]["best_step"], "history": r["train"]["history"],

@@ -186,6 +186,16 @@ def draw(frame: pd.DataFrame, size: int, seed: int) -> pd.DataFrame:
     return frame.iloc[np.sort(rng.choice(len(frame), size=size, replace=False))].reset_index(drop=True)
 
 
+def fewer_than_asked(config: dict, shots: int, valid: int, test: int) -> list[str]:
+    """Warnings when the data hold fewer training samples (`train.shots`) or valid / test cases
+    (`samples.valid_size` / `test_size`) than the config asks for (0 asks for all)."""
+    asked = [("train.shots", config.get("train", {}).get("shots", 0), shots, "the training period", "samples"),
+             ("samples.valid_size", config["samples"].get("valid_size", 0), valid, "the valid period", "cases"),
+             ("samples.test_size", config["samples"].get("test_size", 0), test, "the test period", "cases")]
+    return [f"{key}={want} but {where} holds {got} {what}; all of them were used"
+            for key, want, got, where, what in asked if 0 < want and got < want]
+
+
 def bounded(frame: pd.DataFrame, max_warm: int | None, max_cold: int | None, max_per_user: int | None,
             seed: int) -> pd.DataFrame:
     """Warm and cold cases drawn separately (max_cold None with max_warm set: one cap for both together)."""
