@@ -44,3 +44,14 @@ def test_a_size_too_large_for_memory_is_one_line_exit_2_and_leaves_no_run(monkey
                           "--set", "model.embedding_size=1000000000000", "--set", "train.epochs=1")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "out of memory" in err, err
     assert not out.exists()
+
+
+def test_attention_heads_must_divide_the_embedding_size():
+    from recalign.cf import create_model
+    from recalign.cf.checks import check_model_settings
+
+    with pytest.raises(InputError, match=r"^model.sasrec.n_heads: must divide model.sasrec.embedding_size \(64\), got 5$"):
+        check_model_settings({"sasrec": {"embedding_size": 64, "n_heads": 5}})
+    check_model_settings({"embedding_size": 64, "n_heads": 4})
+    with pytest.raises(InputError, match="n_heads must divide embedding_size"):  # not an AssertionError
+        create_model("sasrec", 5, 20, n_heads=3)

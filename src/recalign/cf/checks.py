@@ -32,6 +32,9 @@ def check_model_settings(model: dict, prefix: str = "model") -> None:
             raise InputError(f"{where}: must be in [0, 1), got {value}")
         elif ("weight" in key or key.startswith("reg")) and value < 0:
             raise InputError(f"{where}: must be >= 0, got {value}")
+    heads, size = model.get("n_heads"), model.get("embedding_size")
+    if isinstance(heads, int) and isinstance(size, int) and heads >= 1 and size % heads:
+        raise InputError(f"{prefix}.n_heads: must divide {prefix}.embedding_size ({size}), got {heads}")
 
 
 _TRAIN_FLOATS = {"lr": (lambda x: x > 0, "> 0"), "weight_decay": (lambda x: x >= 0, ">= 0"),

@@ -9,6 +9,7 @@ from torch import nn
 
 from recalign.cf.base import Query
 from recalign.cf.sequential import SequentialModel
+from recalign.errors import InputError
 
 
 class SASRec(SequentialModel):
@@ -22,6 +23,8 @@ class SASRec(SequentialModel):
         super().__init__(n_users, n_items, **params)
         p = self.params
         d = p["embedding_size"]
+        if d % p["n_heads"]:  # config checks catch this when both sizes are set together
+            raise InputError(f"SASRec: n_heads must divide embedding_size ({d}), got {p['n_heads']}")
         self.item = nn.Embedding(n_items + 1, d, padding_idx=n_items)
         self.position = nn.Embedding(p["max_len"], d)
         self.norm = nn.LayerNorm(d, eps=1e-12)

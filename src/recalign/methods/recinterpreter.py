@@ -109,7 +109,7 @@ def validate(cfg: dict) -> None:
     if unknown:
         raise InputError(f"encoder.params: unknown {enc['model']} parameter(s) {', '.join(unknown)}; valid: "
                          f"{', '.join(sorted(cls.defaults))}")
-    check_model_settings(enc["params"], "encoder.params")
+    check_model_settings({**cls.defaults, **enc["params"]}, "encoder.params")  # with the sizes it combines with
     max_len = enc["params"].get("max_len")
     if max_len is not None and max_len < cfg["samples"]["length"]:
         raise InputError(f"samples.length={cfg['samples']['length']} is larger than the encoder's "
