@@ -74,6 +74,15 @@ def test_group_audit_of_a_cf_model(monkeypatch, capsys, tmp_path):
     assert 0 < test["ndcg@10_p_gender"] <= 1 and "ndcg@10_snsv_age" in test
     assert list(metrics["groups"]["age"]["hr@10"]["groups"])[0] == "<18"
     assert "p = " in (out / "report.md").read_text()
+    assert metrics["warnings"] == [] and test["n"] == 943
+    # no two groups large enough: the spread is undefined, and said
+    code, _, stderr = invoke(monkeypatch, capsys, "run", "fairness-groups", "--dataset", "ml-100k", *FAST,
+                             "--set", "source.recommender=pop", "--set", "groups.attributes=[gender]",
+                             "--set", "groups.min_size=300", "--out", str(tmp_path / "big"))
+    metrics = json.loads((tmp_path / "big" / "metrics.json").read_text())
+    assert code == 0 and metrics["test"]["ndcg@10_snsr_gender"] is None
+    assert metrics["warnings"] == ["gender: fewer than two groups have groups.min_size=300 users (F 273, M 670): its "
+                                   "SNSR/SNSV are undefined; lower groups.min_size or audit more users"]
 
 
 def test_group_audit_of_a_runs_per_case_file(monkeypatch, capsys, tmp_path):

@@ -159,7 +159,7 @@ def run(ctx: RunContext) -> dict:
     users, per_user, note = from_recommender(ctx) if cfg["source"]["recommender"] else from_run(ctx)
     ctx.log(f"group audit of {note}")
     activity = np.bincount(ds.interactions["user"].to_numpy(), minlength=ds.n_users)[users].astype(np.float64)
-    out_groups, test = {}, {name: float(np.nanmean(v)) for name, v in per_user.items()}
+    out_groups, test, warnings = {}, {name: float(np.nanmean(v)) for name, v in per_user.items()}, []
     test.update({f"{name}_ci": mean_interval(v[~np.isnan(v)], seed=ctx.seed) for name, v in per_user.items()})
     for attribute in g["attributes"]:
         group_of = activity_groups(activity) if attribute == "activity" else labels[attribute][users]
@@ -171,11 +171,15 @@ def run(ctx: RunContext) -> dict:
             keep = np.array([x in big for x in group_of], dtype=bool)
             spread = permutation_spread(values[keep], group_of[keep], int(g["permutations"]), ctx.seed)
             spread["groups_compared"] = len(big)
+            if len(big) < 2 and metric == next(iter(per_user)):  # once per attribute
+                sizes = ", ".join(f"{name} {entry['n']}" for name, entry in table.items())
+                warnings.append(f"{attribute}: fewer than two groups have groups.min_size={g['min_size']} users ({sizes}): "
+                                f"its SNSR/SNSV are undefined; lower groups.min_size or audit more users")
             out_groups[attribute][metric] = {"groups": table, "spread": spread}
             test[f"{metric}_snsr_{attribute}"] = spread["snsr"]
             test[f"{metric}_snsv_{attribute}"] = spread["snsv"]
             test[f"{metric}_p_{attribute}"] = spread.get("p_snsr", float("nan"))
-    return {"test": {**test, "n": int(len(users))}, "valid": {}, "groups": out_groups, "source_note": note, "users": int(len(users)),
+    return {"test": {**test, "n": int(len(users))}, "valid": {}, "warnings": warnings, "groups": out_groups, "source_note": note, "users": int(len(users)),
             "seconds": {"train": 0.0, "eval": time.perf_counter() - started}}
 
 
