@@ -367,3 +367,19 @@ def test_step1_init_from_loads_a_saved_adapter_exactly(tiny, tmp_path):
     assert torch.allclose(source.score_yes_no(texts), target.score_yes_no(texts), atol=1e-6)
     with pytest.raises(InputError, match="init_from"):
         step1_adapter(str(tmp_path))
+
+
+def test_a_title_holding_a_slot_placeholder_is_refused_naming_the_item():
+    import pandas as pd
+
+    from recalign.data import build_dataset
+    from recalign.tasks.text import check_titles_free_of
+
+    rows = pd.DataFrame({"user_id": ["a", "a", "b"], "item_id": ["x", "y", "x"], "rating": [4, 2, 5],
+                         "timestamp": [1, 2, 3]})
+    items = pd.DataFrame({"item_id": ["x", "y"], "title": ["Plain", "The <UserID> story"]})
+    ds = build_dataset("hand", rows, items)
+    check_titles_free_of(ds, {"<ItemID>": "prompt.item_slot"})
+    with pytest.raises(InputError, match=r"^hand: item 'y' has the title 'The <UserID> story', which holds the "
+                                         r"placeholder <UserID>; choose another prompt.user_slot"):
+        check_titles_free_of(ds, {"<UserID>": "prompt.user_slot"})

@@ -36,7 +36,7 @@ from recalign.methods.api import Experiment, Method, RunContext
 from recalign.report.markdown import signed_span
 from recalign.tasks.ctr import (COLLM_NULLABLE, COLLM_PROTOCOL, check_collm_protocol, collm_protocol, counting_baselines,
                                 counting_rows, ctr_report, paired_ctr_report, summary_line, valid_auc)
-from recalign.tasks.text import SAMPLE_FIELDS, frame_fields
+from recalign.tasks.text import SAMPLE_FIELDS, check_titles_free_of, frame_fields
 
 CF_MODELS = ("mf", "lightgcn", "sasrec")
 INSTRUCTION = 'Answer with "Yes" or "No".'
@@ -161,6 +161,7 @@ class CoLLMSlots(nn.Module):
 
 def run(ctx: RunContext) -> dict:
     cfg, ds, seed = ctx.config, ctx.dataset, ctx.seed
+    check_titles_free_of(ds, {cfg["prompt"]["user_slot"]: "prompt.user_slot", cfg["prompt"]["item_slot"]: "prompt.item_slot"})
     data = collm_protocol(ds, cfg["data_protocol"], seed)
     ctx.log(f"CTR protocol: {data.summary()}")
     seconds = {"cf": 0.0, "step1": 0.0, "step2": 0.0}

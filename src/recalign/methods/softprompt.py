@@ -25,7 +25,7 @@ from recalign.data import Needs
 from recalign.methods.api import Experiment, Method, RunContext
 from recalign.tasks.ctr import (COLLM_NULLABLE, COLLM_PROTOCOL, check_collm_protocol, collm_protocol, counting_baselines,
                                 counting_rows, ctr_report, paired_with_counting, summary_line, valid_auc)
-from recalign.tasks.text import SAMPLE_FIELDS, frame_fields
+from recalign.tasks.text import SAMPLE_FIELDS, check_titles_free_of, frame_fields
 
 DEFAULTS = {
     "model": copy.deepcopy(MODEL_CONFIG),
@@ -89,6 +89,7 @@ def run(ctx: RunContext) -> dict:
     ctx.log(f"CTR protocol: {data.summary()}")
     backbone = ctx.backbone()
     pcfg, scfg = cfg["prompt"], cfg["softprompt"]
+    check_titles_free_of(ds, {pcfg["slot"]: "prompt.slot"})
     prompter = Prompter(pcfg["template"], backbone.tokenizer, pcfg["wrapper"], pcfg["system"],
                         where="prompt.template", require=(pcfg["slot"],))
     scorer = Scorer(ctx.run, backbone, pcfg["yes"], pcfg["no"], cfg["eval"]["batch_size"])

@@ -7,6 +7,18 @@ from typing import Callable, Sequence
 
 import pandas as pd
 
+from recalign.errors import InputError
+
+
+def check_titles_free_of(ds, placeholders: dict[str, str]) -> None:
+    """A title that holds a slot placeholder ({placeholder: its config key}) would be read as that slot: one
+    line naming the item, before anything is trained."""
+    for index, title in enumerate(ds.titles()):
+        for token, key in placeholders.items():
+            if token and token in title:
+                raise InputError(f"{ds.name}: item {ds.items['raw_id'].iloc[index]!r} has the title {title[:80]!r}, "
+                                 f"which holds the placeholder {token}; choose another {key} (or rename the item)")
+
 
 def quote_titles(titles: Sequence[str], quote: str = '"', sep: str = ", ") -> str:
     return sep.join(f"{quote}{t}{quote}" for t in titles)
