@@ -293,6 +293,11 @@ def test_items_without_a_facet_text_are_one_line_errors(ml, tiny):
         corpus_of(broken("title", 3, "  ", year=float("nan")), tiny.tokenizer)
     with pytest.raises(InputError, match="end-of-sequence"):
         corpus_of(broken("title", 3, "Bad <|im_end|> title"), tiny.tokenizer)
+    # an id, category or title holding a facet marker would end or fake an identifier
+    with pytest.raises(InputError, match=r"item '3': its title 'A || 7 ## fake' holds the facet marker '(\|\||##)'"):
+        corpus_of(broken("title", 2, "A || 7 ## fake"), tiny.tokenizer)
+    with pytest.raises(InputError, match=r"item '6': its category 'Sci@@Fi' holds the facet marker '@@'"):
+        corpus_of(broken("categories", 5, ["Sci@@Fi"]), tiny.tokenizer)
     from recalign.llm.constrained import IdentifierCorpus
     from recalign.tasks.identifiers import facet_texts
 

@@ -47,6 +47,7 @@ def facet_texts(ds, use: Sequence[str], markers: Mapping[str, Sequence[str]]) ->
     if unknown:
         raise InputError(f"facets: unknown facet {unknown[0]!r}; known: {', '.join(FACETS)}")
     raw_ids, titles, categories = _item_columns(ds)
+    _check_markers(use, markers, raw_ids, titles, categories)
     out: dict[str, list[list[str]]] = {}
     if "id" in use:
         out["id"] = [[f" {markers['id'][0]} {r} {markers['id'][1]}"] for r in raw_ids]
@@ -62,6 +63,21 @@ def facet_texts(ds, use: Sequence[str], markers: Mapping[str, Sequence[str]]) ->
                 raise InputError(f"item {raw_ids[item]!r} has no {what} (facet {facet}); drop the item or remove "
                                  f"'{facet}' from facets.use")
     return out
+
+
+def _check_markers(use, markers, raw_ids, titles, categories) -> None:
+    """An id, category or title holding a facet marker would end (or fake) an identifier early: every
+    generated identifier would then name no item or the wrong one. One line naming the item."""
+    used = {m for facet in ("id", "attribute") if facet in use for m in markers[facet] if m}
+    texts = {"id": lambda i: [raw_ids[i]], "attribute": lambda i: categories[i], "title": lambda i: [titles[i]]}
+    for facet in (f for f in ("id", "attribute", "title") if f in use):
+        for item in range(len(raw_ids)):
+            for text in texts[facet](item):
+                hit = next((m for m in used if m in text), None)
+                if hit:
+                    what = {"id": "id", "attribute": "category", "title": "title"}[facet]
+                    raise InputError(f"item {raw_ids[item]!r}: its {what} {text[:60]!r} holds the facet marker "
+                                     f"{hit!r}; choose other facets.markers")
 
 
 def history_texts(ds) -> dict[str, list[str]]:
