@@ -186,10 +186,12 @@ def test_report_paired_ranks_of_next_item_runs(tmp_path, monkeypatch, capsys):
 
 
 def test_reproduce_only_pop(tmp_path, monkeypatch, capsys):
-    code, stdout, _ = invoke(monkeypatch, capsys, "reproduce", "--out", str(tmp_path / "rep"), "--only", "pop")
+    code, stdout, _ = invoke(monkeypatch, capsys, "reproduce", "--out", str(tmp_path / "rep"), "--only", "pop,itemcf")
     assert code == 0 and "report:" in stdout
     md = (tmp_path / "rep" / "report.md").read_text()
-    assert "| pop |" in md
+    assert "| pop |" in md and "| itemcf |" in md
+    code, _, err = invoke(monkeypatch, capsys, "reproduce", "--out", str(tmp_path / "rep"), "--only", ",")
+    assert code == 2 and "--only: no experiment named" in err
     html = (tmp_path / "rep" / "report.html").read_text()
     assert "<table>" in html and "data:image/png;base64," in html
 

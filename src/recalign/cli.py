@@ -144,7 +144,8 @@ def reproduce(
     out: str = typer.Option("runs/reproduce", "--out", "-o", help="a new or empty directory, or an earlier "
                             "output of reproduce (a folder of other files is refused)"),
     profile: str = typer.Option("quick", "--profile", "-p", help="quick (~14 min on 2 idle CPU cores) or full (hours)"),
-    only: Optional[List[str]] = typer.Option(None, "--only", help="run just these experiments"),
+    only: Optional[List[str]] = typer.Option(None, "--only", help="run just these experiments (--only A --only B, "
+                                             "or --only A,B)"),
     overwrite: bool = typer.Option(False, "--overwrite",
                                    help="rerun experiments whose directories hold a run of another config"),
 ):
@@ -154,6 +155,10 @@ def reproduce(
     interruption; an experiment whose settings changed is refused unless --overwrite."""
     from recalign.runner import reproduce as do_reproduce
 
+    if only:
+        only = [name.strip() for value in only for name in value.split(",") if name.strip()]
+        if not only:
+            raise InputError("--only: no experiment named")
     report = do_reproduce(out, profile, only, overwrite=overwrite)
     print(f"report: {report} (and {report.with_suffix('.html')})")
 

@@ -256,7 +256,8 @@ def run(ctx: RunContext) -> dict:
     atomic_write_text(ctx.run.path / "report.html",
                       prompt_audit_html(result, plots, f"FaiRLLM audit: {cfg['model']['name']} on {ctx.dataset_name}"))
     ctx.log(f"generated {timing['generated_here']} answers in {timing['seconds']:.1f}s; "
-            + ", ".join(f"{m}@{k} {v:.3f}" for m, v in result["test"].items() if "_sn" not in m))
+            + ", ".join(f"{m} {v:.3f}" if v == v else f"{m} undefined"
+                        for m, v in result["test"].items() if "_sn" not in m))
     result["seconds"] = {"train": 0.0, "eval": timing["seconds"] + time.perf_counter() - started,
                          "generate": timing["seconds"]}
     return result

@@ -100,7 +100,7 @@ def _records(path: Path, required: tuple[str, ...]):
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise InputError(f"{path}:{line_no}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+            raise InputError(f"{path}:{line_no}: invalid JSON (column {exc.colno}: {exc.msg})") from None
         except (ValueError, RecursionError) as exc:  # an integer of over 4300 digits, nesting too deep
             raise InputError(f"{path}:{line_no}: invalid JSON ({type(exc).__name__}: {exc})") from None
         if not isinstance(record, dict):
