@@ -322,3 +322,14 @@ def test_answers_without_a_list_are_warned_about():
         "undefined; lists.json holds the answers"]
     assert unparsed_warnings({"unparsable": 40, "prompts": 93}, 3, 2) == [
         "40 of 93 answers held no list of titles (lists.json); the metrics rest on the others, 2 of 3 entities"]
+
+
+def test_an_entity_listed_twice_is_named_with_its_own_line(tmp_path):
+    from recalign.tasks.fairness import read_entity_file
+
+    path = tmp_path / "entities.txt"
+    path.write_text("A\n\n# a comment\n\nB\nA\n")
+    with pytest.raises(InputError, match=r"entities.txt:6: 'A' listed twice \(first on line 1\)$"):
+        read_entity_file(str(path))
+    path.write_text("A\n\nB\n")
+    assert read_entity_file(str(path)) == ["A", "B"]

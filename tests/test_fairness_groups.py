@@ -100,9 +100,9 @@ def test_group_audit_of_a_runs_per_case_file(monkeypatch, capsys, tmp_path):
                              "--set", "groups.attributes=[gender]", "--set", "groups.min_size=1", "--out", str(out))
     assert code == 0, stderr
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["test"]["auc"] == 0.5
-    assert {g: e["mean"] for g, e in metrics["groups"]["gender"]["auc"]["groups"].items()} == {"F": 0.0, "M": 1.0}
-    assert metrics["test"]["auc_snsr_gender"] == 1.0
+    assert metrics["test"]["uauc"] == 0.5 and metrics["test"]["n"] == 2  # per-user AUCs: the run's UAUC
+    assert {g: e["mean"] for g, e in metrics["groups"]["gender"]["uauc"]["groups"].items()} == {"F": 0.0, "M": 1.0}
+    assert metrics["test"]["uauc_snsr_gender"] == 1.0
 
 
 def test_a_run_on_the_same_local_dataset_spelt_otherwise_is_audited(monkeypatch, capsys, tmp_path):
@@ -121,7 +121,7 @@ def test_a_run_on_the_same_local_dataset_spelt_otherwise_is_audited(monkeypatch,
                              "--set", "source.recommender=", "--set", f"source.run={run}",
                              "--set", "groups.attributes=[activity]", "--set", "groups.min_size=1", "--out", "audit")
     assert code == 0, stderr
-    assert json.loads((tmp_path / "audit" / "metrics.json").read_text())["test"]["auc"] == 0.5
+    assert json.loads((tmp_path / "audit" / "metrics.json").read_text())["test"]["uauc"] == 0.5
 
 
 @pytest.mark.parametrize("sets, message", [

@@ -224,3 +224,17 @@ def test_shared_decodings_return_only_catalogue_ids_and_respect_bans(tiny, decod
         assert values == sorted(values, reverse=True)
         if case == 0:
             assert not set(row) & {0, 3}
+
+
+def test_raw_ids_holding_the_separator_are_refused_before_training(tmp_path, monkeypatch, capsys):
+    from cli_helpers import invoke
+
+    rows = ["user_id,item_id,rating,timestamp"] + [f"u{u},\"item, {(u + t) % 7}\",4,{t}" for u in range(8)
+                                                     for t in range(6)]
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "interactions.csv").write_text("\n".join(rows) + "\n")
+    code, _, err = invoke(monkeypatch, capsys, "run", "p5", "--dataset", str(tmp_path / "d"), "--set",
+                          "model.name=tiny-random", "--set", "ids.indexing=raw", "--set", "samples.history_len=2",
+                          "--out", str(tmp_path / "run"))
+    assert code == 2 and "holds ids.separator ', '" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()

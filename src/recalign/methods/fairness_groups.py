@@ -134,7 +134,8 @@ def from_run(ctx: RunContext) -> tuple[np.ndarray, dict[str, np.ndarray], str]:
         unique = np.unique(users)
         values = np.array([auc(labels[users == u], scores[users == u]) if 0 < labels[users == u].sum() < (users == u).sum()
                            else np.nan for u in unique])
-        return unique, {"auc": values}, f"{method} run {path.parent} (per-user AUC)"
+        # the mean of per-user AUCs is the run's UAUC (users with both labels), not its AUC
+        return unique, {"uauc": values}, f"{method} run {path.parent} (per-user AUC)"
     users = np.asarray([row["user"] for row in data], dtype=np.int64)
     ranks = np.asarray([row["rank"] for row in data], dtype=np.float64)
     _check_users(users, ds, path)
@@ -179,7 +180,8 @@ def run(ctx: RunContext) -> dict:
             test[f"{metric}_snsr_{attribute}"] = spread["snsr"]
             test[f"{metric}_snsv_{attribute}"] = spread["snsv"]
             test[f"{metric}_p_{attribute}"] = spread.get("p_snsr", float("nan"))
-    return {"test": {**test, "n": int(len(users))}, "valid": {}, "warnings": warnings, "groups": out_groups, "source_note": note, "users": int(len(users)),
+    defined = int(np.sum(~np.isnan(next(iter(per_user.values())))))  # users with a value (UAUC: both labels)
+    return {"test": {**test, "n": defined}, "valid": {}, "warnings": warnings, "groups": out_groups, "source_note": note, "users": int(len(users)),
             "seconds": {"train": 0.0, "eval": time.perf_counter() - started}}
 
 

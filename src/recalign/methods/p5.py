@@ -233,6 +233,10 @@ def run(ctx: RunContext) -> dict:
 
     ic = cfg["ids"]
     ids = item_numbers(ds, ic["indexing"], int(ic["start"]), int(ic["seed"]), cutoff=split.train["timestamp"].max())
+    clash = next((i for i in ids if ic["separator"] in i), None)
+    if clash is not None:  # a history of such ids could not be read back into items
+        raise InputError(f"item id {clash!r} holds ids.separator {ic['separator']!r}; choose another ids.separator "
+                         f"(or ids.indexing sequential / random)")
     users = [str(u) for u in ds.users["raw_id"]]
     backbone = ctx.backbone()
     eos = backbone.tokenizer.eos_token

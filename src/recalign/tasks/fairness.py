@@ -160,13 +160,16 @@ def read_entity_file(path: str, where: str = "entities.file") -> list[str]:
         lines = file.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as exc:
         raise InputError(f"{file}: not UTF-8 text (byte {exc.start})") from None
-    names = [" ".join(line.split()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    if not names:
+    numbered = [(number, " ".join(line.split())) for number, line in enumerate(lines, 1)
+                if line.strip() and not line.lstrip().startswith("#")]
+    if not numbered:
         raise InputError(f"{file}: no entity names (one name per line)")
-    duplicated = next((n for i, n in enumerate(names) if n in names[:i]), None)
-    if duplicated is not None:
-        raise InputError(f"{file}:{names.index(duplicated, names.index(duplicated) + 1) + 1}: {duplicated!r} listed twice")
-    return names
+    first: dict[str, int] = {}
+    for number, name in numbered:
+        if name in first:
+            raise InputError(f"{file}:{number}: {name!r} listed twice (first on line {first[name]})")
+        first[name] = number
+    return [name for _, name in numbered]
 
 
 def pick_entities(ds: Dataset, cfg: Mapping, seed: int) -> list[str]:
