@@ -441,8 +441,9 @@ def run(ctx: RunContext) -> dict:
                                                             "tokens", "history")},
         "samples": {**split.sizes(), "shots": len(shots), "valid_cases": len(valid), "test_cases": len(test)},
         "catalogue": {"items": ds.n_items, "cached": cached, "model_fingerprint": base_id},
-        "warnings": fewer_than_asked(cfg, len(shots), len(valid), len(test))
-        + (few_candidates_warnings(histories["test"], targets["test"], ds.n_items, ks) if masks["test"] is not None else []),
+        "warnings": fewer_than_asked(cfg, len(shots), len(valid), len(test)) + (
+            few_candidates_warnings(histories["test"], targets["test"], ds.n_items, ks)
+            if masks["test"] is not None else []),
     }
 
 

@@ -161,7 +161,7 @@ class CoLLMSlots(nn.Module):
 
 def run(ctx: RunContext) -> dict:
     cfg, ds, seed = ctx.config, ctx.dataset, ctx.seed
-    check_titles_free_of(ds, {cfg["prompt"]["user_slot"]: "prompt.user_slot", cfg["prompt"]["item_slot"]: "prompt.item_slot"})
+    check_titles_free_of(ds, {cfg["prompt"][key]: f"prompt.{key}" for key in ("user_slot", "item_slot")})
     data = collm_protocol(ds, cfg["data_protocol"], seed)
     ctx.log(f"CTR protocol: {data.summary()}")
     seconds = {"cf": 0.0, "step1": 0.0, "step2": 0.0}
