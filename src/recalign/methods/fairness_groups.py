@@ -181,8 +181,8 @@ def run(ctx: RunContext) -> dict:
             test[f"{metric}_snsv_{attribute}"] = spread["snsv"]
             test[f"{metric}_p_{attribute}"] = spread.get("p_snsr", float("nan"))
     defined = int(np.sum(~np.isnan(next(iter(per_user.values())))))  # users with a value (UAUC: both labels)
-    return {"test": {**test, "n": defined}, "valid": {}, "warnings": warnings, "groups": out_groups, "source_note": note, "users": int(len(users)),
-            "seconds": {"train": 0.0, "eval": time.perf_counter() - started}}
+    return {"test": {**test, "n": defined}, "valid": {}, "warnings": warnings, "groups": out_groups,
+            "source_note": note, "users": int(len(users)), "seconds": {"train": 0.0, "eval": time.perf_counter() - started}}
 
 
 def _report(metrics: dict) -> str:
