@@ -56,9 +56,11 @@ def test_resume_continues_and_matches_uninterrupted_run(cycles, tmp_path):
 
     # a finished run is loaded, not retrained
     again = []
-    train_cf_model("sasrec", data, CONFIG, valid=valid, run=tmp_path / "cut", seed=3,
-                   on_epoch_end=lambda epoch, record: again.append(epoch))
+    loaded = train_cf_model("sasrec", data, CONFIG, valid=valid, run=tmp_path / "cut", seed=3,
+                            on_epoch_end=lambda epoch, record: again.append(epoch))
     assert again == []
+    for key in ("epochs", "best_epoch", "stopped"):  # the summary of the run that finished, not None
+        assert loaded.train_summary[key] == full.train_summary[key] is not None, key
 
 
 def test_early_stopping_keeps_best_epoch(cycles):

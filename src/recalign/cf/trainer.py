@@ -82,6 +82,7 @@ class Trainer:
         state = self._resume(model, optimizer)
         if state.get("done"):
             model.load_state_dict(state["best_state"])
+            self.stopped, self.best_epoch = state.get("stopped"), state.get("best_epoch")  # as the run that finished
             self.log(f"{model.name}: training already finished (best epoch {state['best_epoch']}); loaded")
             return model
         windows = None
@@ -133,6 +134,7 @@ class Trainer:
                 stopped, done = "time budget", True
             elif epoch >= cfg["epochs"]:
                 done = True
+            state["stopped"] = stopped
             self._save(model, optimizer, state, done)
             if self.on_epoch_end is not None:
                 self.on_epoch_end(epoch, record)
