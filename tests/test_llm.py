@@ -204,8 +204,9 @@ def test_train_loop_resumes_exactly(tmp_path):
     config = TrainConfig(epochs=4, batch_size=3, grad_accum=2, lr=1e-2, eval_every=1, patience=0, seed=3)
     scores = iter(range(100))
     reference = make()
-    train_loop(list(reference.parameters()), data, loss_fn(reference), config, evaluate=lambda: next(scores),
-               get_state=state_fns(reference)[0], set_state=state_fns(reference)[1], set_train_mode=reference.train)
+    expected = train_loop(list(reference.parameters()), data, loss_fn(reference), config, evaluate=lambda: next(scores),
+                          get_state=state_fns(reference)[0], set_state=state_fns(reference)[1],
+                          set_train_mode=reference.train)
 
     run = RunDir(tmp_path / "run", resume=True)
     calls = {"n": 0}
@@ -228,6 +229,8 @@ def test_train_loop_resumes_exactly(tmp_path):
     assert result.steps == 8
     for a, b in zip(reference.state_dict().values(), resumed.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6)
+    # the logged loss (a mean over the last epoch's steps) too: the steps before the interruption are kept
+    assert [h["loss"] for h in result.history] == pytest.approx([h["loss"] for h in expected.history], abs=1e-6)
 
 
 def test_fit_history_drops_oldest_items_never_the_target():

@@ -110,6 +110,7 @@ def train_loop(parameters: Sequence[torch.nn.Parameter], examples: Sequence, los
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     result = TrainResult()
     best_state, bad_evals, epoch, micro = None, 0, 0, 0
+    losses: list[float] = []  # per optimizer step; the history's loss is the mean over the last epoch's worth
     saved = checkpointer.load() if checkpointer else None
     if saved is not None:
         if set_state:
@@ -119,6 +120,7 @@ def train_loop(parameters: Sequence[torch.nn.Parameter], examples: Sequence, los
         torch.set_rng_state(saved["torch_rng"])
         result = TrainResult(**saved["result"])
         best_state, bad_evals, epoch, micro = saved["best_state"], saved["bad_evals"], saved["epoch"], saved["micro"]
+        losses = [float(x) for x in saved.get("losses", [])]  # so the first loss after a resume is the same
         log(f"resumed training at step {result.steps} (epoch {epoch}, batch {micro})")
         if saved.get("finished"):
             if best_state is not None and set_state:
@@ -150,8 +152,6 @@ def train_loop(parameters: Sequence[torch.nn.Parameter], examples: Sequence, los
         stop = bool(config.patience) and evaluate is not None and bad_evals >= config.patience
         return stop
 
-    losses: list[float] = []
-
     def window_loss() -> float:
         recent = losses[-max(1, steps_per_epoch):]
         return float(sum(recent) / len(recent)) if recent else float("nan")
@@ -164,6 +164,7 @@ def train_loop(parameters: Sequence[torch.nn.Parameter], examples: Sequence, los
             "state": get_state() if get_state else None, "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "result": result.as_dict(),
             "best_state": best_state, "bad_evals": bad_evals, "epoch": epoch, "micro": micro, "finished": finished,
+            "losses": losses[-max(1, steps_per_epoch):],
         })
 
     if set_train_mode:
