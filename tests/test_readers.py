@@ -332,6 +332,7 @@ def test_amazon_gzip_reviews_without_metadata(tmp_path):
 def test_book_crossing_ratings_books_users():
     ds = read("book-crossing")
     assert ds.like_threshold == 5.0 and ds.domain == "book"
+    assert load_dataset(str(FIXTURES / "book-crossing")).like_threshold == 5.0  # the library's default: the format's
     assert ds.interactions["rating"].tolist() == [10, 6, 8, 2, 8, 4, 10, 10, 8, 4, 10, 6]  # 2 x canonical
     # no timestamps: order is file order (the line number)
     assert ds.interactions["timestamp"].is_unique

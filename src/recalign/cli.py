@@ -58,8 +58,9 @@ def data_stats(
     if as_json:
         print(json.dumps(stats))
     else:
+        width = max(map(len, stats))
         for key, value in stats.items():
-            print(f"{key:>16}: {value}")
+            print(f"{key:>{width}}: {value}")
 
 
 @data_app.command("formats")

@@ -55,7 +55,7 @@ def canonical_dataset(name_or_path: str) -> str:
 def load_dataset(
     name_or_path: str,
     fmt: str | None = None,
-    like_threshold: float | None = 3.0,
+    like_threshold: float | None = None,
     k_core_users: int = 0,
     k_core_items: int = 0,
     domain: str | None = None,
