@@ -62,8 +62,15 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--step2-lr", type=float, default=1e-3)
     parser.add_argument("--set", action="append", default=[], help="extra key=value for every collm run")
     parser.add_argument("--out", default="/tmp/recalign-bench-collm")
-    parser.add_argument("--results", default=str(ROOT / "results" / "collm.json"))
-    return parser.parse_args()
+    parser.add_argument("--results", default=None, help="default: bench/results/collm.json (with --counting-of: "
+                                                               "only printed unless given)")
+    parser.add_argument("--counting-of", metavar="RUN", default=None,
+                        help="instead of the bench: the item like-rate row on a finished CoLLM run's test cases, and "
+                             "each of its rows minus it, paired")
+    args = parser.parse_args()
+    if args.results is None and not args.counting_of:
+        args.results = str(ROOT / "results" / "collm.json")
+    return args
 
 
 def protocol_sets(args) -> list[str]:
@@ -190,7 +197,7 @@ def paired_markdown(paired: dict) -> str:
     return "\n".join(lines)
 
 
-def counting_of(run: Path, results: Path) -> None:
+def counting_of(run: Path, results: Path | None) -> None:
     """`--counting-of RUN`: the item like-rate counting baseline on a finished CoLLM run's test cases, each of the
     run's rows (`predictions-test.json`) minus it, paired (for runs made before `collm` reported it itself)."""
     import numpy as np
@@ -199,9 +206,14 @@ def counting_of(run: Path, results: Path) -> None:
     from recalign.data import load_dataset
     from recalign.tasks.ctr import collm_protocol, counting_baselines, counting_rows, paired_with_counting
 
+    if not (run / "predictions-test.json").is_file():
+        raise SystemExit(f"{run}: no predictions-test.json (not a finished CoLLM run)")
     config = cfg_mod.load_yaml(run / "config.yaml")
     predictions = json.loads((run / "predictions-test.json").read_text())
-    data = collm_protocol(load_dataset("ml-100k"), config["data_protocol"], int(config["seed"]))
+    dataset = json.loads((run / "metrics.json").read_text())["dataset"]
+    ds = load_dataset(dataset, fmt=config["data"].get("format"), like_threshold=config["data"].get("like_threshold"),
+                      k_core_users=config["data"].get("k_core_users", 0), k_core_items=config["data"].get("k_core_items", 0))
+    data = collm_protocol(ds, config["data_protocol"], int(config["seed"]))
     if data.test["user"].tolist() != predictions["user"] or data.test["item"].tolist() != predictions["item"]:
         raise SystemExit(f"{run}: its predictions are not this protocol's test cases")
     floor = {"item_like_rate": counting_baselines(data.train_all, data.test)["item_like_rate"]}
@@ -210,16 +222,17 @@ def counting_of(run: Path, results: Path) -> None:
         paired.update(paired_with_counting(row, data.test, np.asarray(scores), floor))
     out = {"run": str(run), "item_like_rate": counting_rows(floor, data.test)["item_like_rate"]["test"],
            "paired": paired}
-    atomic_write_json(results, out)
+    if results is not None:
+        atomic_write_json(results, out)
     print(markdown(aggregate({0: {"item like-rate": {"test": out["item_like_rate"], "seconds": {"train": 0.0}}}})))
     print(paired_markdown(out["paired"]))
 
 
 def main() -> None:
-    if sys.argv[1:2] == ["--counting-of"]:
-        counting_of(Path(sys.argv[2]), Path(sys.argv[sys.argv.index("--results") + 1]))
-        return
     args = parse()
+    if args.counting_of:
+        counting_of(Path(args.counting_of), Path(args.results) if args.results else None)
+        return
     started = time.perf_counter()
     per_seed: dict[int, dict] = {}
 
