@@ -259,3 +259,19 @@ def test_from_config_records_precision(tok, no_env):
     assert backbone.score_yes_no(texts(tok, 2)).shape == (2,)
     with pytest.raises(InputError, match="model.quantize"):
         Backbone.from_config({**MODEL_CONFIG, "name": "tiny-random", "quantize": "int4"})
+
+
+def test_recalign_dtype_is_recorded_in_the_run_config_so_a_resume_cannot_mix_dtypes(monkeypatch):
+    from recalign.errors import InputError
+    from recalign.llm.precision import with_env_dtype
+
+    config = {"model": {"name": "tiny-random", "dtype": "auto"}, "seed": 0}
+    monkeypatch.delenv("RECALIGN_DTYPE", raising=False)
+    assert with_env_dtype(config) is config
+    monkeypatch.setenv("RECALIGN_DTYPE", "bfloat16")
+    assert with_env_dtype(config)["model"]["dtype"] == "bfloat16" and config["model"]["dtype"] == "auto"
+    assert with_env_dtype({"model": {"dtype": "float32"}})["model"]["dtype"] == "float32"  # explicit wins
+    assert with_env_dtype({"seed": 0}) == {"seed": 0}  # no LLM
+    monkeypatch.setenv("RECALIGN_DTYPE", "bogus")
+    with pytest.raises(InputError, match="RECALIGN_DTYPE: unknown dtype 'bogus'"):
+        with_env_dtype(config)

@@ -69,7 +69,9 @@ def run_method(method: str, dataset: str, out: str | Path, config_file: str | No
     run.check()  # --out itself (under a file, /proc, unwritable...) before the dataset is read
     context = RunContext(method=method, dataset_name=dataset, config=config, run=run)
     warnings = dataset_warnings(spec, config, context.dataset)  # load + check before anything is written
-    config_text = cfg.dump(config)
+    from recalign.llm.precision import with_env_dtype
+
+    config_text = cfg.dump(with_env_dtype(config))  # RECALIGN_DTYPE's choice recorded: a resume cannot mix dtypes
     run.prepare(config_text, origin=f"{method} on {recorded}")  # new, continued (same config), kept (finished
     # + resume) or replaced (overwrite); a run of another method or dataset is never continued
     if run.finished():

@@ -195,6 +195,17 @@ def _this_cpu() -> Precision:
     return cpu_decision(*cpu_info())
 
 
+def with_env_dtype(config: dict) -> dict:
+    """The run config with `model.dtype: auto` replaced by RECALIGN_DTYPE's value when it is set: config.yaml
+    records the dtype the run used, and continuing it without (or with another) override is refused as a
+    changed config instead of mixing precisions."""
+    model, env = config.get("model"), os.environ.get(ENV, "").strip()
+    if not (isinstance(model, dict) and model.get("dtype") == "auto" and env and env != "auto"):
+        return config
+    parse_dtype(env, key=ENV)
+    return {**config, "model": {**model, "dtype": env}}
+
+
 def decide(requested: str = "auto", device: torch.device | str = "cpu", quantize: str | None = "none",
            source: str | None = None) -> Precision:
     """The dtype a model runs in and a one-line reason (see the module docstring)."""
