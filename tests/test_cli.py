@@ -310,3 +310,16 @@ def test_report_refuses_per_case_values_that_are_not_numbers_and_malformed_inter
 def test_report_of_a_path_that_does_not_exist_says_so(tmp_path, monkeypatch, capsys):
     code, _, err = invoke(monkeypatch, capsys, "report", str(tmp_path / "nowhere"))
     assert code == 2 and err.strip() == f"error: {tmp_path / 'nowhere'}: no such file or directory"
+
+
+def test_paths_that_are_not_utf8_are_one_line_errors_and_create_nothing(tmp_path, monkeypatch, capsys):
+    import os
+
+    out = os.fsdecode(os.fsencode(str(tmp_path)) + b"/bad\xffname")
+    code, _, err = invoke(monkeypatch, capsys, "run", "pop", "--out", out)
+    assert code == 2 and "bad\\xffname: the path is not valid UTF-8" in err and err.count("\n") == 1, err
+    dataset = os.fsdecode(os.fsencode(str(tmp_path)) + b"/data\xff")
+    os.mkdir(dataset)
+    code, _, err = invoke(monkeypatch, capsys, "run", "pop", "--dataset", dataset, "--out", str(tmp_path / "r"))
+    assert code == 2 and "data\\xff: the path is not valid UTF-8" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [os.path.basename(dataset)]

@@ -219,6 +219,11 @@ def check_out(path: str | Path, file: bool = False) -> Path:
     (`file`), also a directory or anything but a regular file at the path. The absolute path otherwise."""
     if str(path).strip() == "":
         raise InputError(f"--out: empty path; name the output {'file' if file else 'directory'}")
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8 (run.log, config.yaml and reports are UTF-8 text)
+        shown = os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+        raise InputError(f"--out {shown}: the path is not valid UTF-8; choose a UTF-8 name") from None
     target = Path(os.path.abspath(path))
     for root in _VIRTUAL:
         if target == root or root in target.parents:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 from recalign import assets
@@ -67,6 +68,11 @@ def load_dataset(
     `like_threshold=None` uses the format's own default (Book-Crossing: 5 on its 1-10 scale, else 3)."""
     if fmt is not None and fmt not in READERS:
         raise InputError(f"unknown dataset format '{fmt}'; known formats: {', '.join(READERS)}")
+    try:
+        str(name_or_path).encode("utf-8")
+    except UnicodeEncodeError:  # run records, logs and caches name the dataset in UTF-8 text
+        shown = os.fsencode(str(name_or_path)).decode("utf-8", "backslashreplace")
+        raise InputError(f"dataset {shown}: the path is not valid UTF-8; rename it") from None
     if like_threshold is not None and (isinstance(like_threshold, bool) or not isinstance(like_threshold, (int, float))
                                        or not math.isfinite(like_threshold)):
         raise InputError(f"like_threshold must be a number, got {like_threshold!r}")
