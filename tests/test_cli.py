@@ -323,3 +323,12 @@ def test_paths_that_are_not_utf8_are_one_line_errors_and_create_nothing(tmp_path
     code, _, err = invoke(monkeypatch, capsys, "run", "pop", "--dataset", dataset, "--out", str(tmp_path / "r"))
     assert code == 2 and "data\\xff: the path is not valid UTF-8" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == [os.path.basename(dataset)]
+
+
+def test_report_never_replaces_a_reproduce_directorys_report(tmp_path, monkeypatch, capsys):
+    invoke(monkeypatch, capsys, "run", "pop", "--out", str(tmp_path / "pop"))
+    (tmp_path / "rep").mkdir()
+    (tmp_path / "rep" / "report.md").write_text("# recalign reproduce (quick profile)\n")
+    code, _, err = invoke(monkeypatch, capsys, "report", str(tmp_path / "pop"), "--out", str(tmp_path / "rep" / "report.md"))
+    assert code == 2 and "is the report of a reproduce directory" in err
+    assert (tmp_path / "rep" / "report.md").read_text() == "# recalign reproduce (quick profile)\n"

@@ -259,13 +259,19 @@ def is_run_dir(path: Path) -> bool:
 
 def check_out_file(path: str | Path, inputs: list[Path] = ()) -> Path:
     """--out of `report` and `route`: a writable file (`check_out`) that is none of a run's own files: not
-    inside one of the input runs nor inside any run directory. An existing file elsewhere is replaced."""
+    inside one of the input runs nor inside any run directory, nor a reproduce directory's report. An existing
+    file elsewhere is replaced."""
+    from recalign.report.summary import written_by_reproduce
+
     target = check_out(path, file=True).resolve()
     runs = [Path(run).resolve() for run in inputs]
     for folder in target.parents:
         if folder in runs or is_run_dir(folder):
             raise InputError(f"--out {path}: inside the run directory {folder}, which is never written into; "
                              "choose a path outside it")
+    if written_by_reproduce(target):
+        raise InputError(f"--out {path}: is the report of a reproduce directory (reproduce rewrites it); choose "
+                         "another path")
     return target
 
 
