@@ -22,6 +22,7 @@ def test_run_writes_contract_files(tmp_path, monkeypatch, capsys):
     assert (out / "run.log").exists()
     assert json.loads(stdout)["test"] == metrics["test"]
     assert metrics["test"]["n"] == metrics["valid"]["n"] == 943 and metrics["warnings"] == []  # every user has 20+
+    assert metrics["training"]["objective"] == "count"  # train.objective "" resolved: pop counts
     # same seed, same metrics
     code, _, _ = invoke(monkeypatch, capsys, "run", "pop", "--out", str(tmp_path / "again"))
     assert json.loads((tmp_path / "again" / "metrics.json").read_text())["test"] == metrics["test"]

@@ -111,7 +111,8 @@ def run(ctx: RunContext) -> dict:
         out["test"] = evaluate_ranking(model, test, ks, cfg["eval"]["batch_size"], intervals=True)  # with n
     summary = model.train_summary
     return {**out, "warnings": warnings, "seconds": {"train": train_seconds, "eval": time.perf_counter() - started},
-            "training": {k: summary[k] for k in ("epochs", "best_epoch", "seconds_per_epoch", "stopped")},
+            "training": {**{k: summary[k] for k in ("epochs", "best_epoch", "seconds_per_epoch", "stopped")},
+                         "objective": getattr(model, "objective", None)},  # train.objective '' resolved
             "epoch_history": summary["history"]}
 
 
