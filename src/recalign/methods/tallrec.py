@@ -138,7 +138,7 @@ def _aggregate(rows: list[dict], split: str) -> dict:
             continue
         mean, std = mean_std(values)
         out[key] = mean
-        if len(rows) > 1 and key in ("auc", "uauc", "auc_warm", "auc_cold"):
+        if len(rows) > 1 and key in ("auc", "uauc", "auc_warm", "auc_cold", "uauc_warm", "uauc_cold"):
             out[f"{key}_std"] = std
     return out
 

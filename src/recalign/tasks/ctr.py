@@ -256,6 +256,8 @@ def ctr_report(frame: pd.DataFrame, scores, intervals: bool = True) -> dict:
             else:
                 out.update({f"auc{suffix}": float("nan"), f"uauc{suffix}": float("nan"),
                             f"uauc_skipped_users{suffix}": 0})
+                if intervals:  # undefined, said as null like any other undefined interval
+                    out.update({f"auc{suffix}_ci": None, f"uauc{suffix}_ci": None})
         out["n_warm"], out["n_cold"] = int(warm.sum()), int((~warm).sum())
     out["n"] = len(frame)
     return out
