@@ -539,3 +539,15 @@ def test_calibration_never_reverses_a_models_order():
     assert calibrate(test) == pytest.approx(np.full(50, labels.mean()), abs=1e-5)  # ~ the valid like-rate
     calibrate, slope = _platt(-anti, labels)
     assert slope > 0 and np.all(np.diff(calibrate(test)) > 0) and calibrate(test).std() > 0.1
+
+
+def test_route_refuses_a_pair_in_the_wrong_order_before_loading_a_model(runs, monkeypatch):
+    from recalign.serve import check_route_pair
+    from recalign.serve import loading
+
+    monkeypatch.setattr(loading, "load_run", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(InputError, match=r"^route: needs a CF run then a Yes/No LLM run .*; got tallrec and mf$"):
+        check_route_pair(runs["tallrec"], runs["mf"])
+    with pytest.raises(InputError, match="got mf and bigrec"):
+        check_route_pair(runs["mf"], runs["bigrec"])
+    check_route_pair(runs["mf"], runs["tallrec"])

@@ -273,10 +273,11 @@ def route(
     """Offline study of the warm/cold router: thresholds chosen on valid, AUC/UAUC of the routed system beside
     each model on the LLM run's test samples, the LLM's share of requests, and the cost per extra millisecond."""
     from recalign.runs import check_out_file, write_out
-    from recalign.serve import evaluate_routing, load_runs, routing_markdown
+    from recalign.serve import check_route_pair, evaluate_routing, load_runs, routing_markdown
 
     if out is not None:
         check_out_file(out, [run_cf, run_llm])
+    check_route_pair(run_cf, run_llm)  # before any model is loaded
     models = load_runs([run_cf, run_llm], _load_options(quantize, dtype, None, 32, 0.0, 50))
     result = evaluate_routing(models[0], models[1], latency_requests=requests)
     if out is not None:

@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 from recalign.serve.loading import LoadOptions, load_runs, read_run, supported
-from recalign.serve.router import Router, evaluate_routing, routing_markdown
+from recalign.serve.router import Router, check_route_pair, evaluate_routing, routing_markdown
 
 
 def create_app(*args, **kwargs):
@@ -68,5 +68,5 @@ def run_server(app, sock, graceful_seconds: float = 30.0) -> None:
         print(f"stopped by {signal.Signals(stops[0]).name}; in-flight requests were answered", flush=True)
 
 
-__all__ = ["LoadOptions", "Router", "create_app", "evaluate_routing", "listen", "load_runs", "read_run",
+__all__ = ["LoadOptions", "Router", "check_route_pair", "create_app", "evaluate_routing", "listen", "load_runs", "read_run",
            "routing_markdown", "run_server", "supported"]

@@ -119,6 +119,17 @@ def _route_mask(users, items, user_counts, item_counts, tu, ti) -> np.ndarray:
     return (user_counts[users] < tu) | (item_counts[items] < ti)
 
 
+def check_route_pair(run_cf, run_llm) -> None:
+    """`recalign route`'s two runs, read but not loaded: a CF run, then a Yes/No LLM run."""
+    from recalign.cf import MODELS
+    from recalign.serve.loading import YES_NO, read_run
+
+    cf, llm = read_run(run_cf), read_run(run_llm)
+    if cf.method not in MODELS or llm.method not in YES_NO:
+        raise InputError(f"route: needs a CF run then a Yes/No LLM run ({', '.join(YES_NO)}); got {cf.method} "
+                         f"and {llm.method}")
+
+
 def evaluate_routing(cf: ServedModel, llm: ServedModel, latency_requests: int = 8) -> dict:
     """Scores of the LLM run's own valid and test samples by both models; thresholds chosen on valid;
     AUC/UAUC on all / warm / cold test samples for CF, LLM and the routed system; latency and cost."""
