@@ -138,3 +138,21 @@ def test_bad_input_is_one_line_exit_2(monkeypatch, capsys, tmp_path, sets, messa
                              "--out", str(tmp_path / "run"))
     assert code == 2 and message in stderr and stderr.count("\n") == 1, stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_over_seeds_is_audited_through_one_seeds_file(monkeypatch, capsys, tmp_path):
+    run = tmp_path / "tallrec-run"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"method": "tallrec", "test": {}}))
+    (run / "config.yaml").write_text("seed: 0\n# run: tallrec on ml-100k\n")
+    for seed in (0, 1):
+        (run / f"predictions-seed{seed}-test.json").write_text(json.dumps({
+            "user": [0, 0, 1, 1], "item": [1, 2, 1, 2], "label": [1, 0, 1, 0], "score": [0.9, 0.1, 0.1, 0.5]}))
+    common = ["run", "fairness-groups", "--dataset", "ml-100k", *FAST, "--set", "source.recommender=",
+              "--set", "groups.attributes=[gender]", "--set", "groups.min_size=1"]
+    code, _, err = invoke(monkeypatch, capsys, *common, "--set", f"source.run={run}", "--out", str(tmp_path / "a"))
+    assert code == 2 and "holds several per-case result files" in err and "name one of them" in err
+    code, _, err = invoke(monkeypatch, capsys, *common, "--set", f"source.run={run / 'predictions-seed1-test.json'}",
+                          "--out", str(tmp_path / "b"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text())["test"]["uauc"] == 0.5

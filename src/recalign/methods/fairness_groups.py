@@ -78,14 +78,23 @@ def validate(cfg: dict) -> None:
 
 
 def per_case_file(run: str) -> Path:
-    root = Path(run)
+    """The per-case test results of a finished run: Yes/No scores (`predictions.json`, `predictions-test.json`,
+    `predictions-seedN-test.json`) or next-item ranks (`cases-test.json`); `run` names the run directory, or
+    one of those files when the run holds several (a TALLRec run over seeds)."""
+    given = Path(run)
+    root = given.parent if given.is_file() else given
     if not (root / "metrics.json").is_file():
         raise InputError(f"source.run: {run} is not a finished run directory (no metrics.json)")
-    for name in ("predictions.json", "cases-test.json"):
-        if (root / name).is_file():
-            return root / name
-    raise InputError(f"source.run: {run} has no per-case results (predictions.json or cases-test.json); "
-                     "only ICL and BIGRec runs write them")
+    if given.is_file():
+        return given
+    files = sorted(p for pattern in ("predictions.json", "predictions*-test.json", "cases-test.json")
+                   for p in root.glob(pattern))
+    if not files:
+        raise InputError(f"source.run: {run} has no per-case test results (predictions*.json or cases-test.json)")
+    if len(files) > 1:
+        raise InputError(f"source.run: {run} holds several per-case result files ({', '.join(p.name for p in files)}); "
+                         "name one of them")
+    return files[0]
 
 
 # --------------------------------------------------------------------------------- per-user results
@@ -127,7 +136,11 @@ def from_run(ctx: RunContext) -> tuple[np.ndarray, dict[str, np.ndarray], str]:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: not a JSON file ({exc})") from None
     method = json.loads((path.parent / "metrics.json").read_text()).get("method", "?")
-    if path.name == "predictions.json":
+    if isinstance(data, dict) and isinstance(data.get("scores"), dict) and "collm" in data["scores"]:
+        data = {**data, "score": data["scores"]["collm"]}  # CoLLM's file: its CoLLM row
+    if isinstance(data, dict):
+        if not all(isinstance(data.get(key), list) for key in ("user", "label", "score")):
+            raise InputError(f"{path}: expected per-sample lists 'user', 'label', 'score' (a Yes/No run's predictions)")
         users = np.asarray(data["user"], dtype=np.int64)
         labels, scores = np.asarray(data["label"], dtype=bool), np.asarray(data["score"], dtype=np.float64)
         _check_users(users, ds, path)
@@ -136,8 +149,11 @@ def from_run(ctx: RunContext) -> tuple[np.ndarray, dict[str, np.ndarray], str]:
                            else np.nan for u in unique])
         # the mean of per-user AUCs is the run's UAUC (users with both labels), not its AUC
         return unique, {"uauc": values}, f"{method} run {path.parent} (per-user AUC)"
+    if not isinstance(data, list) or not all(isinstance(row, dict) and "user" in row and "rank" in row for row in data):
+        raise InputError(f"{path}: expected a list of test cases with 'user' and 'rank' (a {method} run's are "
+                         "not; runs that rank items: BIGRec, P5, TransRec, GPT4Rec)")
     users = np.asarray([row["user"] for row in data], dtype=np.int64)
-    ranks = np.asarray([row["rank"] for row in data], dtype=np.float64)
+    ranks = np.asarray([np.inf if row["rank"] is None else row["rank"] for row in data], dtype=np.float64)
     _check_users(users, ds, path)
     per_case = {f"ndcg@{k}": np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0),
                 f"hr@{k}": (ranks < k).astype(np.float64)}
