@@ -219,7 +219,8 @@ def counting_of(run: Path, results: Path | None) -> None:
     floor = {"item_like_rate": counting_baselines(data.train_all, data.test)["item_like_rate"]}
     paired = {}
     for row, scores in predictions["scores"].items():
-        paired.update(paired_with_counting(row, data.test, np.asarray(scores), floor))
+        if row != "item_like_rate":  # the floor itself
+            paired.update(paired_with_counting(row, data.test, np.asarray(scores), floor))
     out = {"run": str(run), "item_like_rate": counting_rows(floor, data.test)["item_like_rate"]["test"],
            "paired": paired}
     if results is not None:

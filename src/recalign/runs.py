@@ -374,7 +374,8 @@ def per_case_results(path: Path) -> tuple[str, dict]:
         raise InputError(f"{path}: not a readable JSON file ({exc})") from None
     if isinstance(data, list):  # cases-test.json
         if not data or not all(isinstance(row, dict) and "rank" in row and "user" in row for row in data):
-            raise InputError(f"{path}: expected a list of test cases with 'user' and 'rank'")
+            raise InputError(f"{path}: expected a list of test cases with 'user' and 'rank' (runs that rank items "
+                             "write one: BIGRec, P5, TransRec, GPT4Rec)")
         for i, row in enumerate(data):
             rank = row["rank"]
             if rank is not None and not (_is_number(rank) and rank >= 0):
