@@ -79,6 +79,20 @@ def test_touched_or_edited_source_file_is_rebuilt(tmp_path):
     os.utime(data / "movies.dat", ns=(stat.st_atime_ns, stat.st_mtime_ns))
     fresh = cache.get("ml-1m", data, {}, read)
     assert read.calls == 3 and len(logs) == 2 and fresh.items["title"][0] == "Film 1"
+    # a same-size edit past the hashed head and tail, its mtime set back (cp -p, rsync -a): ctime tells
+    big = data / "ratings.dat"
+    head = b"1::1::5::978300000\n"
+    big.write_bytes(head + b"#" * (3 << 20) + b"\n" + head)  # hashed: the first and last MiB only
+    cache.get("ml-1m", data, {}, lambda: fresh)  # stored as is (the bytes need not parse)
+    stat = os.stat(big)
+    raw = bytearray(big.read_bytes())
+    raw[len(raw) // 2] = ord("$")
+    big.write_bytes(bytes(raw))
+    os.utime(big, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert os.stat(big).st_size == stat.st_size and os.stat(big).st_ctime_ns != stat.st_ctime_ns
+    calls = []
+    cache.get("ml-1m", data, {}, lambda: calls.append(1) or fresh)
+    assert calls == [1] and "source files changed" in logs[-1]
 
 
 def test_other_reader_version_is_rebuilt(tmp_path, monkeypatch):

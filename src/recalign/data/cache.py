@@ -3,8 +3,8 @@
 An entry lives in `$RECALIGN_HOME/datasets/<key>/` (`RECALIGN_DATA_CACHE` overrides the directory; `off`
 turns the cache off), with key = sha256(format, resolved path, reader arguments). It holds
 `interactions.parquet`, `items.parquet`, `users.parquet` and `entry.json`, written last: the reader
-version, the cache format, the dtypes of every column and each source file's size, mtime and a hash of
-its first and last 1 MiB. An entry is used only when all of these match the files now on disk and the
+version, the cache format, the dtypes of every column and each source file's size, mtime, ctime and a hash
+of its first and last 1 MiB (a same-size edit in the middle of a file shows in its ctime, whatever mtime says). An entry is used only when all of these match the files now on disk and the
 reader version in `READER_VERSIONS`; anything else (a touched or replaced file, a new reader version, an
 unreadable or corrupt entry) is rebuilt with a log line, never reused. Entries are written atomically (a
 temporary directory renamed into place). No pickle: parquet and JSON only.
@@ -59,9 +59,10 @@ def file_identity(path: Path) -> dict:
         if stat.st_size > 2 * _SAMPLE:
             handle.seek(-_SAMPLE, os.SEEK_END)
         digest.update(handle.read(_SAMPLE))
-    # the resolved name: the same files however the dataset path was spelt
+    # the resolved name: the same files however the dataset path was spelt; ctime as well as mtime: a copy that
+    # keeps the modification time (cp -p, rsync -a, tar) still changes ctime, which no tool sets back
     return {"name": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-            "sample_sha256": digest.hexdigest()}
+            "ctime_ns": stat.st_ctime_ns, "sample_sha256": digest.hexdigest()}
 
 
 def entry_key(fmt: str, path: Path, arguments: dict) -> str:
@@ -131,7 +132,7 @@ class DatasetCache:
                 if saved.get(field) != expected[field]:
                     return None, f"written with {what} {saved.get(field)!r}, now {expected[field]!r}"
             if saved.get("sources") != expected["sources"]:
-                return None, "the source files changed (size, modification time or content)"
+                return None, "the source files changed (size, modification or change time, or content)"
             frames = {name: _read_table(entry / f"{name}.parquet", saved["dtypes"][name]) for name in _TABLES}
             ds = saved["dataset"]
             return Dataset(ds["name"], frames["interactions"], frames["items"], frames["users"],
