@@ -316,3 +316,20 @@ def test_prefix_cache_auto_follows_device(tiny):
                    nullable=MODEL_NULLABLE)["model"]["prefix_cache"] is False
     with pytest.raises(InputError, match="prefix_cache"):
         resolve(DEFAULTS, sets=["model.prefix_cache=sometimes"], nullable=MODEL_NULLABLE)
+
+
+def test_a_hub_id_without_a_network_is_one_quick_line(monkeypatch):
+    import socket
+
+    from recalign.errors import InputError
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(-3, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")  # nothing cached
+    with pytest.raises(InputError) as caught:
+        Backbone.load("no-such-org/no-such-model")
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith("model.name: could not load 'no-such-org/no-such-model'")
+    assert message.endswith("huggingface.co cannot be reached from this machine")

@@ -92,6 +92,9 @@ def _quiet_transformers() -> None:
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.set_verbosity_error()  # its retry lines would break the one-line error of an unreachable hub
     # its model code imports torchao when that is installed (model.quantize: int8), which chatters on a CPU build
     quiet_import("transformers.modeling_utils")
 
@@ -263,8 +266,24 @@ def _from_hub(cls, source: str, **kwargs):
             f"model.name: {source!r} is not an embedded model ({', '.join([*EMBEDDED, TINY_NAME])}), "
             "not an existing directory or .gguf file, and not a Hugging Face id (org/name)"
         )
+    if not _hub_reachable():  # no network: the local hub cache only, at once (not minutes of retries)
+        kwargs["local_files_only"] = True
     try:
         return cls.from_pretrained(source, **kwargs)
     except OSError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"model.name: could not load {source!r} from the Hugging Face hub ({first})") from None
+        offline = "" if _hub_reachable() else "; huggingface.co cannot be reached from this machine"
+        raise InputError(f"model.name: could not load {source!r} from the Hugging Face hub ({first}){offline}") from None
+
+
+def _hub_reachable() -> bool:
+    """Whether the hub's name resolves (HF_HUB_OFFLINE set: no)."""
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    try:
+        socket.getaddrinfo("huggingface.co", 443)
+    except OSError:
+        return False
+    return True
