@@ -29,12 +29,15 @@ def test_atomic_writes_get_the_umask_permissions_of_a_plain_new_file(tmp_path):
         atomic_write_text(tmp_path / "report.md", "x")
         with atomic_dir(tmp_path / "adapter") as tmp:
             (tmp / "a.txt").write_text("1")
+            (tmp / "weights.safetensors").write_text("2")
+            os.chmod(tmp / "weights.safetensors", 0o600)  # what safetensors' save_file makes
         os.umask(0o077)
         atomic_write_text(tmp_path / "private.md", "x")
     finally:
         os.umask(old)
     assert (tmp_path / "report.md").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
     assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "adapter" / "weights.safetensors").stat().st_mode & 0o777 == 0o644  # readable by a server
     assert (tmp_path / "private.md").stat().st_mode & 0o777 == 0o600
 
 

@@ -74,6 +74,15 @@ def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(json_safe(data), indent=2, sort_keys=False) + "\n")
 
 
+def _plain_permissions(directory: Path) -> None:
+    mask = _umask()
+    for root, dirs, files in os.walk(directory):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
 @contextmanager
 def atomic_dir(path: Path) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `path` in one rename."""
@@ -83,6 +92,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     tmp.chmod(0o777 & ~_umask())
     try:
         yield tmp
+        _plain_permissions(tmp)  # what libraries wrote inside (safetensors: 0600) as a plain new file gets
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
