@@ -56,3 +56,16 @@ def test_offline_and_not_cached_is_a_clear_error(monkeypatch, tmp_path):
 def test_unknown_asset():
     with pytest.raises(InputError, match="unknown asset 'nope'"):
         assets.fetch("nope")
+
+
+def test_a_recalign_home_that_cannot_hold_caches_is_one_line(tmp_path, monkeypatch):
+    from recalign import assets
+    from recalign.errors import InputError
+
+    (tmp_path / "file").write_text("")
+    for bad in (tmp_path / "file", "/proc/recalign"):
+        monkeypatch.setenv("RECALIGN_HOME", str(bad))
+        with pytest.raises(InputError, match=r"^RECALIGN_HOME=.*: not a directory recalign can keep its caches in"):
+            assets.home()
+    monkeypatch.setenv("RECALIGN_HOME", str(tmp_path / "new"))
+    assert assets.home() == tmp_path / "new"

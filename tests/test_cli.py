@@ -333,3 +333,20 @@ def test_report_never_replaces_a_reproduce_directorys_report(tmp_path, monkeypat
     code, _, err = invoke(monkeypatch, capsys, "report", str(tmp_path / "pop"), "--out", str(tmp_path / "rep" / "report.md"))
     assert code == 2 and "is the report of a reproduce directory" in err
     assert (tmp_path / "rep" / "report.md").read_text() == "# recalign reproduce (quick profile)\n"
+
+
+def test_on_off_environment_variables_read_false_and_no_as_off(monkeypatch):
+    from recalign.progress import env_flag
+
+    for value, on in (("", False), ("0", False), ("false", False), ("No", False), (" off ", False), ("1", True),
+                      ("true", True), ("yes", True)):
+        monkeypatch.setenv("RECALIGN_DEBUG", value)
+        assert env_flag("RECALIGN_DEBUG") is on, value
+
+
+def test_an_unfinished_run_with_an_empty_config_says_so(tmp_path, monkeypatch, capsys):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "config.yaml").write_text("")
+    (tmp_path / "r" / "run.log").write_text("")
+    code, _, err = invoke(monkeypatch, capsys, "run", "pop", "--out", str(tmp_path / "r"))
+    assert code == 2 and "its config.yaml is empty or not a mapping" in err, err

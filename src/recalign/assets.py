@@ -62,7 +62,12 @@ ASSETS: dict[str, Asset] = {
 
 def home() -> Path:
     """The cache root: $RECALIGN_HOME or ~/.cache/recalign."""
-    return Path(os.environ.get("RECALIGN_HOME") or Path.home() / ".cache" / "recalign")
+    root = Path(os.environ.get("RECALIGN_HOME") or Path.home() / ".cache" / "recalign")
+    virtual = root.absolute().parts[1:2] in (("proc",), ("sys",), ("dev",))
+    if virtual or root.exists() and not root.is_dir():
+        raise InputError(f"RECALIGN_HOME={root}: not a directory recalign can keep its caches in (a file, or under "
+                         f"/proc, /sys or /dev); point it at a directory")
+    return root
 
 
 def asset_dir(name: str) -> Path:

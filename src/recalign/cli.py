@@ -302,7 +302,9 @@ def _main() -> None:
     for stream in (sys.stdout, sys.stderr):  # a path of non-UTF-8 bytes in a message prints as \xff, not a crash
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
-    debug = os.environ.get("RECALIGN_DEBUG", "") not in ("", "0")
+    from recalign.progress import env_flag
+
+    debug = env_flag("RECALIGN_DEBUG")
     if not debug:  # a library's warning on stderr would break the one-line error contract
         import warnings
 

@@ -12,18 +12,25 @@ console = Console(stderr=True)
 T = TypeVar("T")
 
 
-def _quiet() -> bool:
-    return os.environ.get("RECALIGN_QUIET", "") not in ("", "0")
+def env_flag(name: str) -> bool:
+    """An on/off environment variable: off when unset, empty, 0, false, no or off (any case)."""
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def quiet() -> bool:
+    """RECALIGN_QUIET: no log lines or progress bars."""
+    return env_flag("RECALIGN_QUIET")
+
 
 
 def log(message: str) -> None:
-    if not _quiet():
+    if not quiet():
         console.log(message)
 
 
 def track(iterable: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
     """A progress bar over `iterable` (hidden when RECALIGN_QUIET=1)."""
-    if _quiet():
+    if quiet():
         yield from iterable
         return
     if total is None and hasattr(iterable, "__len__"):

@@ -136,13 +136,13 @@ def reproduce(out: str | Path, profile: str = "quick", only: list[str] | None = 
             raise InputError(f"unknown experiment(s) {', '.join(unknown)}; known: "
                              f"{', '.join(e.name for e in experiments)}")
         experiments = [e for e in experiments if e.name in only]
-    from recalign.progress import console
+    from recalign.progress import console, quiet
 
     results = []
     for index, exp in enumerate(experiments, start=1):
         overrides = exp.quick if profile == "quick" else exp.full
         sets = [f"{k}={_yaml_value(v)}" for k, v in overrides.items()]
-        if not os.environ.get("RECALIGN_QUIET"):
+        if not quiet():
             console.rule(f"[{index}/{len(experiments)}] {exp.name}: {exp.method} on {exp.dataset}")
         replace = overwrite and not _same_run(out / exp.name, exp, sets)
         metrics = run_method(exp.method, exp.dataset, out / exp.name, sets=sets, resume=resume and not replace,

@@ -340,9 +340,12 @@ def _changed_keys(saved: str, new: str) -> str:
         return {prefix.rstrip("."): node}
 
     try:
-        old, cur = flat(yaml.safe_load(saved)), flat(yaml.safe_load(new))
+        old, cur = yaml.safe_load(saved), yaml.safe_load(new)
     except yaml.YAMLError:
         return "its config.yaml is unreadable"
+    if not isinstance(old, dict):
+        return "its config.yaml is empty or not a mapping"
+    old, cur = flat(old), flat(cur)
     keys = sorted(k for k in set(old) | set(cur) if old.get(k, object) != cur.get(k, object))
     return "changed: " + (", ".join(keys[:5]) + (", ..." if len(keys) > 5 else "") if keys else "formatting")
 
