@@ -358,3 +358,17 @@ def test_an_undefined_metric_is_said_with_its_reason():
                               "n_cold": 9, "auc_ci": None}) == [
         "test auc_warm is undefined (no warm test samples)",
         "test auc_cold is undefined (one label only among the 9 samples it is computed on)"]
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    import errno
+
+    from recalign.errors import MachineError
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(MachineError, match=r"metrics.json: no space left on the device"):
+        atomic_write_text(tmp_path / "metrics.json", "{}")
+    assert list(tmp_path.iterdir()) == []

@@ -15,7 +15,7 @@ import click
 import typer
 import typer.exceptions
 
-from recalign.errors import InputError
+from recalign.errors import InputError, MachineError
 
 try:  # typer >= 0.20 vendors its own click
     from typer._click import exceptions as _vendored
@@ -321,6 +321,12 @@ def _main() -> None:
         if os.environ.get("RANK", "0") == "0":  # one line from a multi-process run too
             print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except MachineError as exc:
+        if debug:
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
     except _NO_ARGS_HELP:  # the help text has been printed
         sys.exit(2)
     except _USAGE_ERRORS as exc:

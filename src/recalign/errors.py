@@ -1,4 +1,5 @@
-"""One exception type for bad input: the CLI prints its message on one line and exits with code 2."""
+"""Bad input (`InputError`: the CLI prints its message on one line and exits with code 2) and a machine that
+cannot go on (`MachineError`: one line, exit code 1; what was written stays, so the same command continues)."""
 
 
 class InputError(Exception):
@@ -9,3 +10,10 @@ class InputError(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))  # always one line
+
+
+class MachineError(Exception):
+    """The machine, not the input, stops the run (a full disk): one line naming where; nothing is discarded."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))

@@ -10,6 +10,7 @@ Training states are safetensors files (`save_state` / `load_state`): loading one
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -20,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from recalign.errors import InputError
+from recalign.errors import InputError, MachineError
 
 
 def _umask() -> int:
@@ -47,10 +48,19 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        _say_if_disk_full(exc, path)
         raise
+
+
+def _say_if_disk_full(exc: BaseException, path: Path) -> None:
+    """A full disk (or quota) is the machine's state, not a bug: one line naming the file (the run stays
+    unfinished and continues once there is room)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise MachineError(f"{path}: no space left on the device ({os.strerror(exc.errno)}); free some and run "
+                           "the same command again") from None
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -91,7 +101,11 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     tmp.chmod(0o777 & ~_umask())
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as exc:
+            _say_if_disk_full(exc, path)
+            raise
         _plain_permissions(tmp)  # what libraries wrote inside (safetensors: 0600) as a plain new file gets
         if path.exists():
             old = path.with_name(f".{path.name}.old")
