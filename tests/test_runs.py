@@ -122,7 +122,7 @@ def test_a_directory_that_is_not_a_run_is_never_overwritten(tmp_path):
     empty.mkdir()
     (empty / ".config.yaml.abcd1234").write_text("half")  # a temporary of a write interrupted by a kill
     RunDir(empty).prepare("seed: 0\n")
-    assert sorted(p.name for p in empty.iterdir()) == ["config.yaml"]
+    assert sorted(p.name for p in empty.iterdir()) == [".recalign.lock", "config.yaml"]
 
 
 @pytest.mark.parametrize("out, needle", [
@@ -160,7 +160,7 @@ def test_restarting_cleans_interrupted_atomic_writes(tmp_path):
     (run.checkpoints / ".adapter-seed0.old" / "adapter_config.json").write_text("{}")
     RunDir(tmp_path / "r").prepare("seed: 0\n")
     assert sorted(p.name for p in run.checkpoints.iterdir()) == ["adapter-seed0", "train.safetensors"]
-    assert sorted(p.name for p in run.path.iterdir()) == ["checkpoints", "config.yaml"]
+    assert sorted(p.name for p in run.path.iterdir()) == [".recalign.lock", "checkpoints", "config.yaml"]
 
 
 # ----------------------------------------------------------------------------------- through the CLI
@@ -372,3 +372,32 @@ def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_temporary(tmp_pat
     with pytest.raises(MachineError, match=r"metrics.json: no space left on the device"):
         atomic_write_text(tmp_path / "metrics.json", "{}")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_one_process_writes_a_run_directory_at_a_time(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    holder = textwrap.dedent(f"""
+        import sys, time
+        from recalign.runs import RunDir
+        RunDir({str(tmp_path / 'r')!r}).prepare("seed: 0\\n")
+        print("locked", flush=True)
+        time.sleep(60)
+    """)
+    other = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "locked"
+        with pytest.raises(InputError, match="another recalign process is writing this run now"):
+            RunDir(tmp_path / "r").prepare("seed: 0\n")
+        with pytest.raises(InputError, match="another recalign process"):  # --overwrite cannot delete it either
+            RunDir(tmp_path / "r", overwrite=True).prepare("seed: 1\n")
+        assert (tmp_path / "r" / "config.yaml").read_text().startswith("seed: 0")
+    finally:
+        other.kill()
+        other.wait()
+    RunDir(tmp_path / "r").prepare("seed: 0\n")  # the lock ended with its process
+    run = RunDir(tmp_path / "r")
+    run.prepare("seed: 0\n")  # the same process may prepare it again
+    run.release()

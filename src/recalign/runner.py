@@ -67,6 +67,13 @@ def run_method(method: str, dataset: str, out: str | Path, config_file: str | No
     distributed.current()  # a multi-process launch: the process group (and the launch config's checks) first
     run = RunDir(out, resume=resume, overwrite=overwrite)
     run.check()  # --out itself (under a file, /proc, unwritable...) before the dataset is read
+    try:
+        return _run_into(run, spec, method, dataset, config, recorded)
+    finally:
+        run.release()  # the run directory's lock (another process may continue it now)
+
+
+def _run_into(run: RunDir, spec, method: str, dataset: str, config: dict, recorded: str) -> dict:
     context = RunContext(method=method, dataset_name=dataset, config=config, run=run)
     warnings = dataset_warnings(spec, config, context.dataset)  # load + check before anything is written
     from recalign.llm.precision import with_env_dtype

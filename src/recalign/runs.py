@@ -21,6 +21,8 @@ input" says the same for users):
   config.yaml)
   --overwrite deletes an unfinished or finished run and starts a new one. Temporaries of interrupted atomic
   writes are removed whenever a run is continued.
+One process writes DIR at a time: it holds an exclusive lock on DIR/.recalign.lock (flock, released when the
+process ends, however it ends); a second command on the same DIR is refused in one line.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from recalign.errors import InputError
 from recalign.io import Checkpoints, atomic_write_json, atomic_write_text, clean_temporaries, is_temporary
 
 _VIRTUAL = (Path("/proc"), Path("/sys"), Path("/dev"))
+LOCK_NAME = ".recalign.lock"
+_HELD: dict[Path, Any] = {}  # run directories whose lock this process holds (a process may prepare one twice)
 
 
 class RunDir:
@@ -68,7 +72,7 @@ class RunDir:
             return "finished"
         if (self.path / "config.yaml").exists():
             return "unfinished"
-        return "other" if any(not is_temporary(p.name) for p in self.path.iterdir()) else "new"
+        return "other" if any(not is_temporary(p.name) and p.name != LOCK_NAME for p in self.path.iterdir()) else "new"
 
     def prepare(self, config_text: str, origin: str | None = None) -> None:
         """Check --out, then create, continue, keep or replace the run (see the module docstring).
@@ -78,13 +82,22 @@ class RunDir:
         if origin:
             config_text += f"{_ORIGIN}{' '.join(origin.split())}\n"
         self.check()
-        state = self.state()
         where = f"--out {self.path}"
+        other = InputError(f"{where}: holds files but no config.yaml, so it is not a run directory (and is never "
+                           "overwritten); choose a new or empty directory")
+        if self.state() == "other":
+            raise other  # before the lock: nothing is written into a folder that is not a run's
+        processes = distributed.current()
+        self.created = not self.path.exists()
+        if processes.main:
+            self._lock()  # then look: another process's run is never read half-written, nor deleted
+        state = self.state()
         if state == "other":
-            raise InputError(f"{where}: holds files but no config.yaml, so it is not a run directory (and is "
-                             "never overwritten); choose a new or empty directory")
+            raise other
         if state != "new" and self.overwrite:
             self._remove_tree()
+            self.release()
+            self._lock()
             state = "new"
         elif state == "finished":
             if not self.resume:
@@ -95,9 +108,7 @@ class RunDir:
             self._same_config(config_text, "an unfinished run")
             self.resume = True  # the same command continues from the checkpoints
         self.new = state == "new"
-        processes = distributed.current()
         processes.barrier()  # every process has read the state before the main process changes it
-        self.created = not self.path.exists()
         if processes.main:
             try:
                 self.path.mkdir(parents=True, exist_ok=True)
@@ -108,6 +119,34 @@ class RunDir:
             except OSError as exc:
                 raise InputError(f"{where}: cannot write there ({exc.strerror or exc})") from None
         processes.barrier()
+
+    def _lock(self) -> None:
+        """Hold DIR/.recalign.lock exclusively (creating DIR), or refuse: another process writes this run."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            return
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            key = self.path.resolve()
+            if key in _HELD and os.path.exists(key / LOCK_NAME):
+                return
+            handle = open(key / LOCK_NAME, "a+")
+        except OSError as exc:
+            raise InputError(f"--out {self.path}: cannot write there ({exc.strerror or exc})") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise InputError(f"--out {self.path}: another recalign process is writing this run now; wait for it "
+                             "to end, or choose another --out") from None
+        _HELD[key] = handle
+
+    def release(self) -> None:
+        """Let another process write this run (the lock also ends with the process)."""
+        handle = _HELD.pop(self.path.resolve(), None)
+        if handle is not None:
+            handle.close()
 
     def discard(self) -> None:
         """Remove what this run wrote (a bad input found mid-run of a new run)."""
