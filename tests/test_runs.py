@@ -1,5 +1,6 @@
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -401,3 +402,15 @@ def test_one_process_writes_a_run_directory_at_a_time(tmp_path):
     run = RunDir(tmp_path / "r")
     run.prepare("seed: 0\n")  # the same process may prepare it again
     run.release()
+
+
+def test_an_atomic_directory_removes_what_interrupted_writers_of_its_name_left(tmp_path):
+    stale, fresh = tmp_path / ".model.abcd1234", tmp_path / ".model.efgh5678"
+    for leftover in (stale, fresh):
+        leftover.mkdir()
+        (leftover / "model.safetensors").write_bytes(b"half")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))  # two hours old: its writer is gone
+    with atomic_dir(tmp_path / "model") as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert not stale.exists() and fresh.exists()  # a recent one may be another process's, still writing
+    assert (tmp_path / "model" / "config.json").is_file()

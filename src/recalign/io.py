@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -93,11 +94,19 @@ def _plain_permissions(directory: Path) -> None:
             os.chmod(os.path.join(root, name), 0o666 & ~mask)
 
 
+STALE_TEMPORARY_S = 3600  # a cache's temporary older than this was left by an interrupted process
+
+
 @contextmanager
 def atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces `path` in one rename."""
+    """Yield a temporary sibling directory; on success it replaces `path` in one rename. Temporaries of the
+    same name that an interrupted process left (older than an hour: not a concurrent writer's) are removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*"):
+        if is_temporary(stale.name) and not stale.name.endswith(".old") and \
+                time.time() - stale.stat().st_mtime > STALE_TEMPORARY_S:
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     tmp.chmod(0o777 & ~_umask())
     try:
