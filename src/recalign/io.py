@@ -283,6 +283,21 @@ class Checkpoints:
         return clean_temporaries(self.path)
 
 
+# a finished run's per-case test results: Yes/No scores (ICL, TALLRec per seed, CoLLM, Soft-Prompt) or ranks
+PER_CASE_FILES = ("predictions.json", "predictions*-test.json", "cases-test.json")
+
+
+def only_match(root: Path, patterns: tuple[str, ...], missing: str, several: str) -> Path:
+    """The one path under `root` that a glob of `patterns` finds: InputError(`missing`) when none, and
+    InputError(`several` with the names found) when more than one."""
+    found = sorted({path for pattern in patterns for path in Path(root).glob(pattern)})
+    if not found:
+        raise InputError(missing)
+    if len(found) > 1:
+        raise InputError(f"{several} ({', '.join(str(p.relative_to(root)) for p in found)}); name one of them")
+    return found[0]
+
+
 def is_temporary(name: str) -> bool:
     """A name `atomic_write_bytes` / `atomic_dir` use for their temporaries."""
     return bool(_TEMPORARY.match(name))

@@ -36,7 +36,8 @@ from typing import Any
 
 from recalign import distributed
 from recalign.errors import InputError
-from recalign.io import Checkpoints, atomic_write_json, atomic_write_text, clean_temporaries, is_temporary
+from recalign.io import (PER_CASE_FILES, Checkpoints, atomic_write_json, atomic_write_text, clean_temporaries,
+                         is_temporary, only_match)
 
 _VIRTUAL = (Path("/proc"), Path("/sys"), Path("/dev"))
 LOCK_NAME = ".recalign.lock"
@@ -401,15 +402,8 @@ def per_case_results(path: Path) -> tuple[str, dict]:
     if path.is_dir():
         if not (path / "metrics.json").is_file():
             raise InputError(f"{path}: not a finished run directory (no metrics.json)")
-        files = sorted(p for pattern in ("predictions.json", "predictions*-test.json", "cases-test.json")
-                       for p in path.glob(pattern))
-        if not files:
-            raise InputError(f"{path}: the run kept no per-case test results (predictions*.json or "
-                             f"cases-test.json); it cannot be paired")
-        if len(files) > 1:
-            raise InputError(f"{path}: several per-case result files ({', '.join(p.name for p in files)}); "
-                             f"name one of them instead of the directory")
-        path = files[0]
+        path = only_match(path, PER_CASE_FILES, f"{path}: the run kept no per-case test results (predictions*.json "
+                          "or cases-test.json); it cannot be paired", f"{path}: several per-case result files")
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

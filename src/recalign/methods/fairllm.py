@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from recalign.errors import InputError
-from recalign.io import atomic_write_bytes, atomic_write_text
+from recalign.io import atomic_write_bytes, atomic_write_text, only_match
 from recalign.llm import MODEL_CONFIG, MODEL_NULLABLE, Backbone, Prompter, check_model, generate_step
 from recalign.methods.api import Experiment, Method, RunContext
 from recalign.report.fairness import prompt_audit_html, prompt_audit_markdown, prompt_audit_plots
@@ -113,13 +113,9 @@ def adapter_dir(path: str, model_name: str) -> Path:
         return root
     if not root.is_dir():
         raise InputError(f"adapter: {path} is neither a peft adapter folder nor a run directory")
-    found = sorted(p.parent for pattern in ("checkpoints/adapter*/adapter_config.json", "step1_adapter/adapter_config.json")
-                   for p in root.glob(pattern))
-    if not found:
-        raise InputError(f"adapter: {path} holds no adapter (checkpoints/adapter*/ or step1_adapter/)")
-    if len(found) > 1:
-        raise InputError(f"adapter: {path} holds {len(found)} adapters ({', '.join(p.name for p in found)}); "
-                         "name one folder")
+    found = only_match(root, ("checkpoints/adapter*/adapter_config.json", "step1_adapter/adapter_config.json"),
+                       f"adapter: {path} holds no adapter (checkpoints/adapter*/ or step1_adapter/)",
+                       f"adapter: {path} holds several adapters").parent
     config = root / "config.yaml"
     if config.is_file():
         import yaml
@@ -130,7 +126,7 @@ def adapter_dir(path: str, model_name: str) -> Path:
             raise InputError(f"{config}: invalid YAML") from None
         if name and name != model_name:
             raise InputError(f"adapter: {path} was trained on model.name={name}, this audit uses {model_name}")
-    return found[0]
+    return found
 
 
 # ------------------------------------------------------------------------------------- generation

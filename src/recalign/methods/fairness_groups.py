@@ -31,6 +31,7 @@ from recalign.errors import InputError
 from recalign.eval.fairness import group_means, permutation_spread
 from recalign.eval.intervals import mean_interval
 from recalign.eval.metrics import auc, ndcg_per_case, target_ranks
+from recalign.io import PER_CASE_FILES, only_match
 from recalign.methods.api import Experiment, Method, RunContext
 from recalign.report.fairness import group_audit_markdown
 from recalign.tasks.fairness import AGE_BANDS, activity_groups, age_labels, check_age_bands, user_groups
@@ -87,14 +88,9 @@ def per_case_file(run: str) -> Path:
         raise InputError(f"source.run: {run} is not a finished run directory (no metrics.json)")
     if given.is_file():
         return given
-    files = sorted(p for pattern in ("predictions.json", "predictions*-test.json", "cases-test.json")
-                   for p in root.glob(pattern))
-    if not files:
-        raise InputError(f"source.run: {run} has no per-case test results (predictions*.json or cases-test.json)")
-    if len(files) > 1:
-        raise InputError(f"source.run: {run} holds several per-case result files ({', '.join(p.name for p in files)}); "
-                         "name one of them")
-    return files[0]
+    return only_match(root, PER_CASE_FILES,
+                      f"source.run: {run} has no per-case test results (predictions*.json or cases-test.json)",
+                      f"source.run: {run} holds several per-case result files")
 
 
 # --------------------------------------------------------------------------------- per-user results
