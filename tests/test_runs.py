@@ -414,3 +414,16 @@ def test_an_atomic_directory_removes_what_interrupted_writers_of_its_name_left(t
         (tmp / "config.json").write_text("{}")
     assert not stale.exists() and fresh.exists()  # a recent one may be another process's, still writing
     assert (tmp_path / "model" / "config.json").is_file()
+
+
+def test_a_finished_run_refused_for_another_config_names_what_changed(tmp_path):
+    run = _unfinished(tmp_path / "r")
+    run.write_metrics({"test": {}})
+    with pytest.raises(InputError, match=r"already holds a run \(finished, with another config: changed: seed\)"):
+        RunDir(tmp_path / "r").prepare("seed: 1\n")
+
+
+def test_a_file_name_of_up_to_255_bytes_is_written_atomically(tmp_path):
+    name = "r" * 252 + ".md"  # 255 bytes: the usual .NAME.xxxxxxxx temporary would not fit
+    atomic_write_text(tmp_path / name, "x")
+    assert [p.name for p in tmp_path.iterdir()] == [name]

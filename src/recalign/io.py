@@ -35,7 +35,8 @@ def temporary_sibling(path: Path) -> tuple[int, str]:
     """(fd, name) of a new hidden file beside `path`, with the permissions a plain new file would get
     (0666 minus the umask): mkstemp's own 0600 would make every run unreadable to anyone but its owner."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    prefix = f".{path.name}." if len(os.fsencode(path.name)) <= 244 else ".tmp."  # name + 10 bytes <= 255
+    fd, tmp = tempfile.mkstemp(prefix=prefix, dir=path.parent)
     os.chmod(tmp, 0o666 & ~_umask())
     return fd, tmp
 

@@ -102,7 +102,10 @@ class RunDir:
             state = "new"
         elif state == "finished":
             if not self.resume:
-                raise InputError(f"{where}: already holds a run (finished); --resume keeps it, --overwrite "
+                saved = _split_origin((self.path / "config.yaml").read_text(encoding="utf-8", errors="replace"))[0]
+                wanted = _split_origin(config_text)[0]
+                other = f", with another config: {_changed_keys(saved, wanted)}" if saved != wanted else ""
+                raise InputError(f"{where}: already holds a run (finished{other}); --resume keeps it, --overwrite "
                                  "replaces it, or choose another --out")
             self._same_config(config_text, "a finished run")
         elif state == "unfinished":
