@@ -315,18 +315,12 @@ def _main() -> None:
             raise KeyboardInterrupt
         if isinstance(code, int) and code:
             sys.exit(code)
-    except InputError as exc:
+    except (InputError, MachineError) as exc:  # bad input: 2; the machine (a full disk): 1
         if debug:
             raise
         if os.environ.get("RANK", "0") == "0":  # one line from a multi-process run too
             print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except MachineError as exc:
-        if debug:
-            raise
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2 if isinstance(exc, InputError) else 1)
     except _NO_ARGS_HELP:  # the help text has been printed
         sys.exit(2)
     except _USAGE_ERRORS as exc:

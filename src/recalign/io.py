@@ -299,6 +299,57 @@ def only_match(root: Path, patterns: tuple[str, ...], missing: str, several: str
     return found[0]
 
 
+def per_case_file(run: str | Path) -> Path:
+    """A finished run's per-case test results file (`PER_CASE_FILES`). `run`: the run directory, or one of
+    those files when the run holds several (a TALLRec run over seeds)."""
+    given = Path(run)
+    root = given.parent if given.is_file() else given
+    if not (root / "metrics.json").is_file():
+        raise InputError(f"{run}: not a finished run directory (no metrics.json)")
+    if given.is_file():
+        return given
+    return only_match(root, PER_CASE_FILES, f"{run}: the run kept no per-case test results (predictions*.json or "
+                      "cases-test.json)", f"{run} holds several per-case result files")
+
+
+def read_per_case(path: Path) -> tuple[str, dict]:
+    """A per-case results file, checked: ("scores", {"user", "item", "label", "score"}) from a Yes/No run's
+    predictions (ICL `predictions.json`, TALLRec `predictions-seedN-test.json`, CoLLM `predictions-test.json`
+    (its CoLLM row), Soft-Prompt `predictions-test.json`) or ("ranks", {"user", "target", "rank"}) from a
+    next-item run's `cases-test.json` (BIGRec, P5, TransRec, GPT4Rec; a null rank: never found, inf)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: not a readable JSON file ({exc})") from None
+    if isinstance(data, list):  # cases-test.json
+        if not data or not all(isinstance(row, dict) and "rank" in row and "user" in row for row in data):
+            raise InputError(f"{path}: expected a list of test cases with 'user' and 'rank' (runs that rank items "
+                             "write one: BIGRec, P5, TransRec, GPT4Rec)")
+        for i, row in enumerate(data):
+            rank = row["rank"]
+            if rank is not None and not (_is_number(rank) and rank >= 0):
+                raise InputError(f"{path}: case {i}: rank is {json.dumps(rank)[:20]}, not a rank >= 0 (or null)")
+        ranks = [float("inf") if row["rank"] is None else float(row["rank"]) for row in data]
+        return "ranks", {"user": [row["user"] for row in data], "target": [row.get("target") for row in data],
+                         "rank": ranks}
+    if isinstance(data, dict) and isinstance(data.get("scores"), dict) and "collm" in data["scores"]:
+        data = {**data, "score": data["scores"]["collm"]}
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("user", "item", "label", "score")) \
+            or len({len(data[k]) for k in ("user", "item", "label", "score")}) != 1:
+        raise InputError(f"{path}: expected per-sample lists 'user', 'item', 'label', 'score' of one length")
+    for i, (score, label) in enumerate(zip(data["score"], data["label"])):
+        if not _is_number(score):
+            raise InputError(f"{path}: score[{i}] is {json.dumps(score)[:20]}, not a number")
+        if isinstance(label, str) or label not in (0, 1):
+            raise InputError(f"{path}: label[{i}] is {json.dumps(label)[:20]}, not 0/1 or false/true")
+    return "scores", data
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
 def is_temporary(name: str) -> bool:
     """A name `atomic_write_bytes` / `atomic_dir` use for their temporaries."""
     return bool(_TEMPORARY.match(name))

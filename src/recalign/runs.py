@@ -36,8 +36,8 @@ from typing import Any
 
 from recalign import distributed
 from recalign.errors import InputError
-from recalign.io import (PER_CASE_FILES, Checkpoints, atomic_write_json, atomic_write_text, clean_temporaries,
-                         is_temporary, only_match)
+from recalign.io import (Checkpoints, atomic_write_json, atomic_write_text, clean_temporaries, is_temporary,
+                         per_case_file, read_per_case)
 
 _VIRTUAL = (Path("/proc"), Path("/sys"), Path("/dev"))
 LOCK_NAME = ".recalign.lock"
@@ -102,9 +102,8 @@ class RunDir:
             state = "new"
         elif state == "finished":
             if not self.resume:
-                saved = _split_origin((self.path / "config.yaml").read_text(encoding="utf-8", errors="replace"))[0]
-                wanted = _split_origin(config_text)[0]
-                other = f", with another config: {_changed_keys(saved, wanted)}" if saved != wanted else ""
+                change = self._config_change(config_text)
+                other = f", with another config: {change}" if change else ""
                 raise InputError(f"{where}: already holds a run (finished{other}); --resume keeps it, --overwrite "
                                  "replaces it, or choose another --out")
             self._same_config(config_text, "a finished run")
@@ -169,14 +168,23 @@ class RunDir:
         return (self.path / "metrics.json").exists()
 
     def _same_config(self, config_text: str, what: str) -> None:
-        saved = (self.path / "config.yaml").read_text(encoding="utf-8", errors="replace")
-        (saved, old), (config_text, new) = _split_origin(saved), _split_origin(config_text)
+        old = _split_origin(self._saved_config())[1]
+        new = _split_origin(config_text)[1]
         if old and new and _canonical_origin(old) != _canonical_origin(new):
             raise InputError(f"--out {self.path}: holds {what} of {old}, not of {new}; --overwrite deletes it and "
                              "starts afresh, or choose another --out")
-        if saved != config_text:
-            raise InputError(f"--out {self.path}: holds {what} with another config ({_changed_keys(saved, config_text)}); "
+        change = self._config_change(config_text)
+        if change:
+            raise InputError(f"--out {self.path}: holds {what} with another config ({change}); "
                              "--overwrite deletes it and starts afresh, or choose another --out")
+
+    def _saved_config(self) -> str:
+        return (self.path / "config.yaml").read_text(encoding="utf-8", errors="replace")
+
+    def _config_change(self, config_text: str) -> str:
+        """'' when DIR's config.yaml holds `config_text` (its origin line aside), else what changed."""
+        saved, wanted = _split_origin(self._saved_config())[0], _split_origin(config_text)[0]
+        return "" if saved == wanted else _changed_keys(saved, wanted)
 
     def _remove_tree(self) -> None:
         try:
@@ -395,48 +403,9 @@ def _changed_keys(saved: str, new: str) -> str:
 
 # ------------------------------------------------------------------------------ paired comparisons
 def per_case_results(path: Path) -> tuple[str, dict]:
-    """The per-case test results a finished run kept, for comparing runs on the same test cases:
-    ("scores", {"user", "item", "label", "score"}) from a Yes/No run's predictions (ICL `predictions.json`,
-    TALLRec `predictions-<seed>-test.json`, CoLLM `predictions-test.json` (its CoLLM row), Soft-Prompt
-    `predictions-test.json`) or ("ranks",
-    {"user", "target", "rank"}) from a next-item run's `cases-test.json` (BIGRec, P5, TransRec, GPT4Rec).
-    `path`: a run directory, or one of those files when a run holds several (a TALLRec run over seeds)."""
-    path = Path(path)
-    if path.is_dir():
-        if not (path / "metrics.json").is_file():
-            raise InputError(f"{path}: not a finished run directory (no metrics.json)")
-        path = only_match(path, PER_CASE_FILES, f"{path}: the run kept no per-case test results (predictions*.json "
-                          "or cases-test.json); it cannot be paired", f"{path}: several per-case result files")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: not a readable JSON file ({exc})") from None
-    if isinstance(data, list):  # cases-test.json
-        if not data or not all(isinstance(row, dict) and "rank" in row and "user" in row for row in data):
-            raise InputError(f"{path}: expected a list of test cases with 'user' and 'rank' (runs that rank items "
-                             "write one: BIGRec, P5, TransRec, GPT4Rec)")
-        for i, row in enumerate(data):
-            rank = row["rank"]
-            if rank is not None and not (_is_number(rank) and rank >= 0):
-                raise InputError(f"{path}: case {i}: rank is {json.dumps(rank)[:20]}, not a rank >= 0 (or null)")
-        ranks = [float("inf") if row["rank"] is None else float(row["rank"]) for row in data]
-        return "ranks", {"user": [row["user"] for row in data], "target": [row.get("target") for row in data],
-                         "rank": ranks}
-    if isinstance(data, dict) and isinstance(data.get("scores"), dict) and "collm" in data["scores"]:
-        data = {**data, "score": data["scores"]["collm"]}
-    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("user", "item", "label", "score")) \
-            or len({len(data[k]) for k in ("user", "item", "label", "score")}) != 1:
-        raise InputError(f"{path}: expected per-sample lists 'user', 'item', 'label', 'score' of one length")
-    for i, (score, label) in enumerate(zip(data["score"], data["label"])):
-        if not _is_number(score):
-            raise InputError(f"{path}: score[{i}] is {json.dumps(score)[:20]}, not a number")
-        if isinstance(label, str) or label not in (0, 1):
-            raise InputError(f"{path}: label[{i}] is {json.dumps(label)[:20]}, not 0/1 or false/true")
-    return "scores", data
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    """The per-case test results a finished run kept, for comparing runs on the same test cases
+    (`io.per_case_file`, `io.read_per_case`). `path`: a run directory, or one of its per-case files."""
+    return read_per_case(per_case_file(path))
 
 
 def paired_differences(paths: list[Path]) -> list[dict]:

@@ -50,9 +50,8 @@ from recalign.llm.prompts import check_template
 from recalign.methods.api import Experiment, Method, RunContext
 from recalign.report.markdown import metrics_table, signed_span
 from recalign.report.summary import with_intervals
-from recalign.tasks.ctr import fewer_than_asked
-from recalign.tasks.next_item import (GENERATIVE_SAMPLES, Cases, check_generative_samples, few_candidates_warnings,
-                                      full_histories, generative_samples, history_mask, item_diagnostics)
+from recalign.tasks.next_item import (GENERATIVE_SAMPLES, Cases, check_generative_samples, full_histories,
+                                      generative_samples, history_mask, item_diagnostics, next_item_warnings)
 from recalign.tasks.text import HISTORY_FIELDS, SAMPLE_FIELDS, frame_fields
 
 PROMPT = {
@@ -441,9 +440,8 @@ def run(ctx: RunContext) -> dict:
                                                             "tokens", "history")},
         "samples": {**split.sizes(), "shots": len(shots), "valid_cases": len(valid), "test_cases": len(test)},
         "catalogue": {"items": ds.n_items, "cached": cached, "model_fingerprint": base_id},
-        "warnings": fewer_than_asked(cfg, len(shots), len(valid), len(test)) + (
-            few_candidates_warnings(histories["test"], targets["test"], ds.n_items, ks)
-            if masks["test"] is not None else []),
+        "warnings": next_item_warnings(cfg, len(shots), len(valid), len(test), histories["test"], targets["test"],
+                                       ds.n_items, ks),
     }
 
 

@@ -31,7 +31,7 @@ from recalign.errors import InputError
 from recalign.eval.fairness import group_means, permutation_spread
 from recalign.eval.intervals import mean_interval
 from recalign.eval.metrics import auc, ndcg_per_case, target_ranks
-from recalign.io import PER_CASE_FILES, only_match
+from recalign.io import per_case_file, read_per_case
 from recalign.methods.api import Experiment, Method, RunContext
 from recalign.report.fairness import group_audit_markdown
 from recalign.tasks.fairness import AGE_BANDS, activity_groups, age_labels, check_age_bands, user_groups
@@ -66,7 +66,7 @@ def validate(cfg: dict) -> None:
             raise InputError(f"source.recommender: unknown CF model {src['recommender']!r}; known: "
                              f"{', '.join(MODELS)}")
     else:
-        per_case_file(src["run"])
+        source_file(src["run"])
     attributes = groups["attributes"]
     if not isinstance(attributes, list) or not attributes or not all(isinstance(a, str) and a for a in attributes):
         raise InputError(f"groups.attributes: expected a non-empty list of user attributes, got {attributes!r}")
@@ -78,19 +78,12 @@ def validate(cfg: dict) -> None:
         raise InputError(f"eval.k and eval.batch_size must be >= 1, got {cfg['eval']['k']}, {cfg['eval']['batch_size']}")
 
 
-def per_case_file(run: str) -> Path:
-    """The per-case test results of a finished run: Yes/No scores (`predictions.json`, `predictions-test.json`,
-    `predictions-seedN-test.json`) or next-item ranks (`cases-test.json`); `run` names the run directory, or
-    one of those files when the run holds several (a TALLRec run over seeds)."""
-    given = Path(run)
-    root = given.parent if given.is_file() else given
-    if not (root / "metrics.json").is_file():
-        raise InputError(f"source.run: {run} is not a finished run directory (no metrics.json)")
-    if given.is_file():
-        return given
-    return only_match(root, PER_CASE_FILES,
-                      f"source.run: {run} has no per-case test results (predictions*.json or cases-test.json)",
-                      f"source.run: {run} holds several per-case result files")
+def source_file(run: str) -> Path:
+    """`source.run`'s per-case results file (`io.per_case_file`)."""
+    try:
+        return per_case_file(run)
+    except InputError as exc:
+        raise InputError(f"source.run: {exc}") from None
 
 
 # --------------------------------------------------------------------------------- per-user results
@@ -121,22 +114,15 @@ def from_recommender(ctx: RunContext) -> tuple[np.ndarray, dict[str, np.ndarray]
 
 def from_run(ctx: RunContext) -> tuple[np.ndarray, dict[str, np.ndarray], str]:
     ds, k = ctx.dataset, int(ctx.config["eval"]["k"])
-    path = per_case_file(ctx.config["source"]["run"])
+    path = source_file(ctx.config["source"]["run"])
     origin = (path.parent / "config.yaml").read_text().rstrip().splitlines()[-1] if (path.parent / "config.yaml").is_file() else ""
     recorded = origin[len("# run: "):].partition(" on ")[2]
     if origin.startswith("# run: ") and canonical_dataset(recorded) != canonical_dataset(ctx.dataset_name):
         raise InputError(f"source.run: {path.parent} is a run on another dataset ({origin[7:]}); "
                          f"this audit is on {ctx.dataset_name}")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not a JSON file ({exc})") from None
+    kind, data = read_per_case(path)
     method = json.loads((path.parent / "metrics.json").read_text()).get("method", "?")
-    if isinstance(data, dict) and isinstance(data.get("scores"), dict) and "collm" in data["scores"]:
-        data = {**data, "score": data["scores"]["collm"]}  # CoLLM's file: its CoLLM row
-    if isinstance(data, dict):
-        if not all(isinstance(data.get(key), list) for key in ("user", "label", "score")):
-            raise InputError(f"{path}: expected per-sample lists 'user', 'label', 'score' (a Yes/No run's predictions)")
+    if kind == "scores":
         users = np.asarray(data["user"], dtype=np.int64)
         labels, scores = np.asarray(data["label"], dtype=bool), np.asarray(data["score"], dtype=np.float64)
         _check_users(users, ds, path)
@@ -145,11 +131,7 @@ def from_run(ctx: RunContext) -> tuple[np.ndarray, dict[str, np.ndarray], str]:
                            else np.nan for u in unique])
         # the mean of per-user AUCs is the run's UAUC (users with both labels), not its AUC
         return unique, {"uauc": values}, f"{method} run {path.parent} (per-user AUC)"
-    if not isinstance(data, list) or not all(isinstance(row, dict) and "user" in row and "rank" in row for row in data):
-        raise InputError(f"{path}: expected a list of test cases with 'user' and 'rank' (a {method} run's are "
-                         "not; runs that rank items: BIGRec, P5, TransRec, GPT4Rec)")
-    users = np.asarray([row["user"] for row in data], dtype=np.int64)
-    ranks = np.asarray([np.inf if row["rank"] is None else row["rank"] for row in data], dtype=np.float64)
+    users, ranks = np.asarray(data["user"], dtype=np.int64), np.asarray(data["rank"], dtype=np.float64)
     _check_users(users, ds, path)
     per_case = {f"ndcg@{k}": np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0),
                 f"hr@{k}": (ranks < k).astype(np.float64)}

@@ -53,10 +53,9 @@ from recalign.llm.prompts import check_template
 from recalign.llm.decoding import DECODING_CONFIG, check_decoding
 from recalign.llm.trie import IdTrie, TrieConstraint, decode_beams, trie_generate_step
 from recalign.methods.api import Experiment, Method, RunContext
-from recalign.tasks.ctr import fewer_than_asked
 from recalign.tasks.next_item import (GENERATIVE_SAMPLES, check_generative_samples, diagnostics_lines,
-                                      few_candidates_warnings, full_histories, generative_samples, history_mask,
-                                      item_diagnostics, period_popularity)
+                                      full_histories, generative_samples, history_mask, item_diagnostics,
+                                      next_item_warnings, period_popularity)
 
 INDEXINGS = ("sequential", "random", "raw")
 
@@ -312,9 +311,7 @@ def run(ctx: RunContext) -> dict:
     if int(g["beams"]) < max(ks):
         warnings.append(f"generate.beams={g['beams']} is below the largest K ({max(ks)}): items past the beams tie "
                         f"at the bottom, so metrics @K > {g['beams']} add little")
-    if mask is not None:
-        warnings += few_candidates_warnings(histories, targets, ds.n_items, ks)
-    warnings += fewer_than_asked(cfg, len(shots), len(valid), len(test))
+    warnings += next_item_warnings(cfg, len(shots), len(valid), len(test), histories, targets, ds.n_items, ks)
     return {
         "test": metrics, "valid": {},
         "seconds": {"train": train_seconds, "eval": eval_seconds},

@@ -59,10 +59,9 @@ from recalign.llm.constrained import IdentifierCorpus, constrained_generate_step
 from recalign.llm.prompts import check_template
 from recalign.methods.api import Experiment, Method, RunContext
 from recalign.tasks.identifiers import FACETS, facet_answers, facet_texts, history_texts, title_start_words
-from recalign.tasks.ctr import fewer_than_asked
 from recalign.tasks.next_item import (GENERATIVE_SAMPLES, check_generative_samples, diagnostics_lines,
-                                      few_candidates_warnings, full_histories, generative_samples, history_mask,
-                                      item_diagnostics, period_popularity)
+                                      full_histories, generative_samples, history_mask, item_diagnostics,
+                                      next_item_warnings, period_popularity)
 from recalign.tasks.text import SAMPLE_FIELDS, frame_fields
 
 PROMPT = {
@@ -389,9 +388,8 @@ def run(ctx: RunContext) -> dict:
                     "valid_cases": len(valid), "test_cases": len(test)},
         "index": {"items": index.n_docs, "tokens": index.n_tokens, "cached": cached,
                   "distinct_tokens": int(len(index.uni_tokens))},
-        "warnings": fewer_than_asked(cfg, len(shots), len(valid), len(test))
-        + (few_candidates_warnings(cases["test"].histories, cases["test"].targets, ds.n_items, metric_ks)
-           if cases["test"].mask is not None else []),
+        "warnings": next_item_warnings(cfg, len(shots), len(valid), len(test), cases["test"].histories,
+                                       cases["test"].targets, ds.n_items, metric_ks),
     }
 
 

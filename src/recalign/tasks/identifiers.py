@@ -69,15 +69,16 @@ def _check_markers(use, markers, raw_ids, titles, categories) -> None:
     """An id, category or title holding a facet marker would end (or fake) an identifier early: every
     generated identifier would then name no item or the wrong one. One line naming the item."""
     used = {m for facet in ("id", "attribute") if facet in use for m in markers[facet] if m}
-    texts = {"id": lambda i: [raw_ids[i]], "attribute": lambda i: categories[i], "title": lambda i: [titles[i]]}
-    for facet in (f for f in ("id", "attribute", "title") if f in use):
-        for item in range(len(raw_ids)):
-            for text in texts[facet](item):
-                hit = next((m for m in used if m in text), None)
-                if hit:
-                    what = {"id": "id", "attribute": "category", "title": "title"}[facet]
-                    raise InputError(f"item {raw_ids[item]!r}: its {what} {text[:60]!r} holds the facet marker "
-                                     f"{hit!r}; choose other facets.markers")
+    per_item = {"id": ("id", [[r] for r in raw_ids]), "attribute": ("category", categories),
+                "title": ("title", [[t] for t in titles])}
+    for facet, (what, texts) in per_item.items():
+        if facet not in use:
+            continue
+        for item, text in ((i, t) for i, item_texts in enumerate(texts) for t in item_texts):
+            hit = next((m for m in used if m in text), None)
+            if hit:
+                raise InputError(f"item {raw_ids[item]!r}: its {what} {text[:60]!r} holds the facet marker {hit!r}; "
+                                 "choose other facets.markers")
 
 
 def history_texts(ds) -> dict[str, list[str]]:

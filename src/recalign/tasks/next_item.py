@@ -20,7 +20,7 @@ import torch
 
 from recalign.data import Dataset, Split, history_samples, temporal_split
 from recalign.errors import InputError
-from recalign.tasks.ctr import check_split, draw
+from recalign.tasks.ctr import check_split, draw, fewer_than_asked
 
 # the `samples:` section of the generative protocol (BIGRec, TransRec)
 GENERATIVE_SAMPLES = {
@@ -150,6 +150,14 @@ def few_candidates_warnings(histories: Sequence[np.ndarray], targets, n_items: i
         return []
     return ["masking each user's earlier items leaves K or fewer candidates for some test cases, so their hr@K is 1 "
             "by construction: " + ", ".join(parts)]
+
+
+def next_item_warnings(cfg: Mapping, shots: int, valid: int, test: int, histories: Sequence[np.ndarray], targets,
+                       n_items: int, ks) -> list[str]:
+    """A generative next-item run's thin-data warnings: fewer samples or cases than asked
+    (`tasks.ctr.fewer_than_asked`) and, when the evaluation masks histories, cases left K or fewer candidates."""
+    masked = few_candidates_warnings(histories, targets, n_items, ks) if cfg["eval"]["mask_history"] else []
+    return fewer_than_asked(cfg, shots, valid, test) + masked
 
 
 def period_popularity(ds: Dataset, cutoff) -> np.ndarray:
